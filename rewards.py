@@ -1,0 +1,141 @@
+"""Rule-based rewards for GRPO on video QA (Video-R1 style).
+
+Every reward function has the signature `fn(completions, solutions) -> list[float]`
+and returns one float per completion. Add a reward by writing one function and
+adding it to REWARD_FUNCS; the trainer looks names up there (`--rewards accuracy,format`).
+
+Rules
+-----
+format   1.0 iff the stripped completion is exactly
+             <think> T </think> (optional whitespace) <answer> A </answer>
+         where T and A contain none of the four tags, T may be empty and A is not
+         blank. Tags are case-sensitive. Text before/after, a second answer block,
+         nested or repeated tags all score 0.0.
+
+accuracy 1.0 iff the completion's answer equals the truth.
+         answer = text between the *last* <answer> and the first </answer> after
+                  it, stripped. No such pair, or a blank answer, scores 0.0, so a
+                  bare "3" or a "3" that only appears inside <think> earns nothing.
+         truth  = the solution's answer, or the stripped solution if it has no tags.
+         If both sides look like numbers ([+-]digits[.digits]) they are compared
+         by exact decimal value (3 == 3.0 == 3. == +3 == 03, -0 == 0); otherwise
+         case-insensitively with runs of whitespace folded to one space.
+
+Anything that is not a string (e.g. None) scores 0.0 and never raises.
+All functions are linear in the input length: only str.find/rfind/split and one
+anchored regex without nested quantifiers, so a 200k-char completion or thousands
+of repeated tags cost milliseconds.
+"""
+
+import re
+from decimal import Decimal
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# Optional sign, digits, optional "." and digits. ASCII only, no exponent.
+# No nested quantifiers, so matching is linear.
+_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")
+
+
+def _has_tag(text):
+    return any(tag in text for tag in TAGS)
+
+
+def extract_answer(text):
+    """Stripped text between the last <answer> and the first </answer> after it, else None."""
+    if not isinstance(text, str):
+        return None
+    start = text.rfind(ANSWER_OPEN)
+    if start == -1:
+        return None
+    start += len(ANSWER_OPEN)
+    end = text.find(ANSWER_CLOSE, start)
+    if end == -1:
+        return None
+    return text[start:end].strip()
+
+
+def thinking_text(text):
+    """Text inside the first well-formed <think>...</think>, else None (for a thinking-length metric)."""
+    if not isinstance(text, str):
+        return None
+    end = text.find(THINK_CLOSE)
+    if end == -1:
+        return None
+    # Nearest opener before the first closer, so the result never contains a think tag.
+    start = text.rfind(THINK_OPEN, 0, end)
+    if start == -1:
+        return None
+    return text[start + len(THINK_OPEN):end]
+
+
+def _format_ok(text):
+    if not isinstance(text, str):
+        return False
+    s = text.strip()
+    if not s.startswith(THINK_OPEN):
+        return False
+    think_end = s.find(THINK_CLOSE, len(THINK_OPEN))
+    if think_end == -1:
+        return False
+    thought = s[len(THINK_OPEN):think_end]
+    rest = s[think_end + len(THINK_CLOSE):].lstrip()
+    # The rest must be exactly one <answer>...</answer> block; the length check
+    # stops "<answer>" from being read as both its own opener and closer.
+    if not (rest.startswith(ANSWER_OPEN) and rest.endswith(ANSWER_CLOSE)):
+        return False
+    if len(rest) < len(ANSWER_OPEN) + len(ANSWER_CLOSE):
+        return False
+    answer = rest[len(ANSWER_OPEN):len(rest) - len(ANSWER_CLOSE)]
+    if _has_tag(thought) or _has_tag(answer):
+        return False  # nested/repeated tags, second answer block, etc.
+    return answer.strip() != ""
+
+
+def format_reward(completions, solutions=None):
+    """1.0 per completion that is exactly <think>..</think><answer>..</answer>."""
+    return [1.0 if _format_ok(c) else 0.0 for c in completions]
+
+
+def _normalize_text(s):
+    return " ".join(s.split()).casefold()
+
+
+def _answers_match(pred, truth):
+    if _NUMBER.fullmatch(pred) and _NUMBER.fullmatch(truth):
+        # Decimal from the string is exact and has no int-digit limit, unlike float/int.
+        return Decimal(pred) == Decimal(truth)
+    return _normalize_text(pred) == _normalize_text(truth)
+
+
+def _truth(solution):
+    if not isinstance(solution, str):
+        return None
+    tagged = extract_answer(solution)
+    return tagged if tagged is not None else solution.strip()
+
+
+def _accuracy_one(completion, solution):
+    pred = extract_answer(completion)
+    truth = _truth(solution)
+    if not pred or not truth:
+        return 0.0  # blank answers never match, even a blank truth
+    return 1.0 if _answers_match(pred, truth) else 0.0
+
+
+def accuracy_reward(completions, solutions):
+    """1.0 per completion whose <answer> equals the solution (numeric or normalized text)."""
+    completions, solutions = list(completions), list(solutions)
+    if len(completions) != len(solutions):
+        raise ValueError(
+            f"accuracy_reward: got {len(completions)} completions but {len(solutions)} solutions"
+        )
+    return [_accuracy_one(c, s) for c, s in zip(completions, solutions)]
+
+
+REWARD_FUNCS = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+}

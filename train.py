@@ -1,0 +1,579 @@
+"""
+GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written out by hand.
+
+    deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
+    python train.py --tiny                          # offline CPU demo: tiny random Qwen2-VL, synthetic videos
+    deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
+    torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
+
+One step, per rank: take `prompts_per_device` (video, question) examples; sample G completions for each in one
+batched generation; score them with the rule rewards; standardise the rewards within each group of G into
+advantages; compute per-token log-probs of the policy (with grad), the reference model and, for
+num_iterations > 1, the old policy; minimise the clipped GRPO objective with a k3 KL penalty.
+
+Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of early 2025), and why:
+ 1. The G completions of a prompt come from one batched generation: the prompt is prefilled once and its KV
+    cache repeated G times (the seed made G separate generate calls).
+ 2. The vision tower encodes each video once per pass and the features are reused for all G sequences
+    (the seed re-encoded the video 2G+ times per step).
+ 3. The reference model sees the video (the seed's reference pass got only the text: a KL to a blind model).
+ 4. Log-prob passes get the attention mask and M-RoPE positions of the padded batch (the seed passed none).
+ 5. Logits only at completion positions, log-softmax row by row (the seed took full-vocabulary logits over the
+    whole ~1,200-token video prompt).
+ 6. Prompts are never truncated (cutting into video tokens breaks the model): an over-long prompt is skipped
+    and reported (the seed's `max_prompt_length` truncated ids that were then not used).
+ 7. Video decoding runs in DataLoader workers, not inside the loss.
+ 8. Completions, rewards and prompts stay aligned for any prompts_per_device (the seed assumed 1).
+ 9. Accuracy needs the <answer> tag, exactly as eval.py scores it (the seed's training reward also took a bare
+    number).
+10. Log-probs are of temperature-scaled logits, the distribution that was sampled (the same at temperature 1.0).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    # model and data
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "local HF folder or hub id"})
+    data: str = field(default="data/dvd/train_dvd.jsonl", metadata={"help": "DVD-counting JSONL (or JSON list) of video_filename/problem/solution"})
+    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
+    output_dir: str = field(default="runs/video-r1-dvd", metadata={"help": "where checkpoints, metrics.jsonl and samples.jsonl go"})
+    tiny: bool = field(default=False, metadata={"help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
+    # video (the seed's settings)
+    fps: float = field(default=2.0, metadata={"help": "frames sampled per second of video"})
+    min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
+    max_frames: int = field(default=16, metadata={"help": "most frames per video"})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "lower bound on frame area after resizing"})
+    max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "upper bound on frame area after resizing"})
+    max_prompt_length: int = field(default=4096, metadata={"help": "longer prompts (video tokens included) are skipped, never truncated"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding videos"})
+    # GRPO
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
+    prompts_per_device: int = field(default=1, metadata={"help": "prompts per rank per step (each gets G completions)"})
+    max_completion_length: int = field(default=512, metadata={"help": "most new tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    rewards: str = field(default="accuracy,format", metadata={"help": "comma-separated names from rewards.REWARD_FUNCS"})
+    reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
+    scale_rewards: str = field(default="group", metadata={"help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model"})
+    epsilon_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
+    epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (N * max_len))"})
+    num_iterations: int = field(default=1, metadata={"help": "mu: optimizer updates per rollout"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions that never emitted EOS from the loss"})
+    # optimisation
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, decayed linearly to 0"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=20.0, metadata={"help": "gradient clipping norm"})
+    num_train_epochs: int = field(default=2, metadata={"help": "passes over the data (unless max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto: flash_attention_2 if importable on CUDA, else sdpa"})
+    deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
+    seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
+    # logging and saving
+    save_steps: int = field(default=100, metadata={"help": "save an HF model folder every this many steps (0: only final)"})
+    log_samples_steps: int = field(default=10, metadata={"help": "dump rollouts to samples.jsonl every this many steps"})
+    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
+    run_name: str = field(default="", metadata={"help": "name for wandb/tensorboard (default: output_dir's name)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher; ignore"})
+
+
+# --tiny: every default that makes the whole loop run offline on 2 CPU cores in about a minute
+TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.jsonl", output_dir="runs/tiny",
+            max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=4, prompts_per_device=2,
+            max_completion_length=48, learning_rate=1e-3, max_steps=20, bf16=False, save_steps=10,
+            log_samples_steps=5, num_workers=1)
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    args, _ = parser.parse_known_args(argv)
+    if args.tiny:  # the preset changes defaults; flags given explicitly still win
+        parser.set_defaults(**TINY)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the math: pure functions on tensors
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """rewards (B*G,) ordered group by group -> advantages (B*G,). A group of equal rewards gets 0, never NaN."""
+    assert rewards.numel() % group_size == 0, f"{rewards.numel()} rewards do not split into groups of {group_size}"
+    assert group_size >= 2, "GRPO needs at least 2 completions per prompt (the std of one sample is undefined)"
+    grouped = rewards.view(-1, group_size)                          # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)          # (B, G)
+    if scale == "group":
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased std, as the seed
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale!r}")
+    return centered.view(-1)                                        # (B*G,)
+
+
+def per_token_kl(logps, ref_logps):
+    """k3 estimator of KL(policy || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0. (N, T) -> (N, T)"""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def completion_mask(completion_ids, eos_token_ids):
+    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
+    T = completion_ids.size(1)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
+              max_completion_length):
+    """
+    logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T).
+    old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
+    when beta == 0. Returns (scalar loss, dict of detached stats).
+    """
+    mask = mask.to(logps.dtype)
+    # ratio is 1 when on-policy; kept so the clipped form works for num_iterations > 1
+    old_logps = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old_logps)                                       # (N, T)
+    adv = advantages[:, None]                                                  # (N, 1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)                         # (N, T)
+    kl = None
+    if beta != 0.0:
+        kl = per_token_kl(logps, ref_logps)                                    # (N, T)
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":      # mean over each completion's tokens, then over completions; empty rows give 0
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dapo":    # every token of the batch weighs the same
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":  # a constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (mask.size(0) * max_completion_length)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    n_tokens = mask.sum().clamp(min=1)
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats = {"clip_ratio": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item(),
+             "kl": 0.0 if kl is None else ((kl * mask).sum() / n_tokens).item()}
+    return loss, stats
+
+
+def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size):
+    """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
+    Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
+    per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
+    per_reward = torch.tensor([fn(completions, per_prompt) for fn in reward_funcs], dtype=torch.float32)  # (R, B*G)
+    return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
+
+
+def selective_log_softmax(logits, index):
+    """log softmax(logits)[index] without a second (N, T, V) tensor: one row at a time. (N, T, V), (N, T) -> (N, T)"""
+    rows = []
+    for row_logits, row_index in zip(logits, index):  # (T, V), (T,)
+        row_logits = row_logits.float()
+        rows.append(row_logits.gather(-1, row_index[:, None]).squeeze(-1) - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model passes: video features once per prompt, rollout, log-probs
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def video_features(model, batch, repeats=1):
+    """Run the vision tower once per video and repeat the features for the G sequences of each prompt."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    feats = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
+    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(f for f in feats.pooler_output for _ in range(repeats)))}
+
+
+def prompt_positions(model, batch):
+    """M-RoPE positions of the left-padded prompts (3, B, P) and the position of the first new token (B,)."""
+    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                              video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"])
+    return positions, positions.amax(dim=(0, 2)) + 1
+
+
+@torch.no_grad()
+def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
+                       suppress_token_ids, pad_token_id, greedy=False):
+    """
+    G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
+    prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
+    ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
+    gradient checkpointing does not switch the cache off.
+    """
+    G = num_generations
+    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)                                                  # (B*G, heads, P, d) per layer
+    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)                    # (B*G, V)
+    next_pos = next_pos.repeat_interleave(G)                                          # (B*G,)
+    attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)              # (B*G, P)
+    eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits[:, suppress_token_ids] = -float("inf")  # a sampled <|video_pad|> would break the video-token count
+        if greedy:
+            token = logits.argmax(-1)                                                 # (B*G,)
+        else:
+            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
+        step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return torch.stack(tokens, dim=1)                                                 # (B*G, C)
+
+
+def completion_logps(model, batch, completion_ids, *, num_generations, temperature):
+    """
+    Per-token log-probs (B*G, C) of the completions under `model`, with the video encoded once per prompt and
+    the prompt, attention mask and M-RoPE positions exactly as in the rollout. Grad flows if enabled.
+    """
+    G, C = num_generations, completion_ids.size(1)
+    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
+    completion_pos = next_pos[:, None] + torch.arange(C, device=next_pos.device)      # (B, C)
+    positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
+    input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
+    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                mm_encoder_outputs=video_features(model, batch, repeats=G), use_cache=False, logits_to_keep=C + 1)
+    logits = out.logits[:, :-1] / temperature                                         # (B*G, C, V): position t predicts token t
+    return selective_log_softmax(logits, completion_ids)                              # (B*G, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup helpers: distributed, model folder, DeepSpeed config
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_distributed():
+    """One process (`python train.py`), torchrun or the deepspeed launcher: all end up in one process group."""
+    import deepspeed
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:  # a free port, so two single-process runs can share a machine
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def resolve_model_dir(name):
+    """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk)."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name)
+
+
+def build_ds_config(cfg, world_size):
+    """The ZeRO settings from cfg.deepspeed; batch size, clipping and precision from the Config (one source each)."""
+    with open(cfg.deepspeed) as f:
+        ds = json.load(f)
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
+    clash = sorted(owned & set(ds))
+    if clash:
+        raise ValueError(f"{cfg.deepspeed} sets {clash}; these come from train.py's flags, remove them from the file")
+    ds.update(train_micro_batch_size_per_gpu=cfg.prompts_per_device * cfg.num_generations,
+              gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": cfg.bf16},
+              zero_allow_untested_optimizer=True, steps_per_print=10**9)
+    return ds
+
+
+def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
+    """Qwen2-VL from a local folder; attn 'auto' = flash_attention_2 when importable on CUDA, else sdpa."""
+    from transformers import Qwen2VLForConditionalGeneration
+    attn = attn_implementation
+    if attn == "auto":
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2" if device is not None and device.type == "cuda" else "sdpa"
+        except ImportError:
+            attn = "sdpa"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+
+
+def gathered_params(engine):
+    """Under ZeRO-3, gather the full weights once for the whole rollout (and lift the per-module fetch hooks)
+    rather than once per generated token; ranks may then take different numbers of decoding steps."""
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        return unwrap_model_for_generation(engine)
+    return contextlib.nullcontext()
+
+
+def save_model(engine, tokenizer, model_dir, out_dir, rank):
+    """An HF model folder (16-bit weights gathered under ZeRO-3) + tokenizer + preprocessor config."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
+    if rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(out_dir)
+        for name in ("preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json"):
+            if os.path.exists(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), out_dir)
+
+
+class MetricsLogger:
+    """metrics.jsonl + optional wandb / tensorboard on rank 0; a no-op elsewhere, so callers need no `if`."""
+
+    def __init__(self, cfg, rank):
+        self.active = rank == 0
+        self.backend = None
+        if not self.active:
+            return
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+        name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
+        if cfg.report_to == "wandb":
+            import wandb
+            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg))
+        elif cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.backend = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+
+    def log(self, row):
+        if not self.active:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if hasattr(self.backend, "add_scalar"):
+            for k, v in row.items():
+                self.backend.add_scalar(k, v, row["step"])
+        elif self.backend is not None:
+            self.backend.log(row, step=row["step"])
+
+    def close(self):
+        if self.active:
+            self.file.close()
+            if hasattr(self.backend, "close"):
+                self.backend.close()
+            elif self.backend is not None:
+                self.backend.finish()
+
+
+def batches_forever(loader, sampler, start_epoch=0):
+    """Batches of the DataLoader, epoch after epoch (each epoch reshuffled from the seed)."""
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def train(cfg):
+    import deepspeed
+    from transformers import AutoTokenizer
+    import data
+    import rewards
+
+    rank, world, device = init_distributed()
+    torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    reward_names = [n.strip() for n in cfg.rewards.split(",") if n.strip()]
+    reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
+    assert len(reward_weights) == len(reward_names), f"{len(reward_weights)} reward weights for {len(reward_names)} rewards"
+    reward_funcs = [rewards.REWARD_FUNCS[n] for n in reward_names]
+    G = cfg.num_generations
+
+    # --- data
+    if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
+        if rank == 0:
+            import tiny
+            tiny.save_tiny_model(cfg.model_name_or_path)
+            if not os.path.exists(cfg.data):
+                data.make_synthetic_dataset(os.path.dirname(cfg.data))
+        torch.distributed.barrier()
+    model_dir = resolve_model_dir(cfg.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
+                                                   max_frames=cfg.max_frames, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    examples = data.load_examples(cfg.data, video_root=cfg.video_root or None)
+    dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    import functools
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.prompts_per_device, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                         collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
+    steps_per_epoch = len(loader)
+    assert steps_per_epoch > 0, f"{len(examples)} examples is fewer than one step of {world} ranks x {cfg.prompts_per_device} prompts"
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
+
+    # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
+    model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds_config = build_ds_config(cfg, world)
+    updates = total_steps * cfg.num_iterations
+
+    def lr_lambda(update):  # linear warmup, then linear decay to 0
+        if update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        return max(0.0, (updates - update) / max(1, updates - cfg.warmup_steps))
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    ref_engine = None
+    if cfg.beta != 0.0:
+        ref_model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device).eval().requires_grad_(False)
+        ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
+    policy = engine.module
+    eos_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id})
+    suppress = [i for i in map(tokenizer.convert_tokens_to_ids, VISION_TOKENS) if i is not None and i != tokenizer.unk_token_id]
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
+                       "steps_per_epoch": steps_per_epoch, "model_dir": model_dir}, f, indent=2)
+    logger = MetricsLogger(cfg, rank)
+    print0(f"{len(examples)} examples, {world} ranks x {cfg.prompts_per_device} prompts x {G} completions, "
+           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # --- the loop
+    batches = batches_forever(loader, sampler)
+    for step in range(1, total_steps + 1):
+        t0 = time.time()
+        epoch, batch = next(batches)
+        skipped = len(batch["skipped"])
+        for item in batch["skipped"]:
+            print(f"[rank {rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
+        while len(batch["solution"]) == 0:  # every prompt of the batch failed: take the next one (ranks stay in step)
+            epoch, batch = next(batches)
+            skipped += len(batch["skipped"])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        B = len(batch["solution"])
+
+        # rollout: G completions per prompt, with the policy's current weights
+        policy.eval()
+        with gathered_params(engine):
+            completion_ids = sample_completions(
+                policy, batch, num_generations=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
+        rollout_time = time.time() - t0
+        mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
+        truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
+        if cfg.mask_truncated_completions:
+            mask = mask * (~truncated)[:, None].int()
+        completions = tokenizer.batch_decode(completion_ids * mask, skip_special_tokens=True)
+
+        # rewards: completion i belongs to prompt i // G
+        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
+        advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(device)           # (B*G,)
+
+        # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
+        with torch.no_grad():
+            ref_logps = None
+            if ref_engine is not None:
+                ref_logps = completion_logps(ref_engine.module, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
+            old_logps = None
+            if cfg.num_iterations > 1:
+                old_logps = completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
+
+        # mu policy updates on this rollout
+        policy.train()
+        for _ in range(cfg.num_iterations):
+            logps = completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
+            loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
+                                         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                                         loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+            engine.backward(loss)
+            engine.step()
+        grad_norm = engine.get_global_grad_norm()
+
+        # metrics: means over all ranks
+        lengths = mask.sum(1).float()
+        local = {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
+                 **{f"rewards/{n}": r.mean().item() for n, r in zip(reward_names, per_reward)},
+                 "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
+                 "truncated_ratio": truncated.float().mean().item(),
+                 "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
+                 "rollout_time": rollout_time}
+        summed = torch.tensor([*local.values(), lengths.sum().item(), skipped], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed)
+        row = {k: v / world for k, v in zip(local, summed.tolist())}
+        step_time = time.time() - t0
+        row = {"step": step, "epoch": round((step - 1) / steps_per_epoch + B / (cfg.prompts_per_device * steps_per_epoch), 4), **row,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": scheduler.get_last_lr()[0],
+               "step_time": step_time, "tokens_per_sec": summed[-2].item() / step_time, "skipped_examples": int(summed[-1].item())}
+        logger.log(row)
+        acc, fmt = row.get("rewards/accuracy", float("nan")), row.get("rewards/format", float("nan"))
+        print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | acc {acc:.3f} | fmt {fmt:.3f} | "
+               f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
+               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s")
+
+        if rank == 0 and cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:
+            with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
+                for i, completion in enumerate(completions):
+                    f.write(json.dumps({"step": step, "video": batch["video"][i // G], "question": batch["problem"][i // G],
+                                        "solution": batch["solution"][i // G], "completion": completion,
+                                        "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
+                                        "advantage": advantages[i].item()}) + "\n")
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
+            save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, f"checkpoint-{step}"), rank)
+
+    save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
+    logger.close()
+    print0(f"done: {cfg.output_dir}/final")
+    return cfg.output_dir
+
+
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = parse_config(argv)
+    train(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
