@@ -2,7 +2,7 @@
 A tiny random Qwen2-VL and a tokenizer trained in code, for offline tests and `train.py --tiny`.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on a few paragraphs written below, with
-Qwen2-VL's special tokens and chat format; the model is a Qwen2VLForConditionalGeneration of ~0.3M random
+Qwen2-VL's special tokens and chat format; the model is a Qwen2VLForConditionalGeneration of ~0.2M random
 parameters. `save_tiny_model(dir)` writes an ordinary HF model folder (config, safetensors, tokenizer,
 preprocessor_config.json), so train.py and eval.py load it through the same `from_pretrained` path as a
 real Qwen2-VL checkpoint.
@@ -74,8 +74,9 @@ def build_tiny_tokenizer(vocab_size=512):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(tokenizer, seed=0):
-    """A random Qwen2-VL with the real architecture at toy sizes (~0.3M parameters)."""
+def build_tiny_model(tokenizer, seed=0, init_std=0.02):
+    """A random Qwen2-VL with the real architecture at toy sizes (~0.2M parameters). Tests use a larger init_std:
+    at 0.02 the random model's next token barely depends on the context, so position or cache bugs would hide."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -86,11 +87,13 @@ def build_tiny_model(tokenizer, seed=0):
             # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width)
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            initializer_range=init_std,
         ),
         vision_config=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, in_channels=3,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)

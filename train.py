@@ -192,7 +192,7 @@ def selective_log_softmax(logits, index):
     """log softmax(logits)[index] without a second (N, T, V) tensor: one row at a time. (N, T, V), (N, T) -> (N, T)"""
     rows = []
     for row_logits, row_index in zip(logits, index):  # (T, V), (T,)
-        row_logits = row_logits.float()
+        row_logits = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32))  # bf16 -> fp32, never down
         rows.append(row_logits.gather(-1, row_index[:, None]).squeeze(-1) - torch.logsumexp(row_logits, dim=-1))
     return torch.stack(rows)
 
@@ -546,9 +546,9 @@ def train(cfg):
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": scheduler.get_last_lr()[0],
                "step_time": step_time, "tokens_per_sec": summed[-2].item() / step_time, "skipped_examples": int(summed[-1].item())}
         logger.log(row)
-        acc, fmt = row.get("rewards/accuracy", float("nan")), row.get("rewards/format", float("nan"))
-        print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | acc {acc:.3f} | fmt {fmt:.3f} | "
-               f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
+        print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
+               + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in reward_names)
+               + f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
                f"grad {row['grad_norm']:.3f} | {step_time:.1f}s")
 
         if rank == 0 and cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:
