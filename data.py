@@ -42,8 +42,12 @@ class VideoError(ValueError):
 
 # ----------------------------------------------------------------------------- examples
 
-def load_examples(path, video_root=None):
-    """Read DVD-counting rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution"}]."""
+def load_examples(path, video_root=None, skipped=None, verbose=True):
+    """
+    Read DVD-counting rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution", "index"}], index
+    being the row's line (JSONL) or record (JSON list) number. Bad rows are reported and dropped; when `skipped` is
+    a list, each is also appended to it as {"index", "video" (None if unknown), "reason"}.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_examples: no such file {path}")
@@ -65,6 +69,7 @@ def load_examples(path, video_root=None):
                 rows.append((i, None, f"invalid JSON ({e.msg})"))
     examples = []
     for i, row, err in rows:
+        video = None
         if err is None and not isinstance(row, dict):
             err = f"expected an object, got {type(row).__name__}"
         for key in ("video_filename", "problem", "solution"):
@@ -75,11 +80,15 @@ def load_examples(path, video_root=None):
             if not os.path.isfile(video):
                 err = f"video file not found: {video}"
         if err is not None:
-            print(f"{path}:{i}: skipped: {err}", file=sys.stderr)
+            if verbose:
+                print(f"{path}:{i}: skipped: {err}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append({"index": i, "video": video, "reason": err})
             continue
-        examples.append({"video": video, "problem": row["problem"], "solution": row["solution"]})
-    print(f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
-          file=sys.stderr)
+        examples.append({"video": video, "problem": row["problem"], "solution": row["solution"], "index": i})
+    if verbose:
+        print(f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
+              file=sys.stderr)
     if not examples:
         raise ValueError(f"load_examples: no usable row in {path} (video_root={root})")
     return examples

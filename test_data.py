@@ -53,11 +53,14 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    ex = data.load_examples(path)
+    skipped = []
+    ex = data.load_examples(path, skipped=skipped)
     assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>"},
-        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>"},
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>", "index": 1},
+        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>", "index": 7},
     ]
+    assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
+    assert "invalid JSON" in skipped[0]["reason"] and "not found" in skipped[2]["reason"]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 5, err  # one line per bad row + the summary
     assert err[0].startswith(f"{path}:3:") and "invalid JSON" in err[0]

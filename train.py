@@ -203,6 +203,19 @@ def selective_log_softmax(logits, index):
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
+def special_token_ids(tokenizer):
+    """(EOS ids that end a completion, vision token ids that must never be sampled), for training and eval alike."""
+    eos = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id})
+    vision = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return [i for i in eos if i is not None], [i for i in vision if i is not None and i != tokenizer.unk_token_id]
+
+
+def decode_completions(tokenizer, completion_ids, mask):
+    """Text of each completion up to and including its first EOS (special tokens dropped). (N, C), (N, C) -> N strings"""
+    # cut at the mask rather than multiply by it: id 0 is an ordinary token in most vocabularies
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())]
+
+
 def video_features(model, batch, repeats=1):
     """Run the vision tower once per video and repeat the features for the G sequences of each prompt."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -297,6 +310,9 @@ def init_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # ranks on one CPU share its cores: oversubscribed OpenMP threads made CPU steps ~15x slower
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
 
 
@@ -365,7 +381,7 @@ class MetricsLogger:
         self.backend = None
         if not self.active:
             return
-        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
         name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
         if cfg.report_to == "wandb":
             import wandb
@@ -435,7 +451,7 @@ def train(cfg):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
                                                    max_frames=cfg.max_frames, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    examples = data.load_examples(cfg.data, video_root=cfg.video_root or None)
+    examples = data.load_examples(cfg.data, video_root=cfg.video_root or None, verbose=rank == 0)
     dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     import functools
@@ -467,8 +483,7 @@ def train(cfg):
         ref_model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device).eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
     policy = engine.module
-    eos_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id})
-    suppress = [i for i in map(tokenizer.convert_tokens_to_ids, VISION_TOKENS) if i is not None and i != tokenizer.unk_token_id]
+    eos_token_ids, suppress = special_token_ids(tokenizer)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
@@ -504,7 +519,7 @@ def train(cfg):
         truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
         if cfg.mask_truncated_completions:
             mask = mask * (~truncated)[:, None].int()
-        completions = tokenizer.batch_decode(completion_ids * mask, skip_special_tokens=True)
+        completions = decode_completions(tokenizer, completion_ids, mask)
 
         # rewards: completion i belongs to prompt i // G
         per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
@@ -563,6 +578,9 @@ def train(cfg):
 
     save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
     logger.close()
+    if rank == 0:
+        import plot
+        plot.plot_run(cfg.output_dir)
     print0(f"done: {cfg.output_dir}/final")
     return cfg.output_dir
 

@@ -1,0 +1,348 @@
+"""
+Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as training rewards them.
+
+    python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
+    python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
+    python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
+    torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
+
+What is shared with train.py, so that "correct in eval" means "accuracy reward 1.0 in training" and nothing else:
+the prompt template, video decoding and settings (data.VideoPromptDataset / collate), the sampler
+(train.sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
+(rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
+
+Output, one JSON file per model (fractions in [0, 1]; the printed table shows percent):
+    {"model", "data", "accuracy", "format_rate", "mean_completion_length", "mean_thinking_length", "n", "skipped",
+     "results": [{"index", "video", "problem", "solution", "output", "answer", "correct", "format",
+                  "completion_length", "thinking_length"}, ...]}
+  index             the row's number in the data file (its line for JSONL, its record for a JSON list), 1-based;
+                    results and skipped are sorted by it
+  completion_length tokens up to and including the first EOS (training's completion_length metric)
+  thinking_length   tokens inside the first <think>...</think> (model's tokenizer), 0 without one
+  skipped           [{"index", "video", "reason"}] for every row not evaluated: bad JSON, missing field, missing
+                    or unreadable video, over-long prompt; "video" is null when the row failed before a path was known
+Where it goes: --output FILE with one model; with several models --output is a folder and each model writes
+FOLDER/<model path with / as _>.json. Default: results/<model path with / as _>-<data file stem>.json.
+
+Resuming: each evaluated or skipped row is appended to <output stem>.partial.jsonl (rank r > 0:
+<output stem>.partial.rank<r>.jsonl) as it is produced. A re-run with the same --output (and the same flags) skips
+the rows found there, keyed by (index, video), and writes the same final file. The partial file's first line
+records the model, data and generation settings; a run with other settings refuses to mix into it.
+Batches are fixed slices of the rank's rows and a half-done batch is re-run whole, so a resumed run decodes every
+example in the same padded batch as an uninterrupted one (left padding can move float results by an ulp).
+"""
+import argparse
+import dataclasses
+import functools
+import glob
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import data
+import rewards
+import train
+
+
+@dataclass
+class Config:
+    model: list = field(default_factory=list, metadata={"help": "model folder or hub id; repeat to compare models side by side"})
+    data: str = field(default="", metadata={"help": "test JSONL (or JSON list) of video_filename/problem/solution"})
+    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
+    output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); default results/<model>-<data>.json"})
+    tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (per rank)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N rows of the data file (0: all)"})
+    num_workers: int = field(default=train.Config.num_workers, metadata={"help": "DataLoader workers decoding videos"})
+    # video: the same flags and defaults as train.Config, so eval sees what training saw
+    fps: float = field(default=train.Config.fps, metadata={"help": "frames sampled per second of video"})
+    min_frames: int = field(default=train.Config.min_frames, metadata={"help": "fewest frames per video"})
+    max_frames: int = field(default=train.Config.max_frames, metadata={"help": "most frames per video"})
+    min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing"})
+    max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "upper bound on frame area after resizing"})
+    max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
+
+
+# --tiny: the tiny model and the test split next to train.TINY's train split, with train.TINY's video settings
+TINY = dict(model=[train.TINY["model_name_or_path"]],
+            data=os.path.join(os.path.dirname(train.TINY["data"]), "test.jsonl"),
+            max_new_tokens=train.TINY["max_completion_length"], num_workers=train.TINY["num_workers"],
+            **{k: train.TINY[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels") if k in train.TINY})
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.name == "model":
+            parser.add_argument("--model", action="append", default=None, help=f.metadata["help"])
+        elif f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    args, _ = parser.parse_known_args(argv)
+    if args.tiny:  # the preset changes defaults; flags given explicitly still win
+        parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})
+    args = vars(parser.parse_args(argv))
+    args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
+    if not args["model"] or not args["data"]:
+        parser.error("give --model DIR (one or more) and --data FILE, or --tiny")
+    return Config(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows: every row of the data file, evaluated or reported
+
+def load_rows(path, video_root=None, verbose=True):
+    """
+    Every row of the data file in file order: {"index", "video", "problem", "solution"} for a usable row,
+    {"index", "video" (None if unknown), "reason"} for one that data.load_examples drops, so that eval takes exactly
+    the rows training takes and reports the others.
+    """
+    skipped = []
+    try:
+        examples = data.load_examples(path, video_root, skipped=skipped, verbose=verbose)
+    except ValueError:
+        if not skipped:
+            raise  # not "every row was bad" but a bad file (empty, invalid JSON list): nothing to evaluate
+        examples = []
+    return sorted(examples + skipped, key=lambda row: row["index"])
+
+
+def key(record):
+    """What identifies a row across runs: its place in the file and its video."""
+    return record["index"], record["video"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring: the training rewards, on greedy completions
+
+def score(output, solution, completion_length, tokenizer):
+    """One completion's fields: correct/format are exactly the training rewards being 1.0."""
+    thought = rewards.thinking_text(output)
+    return {"output": output, "answer": rewards.extract_answer(output),
+            "correct": rewards.accuracy_reward([output], [solution])[0] == 1.0,
+            "format": rewards.format_reward([output])[0] == 1.0,
+            "completion_length": int(completion_length),
+            "thinking_length": 0 if thought is None else len(tokenizer(thought, add_special_tokens=False)["input_ids"])}
+
+
+def summarize(model, data_path, records):
+    """The final JSON: summary numbers computed from the records, results and skipped sorted by row index."""
+    records = sorted(records, key=lambda r: r["index"])
+    results = [r for r in records if "reason" not in r]
+    skipped = [{"index": r["index"], "video": r["video"], "reason": r["reason"]} for r in records if "reason" in r]
+
+    def mean(name):  # None when nothing was evaluated: 0% would claim a result
+        return sum(float(r[name]) for r in results) / len(results) if results else None
+
+    return {"model": model, "data": data_path, "accuracy": mean("correct"), "format_rate": mean("format"),
+            "mean_completion_length": mean("completion_length"), "mean_thinking_length": mean("thinking_length"),
+            "n": len(results), "skipped": skipped, "results": results}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the partial file: one line per finished row, so an interrupted run can continue
+
+def partial_paths(output, rank):
+    stem = os.path.splitext(output)[0]
+    mine = f"{stem}.partial.jsonl" if rank == 0 else f"{stem}.partial.rank{rank}.jsonl"
+    return mine, sorted(glob.glob(glob.escape(stem) + ".partial.jsonl") + glob.glob(glob.escape(stem) + ".partial.rank*.jsonl"))
+
+
+def read_partial(paths, header):
+    """{(index, video): record} from the partial files. A line cut by an interruption is ignored (and redone)."""
+    done = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "header" in record:
+                    for k, v in header.items():
+                        if record["header"].get(k) != v:
+                            raise ValueError(f"{path} was written with {k}={record['header'].get(k)!r}, this run has "
+                                             f"{k}={v!r}; delete it or choose another --output")
+                else:
+                    done[key(record)] = record
+    return done
+
+
+def open_partial(path, header):
+    f = open(path, "a", encoding="utf-8")
+    if f.tell() == 0:
+        f.write(json.dumps({"header": header}) + "\n")
+    else:
+        with open(path, "rb") as g:
+            g.seek(-1, os.SEEK_END)
+            if g.read(1) != b"\n":
+                f.write("\n")  # the last line was cut mid-write: start on a fresh one
+    f.flush()
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one model
+
+def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.device("cpu")):
+    """Evaluate one model on rows (from load_rows), rank's share r::world; rank 0 merges and writes output.
+    Returns the summary dict on rank 0, None on the others."""
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    model_dir = train.resolve_model_dir(model_name)
+    header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
+              "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
+              **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
+    my_partial, all_partials = partial_paths(output, rank)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    done = read_partial(all_partials, header)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
+                                                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    mine = [r for r in rows if "reason" not in r][rank::world]
+    new_records = [r for r in rows if "reason" in r and key(r) not in done] if rank == 0 else []  # rows bad at load
+    # fixed slices of this rank's rows; a slice is re-run whole if any of its rows is missing (same padding as before)
+    batches = [list(range(i, min(i + cfg.batch_size, len(mine)))) for i in range(0, len(mine), cfg.batch_size)]
+    batches = [b for b in batches if any(key(mine[j]) not in done for j in b)]
+    todo = sum(key(mine[j]) not in done for b in batches for j in b)
+    print(f"[rank {rank}] {model_name}: {len(mine)} examples, {len(mine) - todo} already in {my_partial}, {todo} to go",
+          file=sys.stderr, flush=True)
+
+    with open_partial(my_partial, header) as partial:
+        def write(records):
+            for r in records:
+                partial.write(json.dumps(r) + "\n")
+            partial.flush()
+        write(new_records)
+        if batches:
+            model = train.load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
+            # EOS and suppressed tokens exactly as train.train() builds them
+            eos_token_ids, suppress = train.special_token_ids(tokenizer)
+            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution")} for r in mine],
+                                              tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                                 collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
+            bar = tqdm(total=todo, unit="ex", desc=os.path.basename(os.path.normpath(model_name)), disable=rank != 0, file=sys.stderr)
+            for batch in loader:
+                records = [{"index": mine[it["index"]]["index"], "video": it["video"], "reason": it["error"]}
+                           for it in batch["skipped"]]
+                if batch["solution"]:
+                    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    completion_ids = train.sample_completions(
+                        model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                        eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
+                        greedy=True).cpu()                                                  # (B, C)
+                    mask = train.completion_mask(completion_ids, eos_token_ids)              # (B, C)
+                    outputs = train.decode_completions(tokenizer, completion_ids, mask)
+                    for b, out in enumerate(outputs):
+                        row = mine[batch["index"][b]]
+                        records.append({"index": row["index"], "video": row["video"], "problem": row["problem"],
+                                        "solution": row["solution"], **score(out, row["solution"], mask[b].sum(), tokenizer)})
+                records = [r for r in records if key(r) not in done]  # rows of a re-run half-done batch are kept as first written
+                write(records)
+                bar.update(len(records))
+            bar.close()
+
+    if world > 1:
+        torch.distributed.barrier()  # every rank's partial file is complete
+    if rank != 0:
+        return None
+    done = read_partial(partial_paths(output, rank)[1], header)
+    missing = [r["index"] for r in rows if key(r) not in done]
+    if missing:
+        raise RuntimeError(f"{output}: no result for rows {missing[:10]}{'...' if len(missing) > 10 else ''} in the partial files")
+    summary = summarize(model_name, cfg.data, [done[key(r)] for r in rows])
+    tmp = f"{output}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, output)  # a reader never sees half a file
+    print(f"wrote {output}", file=sys.stderr)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reporting and the command line
+
+def format_table(summaries):
+    """Models side by side: one column per model, one line per metric, then the skipped rows and why."""
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
+    lines = [("model", [s["model"] for s in summaries]),
+             ("accuracy (%)", [pct(s["accuracy"]) for s in summaries]),
+             ("format rate (%)", [pct(s["format_rate"]) for s in summaries]),
+             ("mean completion length (tokens)", [num(s["mean_completion_length"]) for s in summaries]),
+             ("mean thinking length (tokens)", [num(s["mean_thinking_length"]) for s in summaries]),
+             ("examples evaluated", [str(s["n"]) for s in summaries]),
+             ("examples skipped", [str(len(s["skipped"])) for s in summaries])]
+    width = max(len(name) for name, _ in lines)
+    cols = [max(len(values[i]) for _, values in lines) for i in range(len(summaries))]
+    out = [f"{name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, cols)) for name, values in lines]
+    for s in summaries:
+        for sk in s["skipped"]:
+            out.append(f"skipped ({s['model']}): row {sk['index']}: {sk['reason']}")
+    return "\n".join(out)
+
+
+def output_paths(cfg):
+    """--output for one model; else one file per model in the --output folder (default results/<model>-<data>.json)."""
+    if cfg.output and len(cfg.model) == 1:
+        return [cfg.output]
+    folder = cfg.output or "results"
+    suffix = "" if cfg.output else "-" + Path(cfg.data).stem
+    paths = [os.path.join(folder, m.strip("/").replace("/", "_") + suffix + ".json") for m in cfg.model]
+    assert len(set(paths)) == len(paths), f"--model given twice: {cfg.model}"
+    return paths
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs alone without a process group."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = parse_config(argv)
+    rank, world, device = init_distributed()
+    if cfg.tiny:  # made on first use, on rank 0, while the others wait
+        if rank == 0:
+            import tiny
+            tiny.save_tiny_model(cfg.model[0])
+            if not os.path.exists(cfg.data):
+                data.make_synthetic_dataset(os.path.dirname(cfg.data))
+        if world > 1:
+            torch.distributed.barrier()
+    rows = load_rows(cfg.data, cfg.video_root or None, verbose=rank == 0)
+    rows = rows[:cfg.limit] if cfg.limit > 0 else rows
+    t0 = time.time()
+    summaries = [evaluate(cfg, m, rows, out, rank=rank, world=world, device=device)
+                 for m, out in zip(cfg.model, output_paths(cfg))]
+    if rank == 0:
+        print(format_table(summaries))
+        print(f"{len(rows)} rows, {len(cfg.model)} model(s), {world} rank(s), {time.time() - t0:.1f}s")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""
+Tests of eval.py and plot.py: offline, CPU, a tiny random Qwen2-VL and a 6-video synthetic test split.
+
+    .venv/bin/pytest -q test_eval.py
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import eval as ev
+import plot
+import rewards
+import tiny
+import train
+
+REPO = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = tiny.save_tiny_model(str(root / "tiny-qwen2-vl"))
+    _, test_path = data.make_synthetic_dataset(root / "synthetic", n_train=2, n_test=6, seed=0)
+    return {"root": root, "model": model_dir, "data": str(test_path)}
+
+
+def make_cfg(setup, data_path=None, **flags):
+    argv = ["--tiny", "--model", setup["model"], "--data", data_path or setup["data"], "--max_new_tokens", "24",
+            "--batch_size", "4", "--num_workers", "0"]
+    for k, v in flags.items():
+        argv += [f"--{k}", str(v)]
+    return ev.parse_config(argv)
+
+
+def run_eval(cfg, output):
+    rows = ev.load_rows(cfg.data, cfg.video_root or None)
+    return ev.evaluate(cfg, cfg.model[0], rows, str(output))
+
+
+def test_tiny_preset_uses_training_video_settings(setup):
+    cfg = make_cfg(setup)
+    assert (cfg.max_frames, cfg.min_pixels, cfg.max_pixels) == (train.TINY["max_frames"], train.TINY["min_pixels"], train.TINY["max_pixels"])
+    assert cfg.fps == train.Config.fps and cfg.max_new_tokens == 24  # explicit flags win over the preset
+    plain = ev.parse_config(["--model", "m", "--data", "d.jsonl"])
+    assert (plain.fps, plain.min_frames, plain.max_frames, plain.min_pixels, plain.max_pixels, plain.max_new_tokens) == \
+        (train.Config.fps, train.Config.min_frames, train.Config.max_frames, train.Config.min_pixels, train.Config.max_pixels, 512)
+
+
+def test_score_is_the_training_reward(setup):
+    from transformers import AutoTokenizer
+    import torch
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    good = "<think>I see three red squares.</think><answer>3</answer>"
+    r = ev.score(good, "<answer>3</answer>", 11, tok)
+    assert r["correct"] is True and r["format"] is True and r["answer"] == "3" and r["completion_length"] == 11
+    assert r["thinking_length"] == len(tok("I see three red squares.", add_special_tokens=False)["input_ids"]) > 0
+    for out in ("3", "<answer>3</answer>", "<think>3</think>", "<think>x</think><answer>4</answer>", "<answer>3</answer> trailing"):
+        r = ev.score(out, "<answer>3</answer>", 1, tok)
+        assert r["correct"] == (rewards.accuracy_reward([out], ["<answer>3</answer>"])[0] == 1.0)
+        assert r["format"] == (rewards.format_reward([out])[0] == 1.0)
+    # decoding stops at the first EOS, whatever follows it
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = torch.tensor([tok("<answer>3</answer>", add_special_tokens=False)["input_ids"] + [eos, 0, 5, 7]])
+    mask = train.completion_mask(ids, [eos])
+    assert train.decode_completions(tok, ids, mask) == ["<answer>3</answer>"]
+
+
+def test_eval_json_is_consistent(setup, tmp_path):
+    out = tmp_path / "res.json"
+    summary = run_eval(make_cfg(setup), out)
+    saved = json.loads(out.read_text())
+    assert saved == summary
+    assert saved["n"] == 6 and saved["skipped"] == [] and saved["model"] == setup["model"] and saved["data"] == setup["data"]
+    results = saved["results"]
+    assert [r["index"] for r in results] == [1, 2, 3, 4, 5, 6]
+    for r in results:
+        assert set(r) >= {"video", "problem", "solution", "output", "answer", "correct", "format", "completion_length"}
+        assert r["correct"] == (rewards.accuracy_reward([r["output"]], [r["solution"]])[0] == 1.0)
+        assert r["format"] == (rewards.format_reward([r["output"]])[0] == 1.0)
+        assert r["answer"] == rewards.extract_answer(r["output"])
+        assert 1 <= r["completion_length"] <= 24
+    n = len(results)
+    assert saved["accuracy"] == pytest.approx(sum(r["correct"] for r in results) / n)
+    assert saved["format_rate"] == pytest.approx(sum(r["format"] for r in results) / n)
+    assert saved["mean_completion_length"] == pytest.approx(sum(r["completion_length"] for r in results) / n)
+    assert saved["mean_thinking_length"] == pytest.approx(sum(r["thinking_length"] for r in results) / n)
+    table = ev.format_table([saved, {**saved, "model": "other/model"}])
+    assert setup["model"] in table.splitlines()[0] and "other/model" in table.splitlines()[0]
+
+
+def test_resume_gives_the_same_file(setup, tmp_path):
+    cfg = make_cfg(setup, batch_size=2)
+    run_eval(cfg, tmp_path / "full.json")
+    full = json.loads((tmp_path / "full.json").read_text())
+    lines = (tmp_path / "full.partial.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + 6  # header + one line per example
+    # interrupted after 3 examples, in the middle of writing the 4th
+    (tmp_path / "resumed.partial.jsonl").write_text("".join(lines[:4]) + lines[4][:40])
+    resumed = run_eval(cfg, tmp_path / "resumed.json")
+    assert resumed == json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["results"] == full["results"] and {k: v for k, v in resumed.items() if k != "results"} == \
+        {k: v for k, v in full.items() if k != "results"}
+    # a completed evaluation re-run is read back, not recomputed; other settings refuse to mix in
+    assert run_eval(cfg, tmp_path / "resumed.json") == full
+    with pytest.raises(ValueError, match="resumed.partial.jsonl.*max_new_tokens"):
+        run_eval(make_cfg(setup, batch_size=2, max_new_tokens=8), tmp_path / "resumed.json")
+
+
+def test_bad_rows_and_videos_are_skipped_with_reasons(setup, tmp_path):
+    videos = Path(setup["data"]).parent / "videos"
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4096))
+    good = {"problem": "How many objects are there in total?", "solution": "<answer>2</answer>"}
+    lines = [json.dumps({"video_filename": str(videos / "test_00000.mp4"), **good}),
+             '{"video_filename": "broken',                                             # invalid JSON
+             json.dumps({"video_filename": "no/such/video.mp4", **good}),              # missing video
+             json.dumps({"video_filename": str(videos / "test_00001.mp4"), "solution": "<answer>1</answer>"}),  # no problem
+             "",                                                                      # blank lines are not rows
+             json.dumps({"video_filename": "corrupt.mp4", **good}),                   # random bytes
+             json.dumps({"video_filename": str(videos / "test_00002.mp4"), **good})]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    summary = run_eval(make_cfg(setup, data_path=str(bad)), tmp_path / "bad.json")
+    assert summary["n"] == 2 and [r["index"] for r in summary["results"]] == [1, 7]
+    reasons = {s["index"]: s["reason"] for s in summary["skipped"]}
+    assert sorted(reasons) == [2, 3, 4, 6] and len(summary["skipped"]) == 4
+    assert "invalid JSON" in reasons[2]
+    assert "not found" in reasons[3] and "no/such/video.mp4" in reasons[3]
+    assert "'problem'" in reasons[4]
+    assert "corrupt.mp4" in reasons[6] and "cannot open" in reasons[6]
+    assert summary["skipped"][-1]["video"] == str(tmp_path / "corrupt.mp4")
+    assert "row 6" in ev.format_table([summary])
+
+
+def test_plot_writes_png(tmp_path):
+    rows = [{"step": s, "reward": 0.1 * s, "reward_std": 0.2, "rewards/accuracy": 0.05 * s, "kl": 0.001 * s,
+             "completion_length": 100 + 5 * s, "grad_norm": float("nan")} for s in range(1, 9)]  # no rewards/format
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "rew')
+    png = plot.plot_run(str(tmp_path))
+    assert png == str(tmp_path / "curves.png")
+    content = Path(png).read_bytes()
+    assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 5000
+
+
+def test_cli_tiny_smoke(setup, tmp_path):
+    # --tiny reads data/tiny-qwen2-vl and data/synthetic under the working directory: point them at the fixture
+    (tmp_path / "data").mkdir()
+    os.symlink(setup["model"], tmp_path / "data" / "tiny-qwen2-vl")
+    os.symlink(Path(setup["data"]).parent, tmp_path / "data" / "synthetic")
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--tiny", "--max_new_tokens", "8", "--limit", "4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "results" / "data_tiny-qwen2-vl-test.json").read_text())
+    assert saved["n"] == 4 and saved["skipped"] == [] and all(r["completion_length"] <= 8 for r in saved["results"])
+    assert "accuracy (%)" in proc.stdout and "examples evaluated" in proc.stdout
