@@ -31,11 +31,14 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,7 +91,13 @@ class Config:
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
     seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
     # logging and saving
-    save_steps: int = field(default=100, metadata={"help": "save an HF model folder every this many steps (0: only final)"})
+    save_steps: int = field(default=100, metadata={"help": "save a checkpoint (HF model + training state) every this many steps (0: only final)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep the training state (optimizer etc.) of only the newest N checkpoints"})
+    resume_from: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or 'latest' (the newest in output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting a new run in an output_dir that holds one"})
+    max_skip_fraction: float = field(default=0.5, metadata={"help": "stop if more than this share of the examples of the last skip_window steps failed"})
+    skip_window: int = field(default=20, metadata={"help": "steps over which failed examples are counted"})
+    max_bad_steps: int = field(default=3, metadata={"help": "stop after this many updates in a row skipped for a non-finite loss or gradient"})
     log_samples_steps: int = field(default=10, metadata={"help": "dump rollouts to samples.jsonl every this many steps"})
     report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
     run_name: str = field(default="", metadata={"help": "name for wandb/tensorboard (default: output_dir's name)"})
@@ -114,6 +123,47 @@ def parse_config(argv=None):
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**TINY)
     return Config(**vars(parser.parse_args(argv)))
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work: reported in one line, exit code 2, before any model is loaded."""
+
+
+def validate_config(cfg):
+    import rewards
+    if cfg.num_generations < 2:
+        raise ConfigError(f"--num_generations {cfg.num_generations}: GRPO compares completions within a group, it needs at least 2")
+    if cfg.prompts_per_device < 1 or cfg.max_completion_length < 1 or cfg.num_iterations < 1:
+        raise ConfigError("--prompts_per_device, --max_completion_length and --num_iterations must be at least 1")
+    unknown = [n for n in cfg.rewards.split(",") if n.strip() not in rewards.REWARD_FUNCS]
+    if unknown:
+        raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
+    if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
+        raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+    if cfg.scale_rewards not in ("group", "none"):
+        raise ConfigError(f"--scale_rewards {cfg.scale_rewards!r}: choose 'group' or 'none'")
+    if cfg.report_to not in ("none", "wandb", "tensorboard"):
+        raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
+    if not os.path.isfile(cfg.deepspeed):
+        raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
+    generated = cfg.tiny and cfg.data == TINY["data"]  # the synthetic set is made on first use
+    if not generated and not os.path.isfile(cfg.data):
+        raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
+    if cfg.video_root and not os.path.isdir(cfg.video_root):
+        raise ConfigError(f"--video_root {cfg.video_root}: no such folder")
+    name = cfg.model_name_or_path
+    if not (cfg.tiny and name == TINY["model_name_or_path"]) and not os.path.isdir(name):
+        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/", "~"))
+        if not hub_id:
+            raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
+                              f"Download with `huggingface-cli download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
+                              f"or try the offline demo: python train.py --tiny")
+    ran_here = any(os.path.exists(os.path.join(cfg.output_dir, f)) for f in ("metrics.jsonl", "run_config.json"))
+    if ran_here and not cfg.resume_from and not cfg.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {cfg.output_dir} holds a run already: continue it with --resume_from latest, "
+                          f"start over with --overwrite_output_dir, or choose another --output_dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +371,12 @@ def resolve_model_dir(name):
     if os.path.isdir(name):
         return name
     from huggingface_hub import snapshot_download
-    return snapshot_download(name)
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # offline, unknown id, no access: say what to do instead of a hub traceback
+        raise ConfigError(f"--model_name_or_path {name}: not a local folder and the hub download failed ({type(e).__name__}). "
+                          f"Download it where the hub is reachable (`huggingface-cli download {name} --local-dir DIR`) "
+                          f"and pass the folder, or try the offline demo: python train.py --tiny") from e
 
 
 def build_ds_config(cfg, world_size):
@@ -376,16 +431,16 @@ def save_model(engine, tokenizer, model_dir, out_dir, rank):
 class MetricsLogger:
     """metrics.jsonl + optional wandb / tensorboard on rank 0; a no-op elsewhere, so callers need no `if`."""
 
-    def __init__(self, cfg, rank):
+    def __init__(self, cfg, rank, resumed):
         self.active = rank == 0
         self.backend = None
         if not self.active:
             return
-        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if resumed else "w")
         name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
         if cfg.report_to == "wandb":
             import wandb
-            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg))
+            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg), resume="allow")
         elif cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.backend = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
@@ -410,14 +465,27 @@ class MetricsLogger:
                 self.backend.finish()
 
 
-def batches_forever(loader, sampler, start_epoch=0):
-    """Batches of the DataLoader, epoch after epoch (each epoch reshuffled from the seed)."""
-    epoch = start_epoch
+def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
+    """This rank's example indices for one epoch: one shuffle per epoch from the seed, the tail that cannot fill a
+    step on every rank dropped, rank r taking every world-th index (ranks never share a prompt)."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_step = world * batch_size
+    return order[:len(order) // per_step * per_step][rank::world]
+
+
+def batches_from(dataset, position, loader_kwargs, **order_kwargs):
+    """(epoch, batch index, batch) from position = (epoch, batch index) on, epoch after epoch; a resumed run
+    starts mid-epoch without decoding the videos before it."""
+    epoch, start = position
+    batch_size = order_kwargs["batch_size"]
     while True:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+        order = epoch_order(len(dataset), epoch, **order_kwargs)[start * batch_size:]
+        # the loader's own generator: creating an iterator must not draw from the global RNG the rollout samples with
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, generator=torch.Generator(),
+                                             **loader_kwargs)
+        for i, batch in enumerate(loader, start):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,6 +494,7 @@ def batches_forever(loader, sampler, start_epoch=0):
 def train(cfg):
     import deepspeed
     from transformers import AutoTokenizer
+    import checkpoint
     import data
     import rewards
 
@@ -433,11 +502,10 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    reward_names = [n.strip() for n in cfg.rewards.split(",") if n.strip()]
+    reward_names = [n.strip() for n in cfg.rewards.split(",")]
     reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
-    assert len(reward_weights) == len(reward_names), f"{len(reward_weights)} reward weights for {len(reward_names)} rewards"
     reward_funcs = [rewards.REWARD_FUNCS[n] for n in reward_names]
-    G = cfg.num_generations
+    G, B_max = cfg.num_generations, cfg.prompts_per_device
 
     # --- data
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
@@ -451,15 +519,14 @@ def train(cfg):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
                                                    max_frames=cfg.max_frames, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    examples = data.load_examples(cfg.data, video_root=cfg.video_root or None, verbose=rank == 0)
+    try:
+        examples = data.load_examples(cfg.data, video_root=cfg.video_root or None, verbose=rank == 0)
+    except ValueError as e:  # no usable row: a data problem, reported like a wrong flag
+        raise ConfigError(str(e)) from e
     dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    import functools
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.prompts_per_device, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                         collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
-    steps_per_epoch = len(loader)
-    assert steps_per_epoch > 0, f"{len(examples)} examples is fewer than one step of {world} ranks x {cfg.prompts_per_device} prompts"
+    steps_per_epoch = len(dataset) // (world * B_max)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
 
     # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
@@ -474,37 +541,58 @@ def train(cfg):
             return (update + 1) / cfg.warmup_steps
         return max(0.0, (updates - update) / max(1, updates - cfg.warmup_steps))
 
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     ref_engine = None
     if cfg.beta != 0.0:
-        ref_model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device).eval().requires_grad_(False)
+        ref_model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
+        ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
     policy = engine.module
     eos_token_ids, suppress = special_token_ids(tokenizer)
 
+    # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
+    start_step, position, rng = 0, (0, 0), None
+    if cfg.resume_from:
+        ckpt = checkpoint.find(cfg.output_dir, cfg.resume_from)
+        start_step, position, rng = checkpoint.load(engine, ckpt, rank)
+        print0(f"resumed from {ckpt}: step {start_step}, epoch {position[0]}, batch {position[1]}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            checkpoint.truncate_jsonl(os.path.join(cfg.output_dir, name), start_step) if start_step else \
+                open(os.path.join(cfg.output_dir, name), "w").close()
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
                        "steps_per_epoch": steps_per_epoch, "model_dir": model_dir}, f, indent=2)
-    logger = MetricsLogger(cfg, rank)
-    print0(f"{len(examples)} examples, {world} ranks x {cfg.prompts_per_device} prompts x {G} completions, "
+    logger = MetricsLogger(cfg, rank, resumed=start_step > 0)
+    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {G} completions, "
            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+    batches = batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
+        data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
+    preempted = []
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))  # cluster pre-emption: save, then stop
+    recent_failures = []  # (examples failed, examples tried) of the last skip_window steps, over all ranks
+    bad_steps = 0
+    if rng is not None:
+        checkpoint.set_rng_state(rng)
 
     # --- the loop
-    batches = batches_forever(loader, sampler)
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         t0 = time.time()
-        epoch, batch = next(batches)
-        skipped = len(batch["skipped"])
-        for item in batch["skipped"]:
-            print(f"[rank {rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
-        while len(batch["solution"]) == 0:  # every prompt of the batch failed: take the next one (ranks stay in step)
-            epoch, batch = next(batches)
-            skipped += len(batch["skipped"])
+        failed, tried = 0, 0
+        while True:  # a batch whose every video failed is replaced by the next one (every rank must take a step)
+            epoch, batch_index, batch = next(batches)
+            for item in batch["skipped"]:
+                print(f"[rank {rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
+            failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
+            if batch["solution"]:
+                break
+            if tried >= cfg.skip_window * B_max:
+                raise RuntimeError(f"rank {rank}: the last {tried} examples all failed to load (see the warnings above)")
+        position = (epoch, batch_index + 1)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         B = len(batch["solution"])
 
@@ -515,6 +603,8 @@ def train(cfg):
                 policy, batch, num_generations=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
         rollout_time = time.time() - t0
+        # a vision token in a completion would break the video-token count of every later pass
+        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
         mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
         truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
         if cfg.mask_truncated_completions:
@@ -534,16 +624,32 @@ def train(cfg):
             if cfg.num_iterations > 1:
                 old_logps = completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
 
-        # mu policy updates on this rollout
+        # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
         policy.train()
+        skipped_update = False
         for _ in range(cfg.num_iterations):
             logps = completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
             loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
                                          epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                          loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+            finite = torch.tensor(float(torch.isfinite(loss)), device=device)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if not finite.item():
+                skipped_update = True
+                break
             engine.backward(loss)
-            engine.step()
+            engine.step()  # under ZeRO, DeepSpeed itself discards an update whose gradient norm is not finite
         grad_norm = engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        skipped_update = skipped_update or not math.isfinite(grad_norm)
+        bad_steps = bad_steps + 1 if skipped_update else 0
+        if skipped_update:
+            print0(f"warning: step {step}: update skipped, non-finite {'loss' if not finite.item() else 'gradient'}")
+        if bad_steps >= cfg.max_bad_steps:
+            raise RuntimeError(f"step {step}: {bad_steps} updates in a row skipped for a non-finite loss or gradient. "
+                               f"Likely causes: learning rate too high (--learning_rate {cfg.learning_rate}), fp16/bf16 "
+                               f"overflow (try --no-bf16 on a small run), a corrupt video giving NaN pixels, or a reward "
+                               f"returning NaN (rewards: {reward_names})")
 
         # metrics: means over all ranks
         lengths = mask.sum(1).float()
@@ -553,18 +659,25 @@ def train(cfg):
                  "truncated_ratio": truncated.float().mean().item(),
                  "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
                  "rollout_time": rollout_time}
-        summed = torch.tensor([*local.values(), lengths.sum().item(), skipped], dtype=torch.float64, device=device)
+        totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
+        summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
         row = {k: v / world for k, v in zip(local, summed.tolist())}
+        tokens, failed, tried, preempt = summed[-4:].tolist()
         step_time = time.time() - t0
-        row = {"step": step, "epoch": round((step - 1) / steps_per_epoch + B / (cfg.prompts_per_device * steps_per_epoch), 4), **row,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": scheduler.get_last_lr()[0],
-               "step_time": step_time, "tokens_per_sec": summed[-2].item() / step_time, "skipped_examples": int(summed[-1].item())}
+        row = {"step": step, "epoch": round(epoch + position[1] / steps_per_epoch, 4), **row, "grad_norm": grad_norm,
+               "lr": scheduler.get_last_lr()[0], "step_time": step_time, "tokens_per_sec": tokens / step_time,
+               "skipped_examples": int(failed), "skipped_update": int(skipped_update)}
         logger.log(row)
         print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
                + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in reward_names)
                + f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
                f"grad {row['grad_norm']:.3f} | {step_time:.1f}s")
+        recent_failures = (recent_failures + [(failed, tried)])[-cfg.skip_window:]
+        window_failed, window_tried = map(sum, zip(*recent_failures))
+        if window_failed > cfg.max_skip_fraction * window_tried and window_tried >= cfg.skip_window * B_max * world / 2:
+            raise RuntimeError(f"step {step}: {window_failed:.0f} of the last {window_tried:.0f} examples failed to load "
+                               f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
         if rank == 0 and cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:
             with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
@@ -573,8 +686,14 @@ def train(cfg):
                                         "solution": batch["solution"][i // G], "completion": completion,
                                         "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
                                         "advantage": advantages[i].item()}) + "\n")
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-            save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, f"checkpoint-{step}"), rank)
+        if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
+            checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+            save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
+            checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit)
+        if preempt:
+            print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
+            logger.close()
+            return cfg.output_dir
 
     save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
     logger.close()
@@ -588,9 +707,16 @@ def train(cfg):
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = parse_config(argv)
-    train(cfg)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        validate_config(cfg)
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as e:  # a wrong flag or path: one line, no traceback, exit code 2
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""
+Training state for exact resume: what train.py saves every --save_steps and reads back with --resume_from.
+
+    OUTPUT_DIR/checkpoint-<step>/            an HF model folder (weights, tokenizer, preprocessor config), kept
+    OUTPUT_DIR/checkpoint-<step>/training_state/
+        deepspeed/                           the DeepSpeed engine checkpoint: ZeRO shards, optimizer, LR scheduler
+        rank<r>.pt                           rank r's position in its data order and its python/numpy/torch RNG states
+        trainer_state.json                   {"step": ...}, written last: a checkpoint without it is incomplete
+
+Only the newest --save_total_limit training states are kept (they hold the optimizer: ~12 bytes per parameter);
+the HF model folders stay.
+"""
+import glob
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+STATE = "training_state"
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, checkpoint_dir, step, position, rank, save_total_limit):
+    """Collective: every rank writes its ZeRO shards and its own position and RNG; rank 0 marks it complete."""
+    state_dir = os.path.join(checkpoint_dir, STATE)
+    engine.save_checkpoint(state_dir, tag="deepspeed")
+    torch.save({"position": position, "rng": rng_state()}, os.path.join(state_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "world_size": torch.distributed.get_world_size()}, f)
+        for old in complete_checkpoints(os.path.dirname(checkpoint_dir))[:-save_total_limit or None]:
+            shutil.rmtree(os.path.join(old, STATE), ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def complete_checkpoints(output_dir):
+    """checkpoint-<step> folders with a complete training state, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
+        if m and os.path.exists(os.path.join(path, STATE, "trainer_state.json")):
+            found.append((int(m.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def find(output_dir, resume_from):
+    """The checkpoint folder that --resume_from names ('latest': the newest complete one in output_dir)."""
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from latest: no complete checkpoint in {output_dir}")
+        return found[-1]
+    if not os.path.exists(os.path.join(resume_from, STATE, "trainer_state.json")):
+        raise FileNotFoundError(f"--resume_from {resume_from}: no {STATE}/trainer_state.json there (incomplete, "
+                                f"rotated away by --save_total_limit, or not a checkpoint folder)")
+    return resume_from
+
+
+def load(engine, checkpoint_dir, rank):
+    """Restore the engine (weights, optimizer, scheduler); return (step, this rank's position, its RNG states)."""
+    state_dir = os.path.join(checkpoint_dir, STATE)
+    with open(os.path.join(state_dir, "trainer_state.json")) as f:
+        meta = json.load(f)
+    world = torch.distributed.get_world_size()
+    if meta["world_size"] != world:
+        raise ValueError(f"{checkpoint_dir} was saved by {meta['world_size']} ranks, this run has {world}: "
+                         f"each rank's data position and RNG are in the checkpoint, so resume with the same count")
+    engine.load_checkpoint(state_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
+    state = torch.load(os.path.join(state_dir, f"rank{rank}.pt"), weights_only=False)
+    return meta["step"], tuple(state["position"]), state["rng"]
+
+
+def truncate_jsonl(path, max_step):
+    """Drop rows logged after the checkpoint (a killed run may have got further): they will be logged again."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= max_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):  # the half-written last line of a killed run
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)

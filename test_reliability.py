@@ -1,0 +1,166 @@
+"""
+What clusters and users do to a run: SIGKILL and resume, SIGTERM, bad videos mid-run, non-finite losses, wrong
+flags. Offline on CPU with the tiny model; the trainer runs in subprocesses.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import data
+import tiny
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+# the toy reward of test_grpo.py (shorter is better): the random tiny model gets a learning signal, so losses,
+# gradients and the schedule all matter for the comparison. NAN_AT makes the loss NaN at chosen steps.
+SCRIPT = """
+import math, os, sys, rewards, train
+rewards.REWARD_FUNCS["short"] = lambda completions, solutions=None: [max(0.0, 1 - len(c) / 200) for c in completions]
+nan_at = {int(s) for s in os.environ.get("NAN_AT", "").split(",") if s}
+calls = [0]
+grpo_loss = train.grpo_loss
+def loss_with_nans(*args, **kwargs):
+    calls[0] += 1
+    loss, stats = grpo_loss(*args, **kwargs)
+    return (loss * math.nan if calls[0] in nan_at else loss), stats
+train.grpo_loss = loss_with_nans
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    tiny.save_tiny_model(str(root / "model"))
+    train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
+    return root, str(root / "model"), str(train_path)
+
+
+def args(setup, out, *extra):
+    root, model_dir, train_path = setup
+    return [sys.executable, "-c", SCRIPT, "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
+            "--output_dir", str(out), "--rewards", "short", "--learning_rate", "1e-2", "--num_workers", "1",
+            "--max_steps", "8", "--save_steps", "4", "--log_samples_steps", "0", *extra]
+
+
+def run(cmd, env=None, expect=0):
+    proc = subprocess.run(cmd, cwd=HERE, env=env or ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_sigkill_then_resume_gives_the_same_run(setup):
+    root = setup[0]
+    run(args(setup, root / "straight"))
+    # 8 steps, 12 examples at 2 prompts a step: the resumed part crosses an epoch boundary too
+    proc = subprocess.Popen(args(setup, root / "killed"), cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = root / "killed" / "checkpoint-4" / "training_state" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    run(args(setup, root / "killed", "--resume_from", "latest"))
+    straight, resumed = metrics(root / "straight"), metrics(root / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(straight[4:], resumed[4:]):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"], (a, b)
+        for key in ("loss", "kl", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert len({r["reward"] for r in straight[4:]}) > 1  # the rows compared are not all alike
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
+    out = setup[0] / "term"
+    proc = subprocess.Popen(args(setup, out, "--save_steps", "0", "--max_steps", "12"), cwd=HERE, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-2000:]
+    assert "SIGTERM: saved" in stdout
+    saved = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert len(saved) == 1 and not (out / "final").exists()
+    run(args(setup, out, "--save_steps", "0", "--max_steps", "12", "--resume_from", "latest"))
+    assert [r["step"] for r in metrics(out)] == list(range(1, 13)) and (out / "final").exists()
+
+
+def test_an_existing_run_is_not_overwritten(setup):
+    out = setup[0] / "existing"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run(args(setup, out), expect=2)
+    assert "holds a run already" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
+
+
+def test_corrupt_video_mid_run_is_skipped_and_counted(setup):
+    root, model_dir, train_path = setup
+    rows = [json.loads(line) for line in open(train_path)]
+    bad_video = root / "synthetic" / "corrupt.mp4"
+    bad_video.write_bytes(os.urandom(3000))
+    rows[0] = dict(rows[0], video_filename=str(bad_video))
+    path = root / "synthetic" / "with_bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "bad_data"
+    proc = run(args(setup, out, "--data", str(path), "--max_steps", "6", "--save_steps", "0"))
+    assert "corrupt.mp4" in proc.stderr
+    rows = metrics(out)
+    assert len(rows) == 6 and sum(r["skipped_examples"] for r in rows) >= 1
+
+
+def test_mostly_bad_videos_stop_the_run_with_a_clear_error(setup):
+    root, model_dir, train_path = setup
+    rows = [json.loads(line) for line in open(train_path)]
+    for i, r in enumerate(rows[:9]):
+        bad = root / "synthetic" / f"bad{i}.mp4"
+        bad.write_bytes(b"not a video")
+        r["video_filename"] = str(bad)
+    path = root / "synthetic" / "mostly_bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run(args(setup, root / "mostly_bad", "--data", str(path), "--max_steps", "20", "--skip_window", "3"), expect=1)
+    assert "failed to load" in proc.stderr
+
+
+def test_nan_loss_skips_the_update_then_stops_after_several(setup):
+    # NaN at steps 2, 4, 5, 6: step 2's update is skipped and training goes on; 4-6 are three in a row: stop
+    out = setup[0] / "nan"
+    proc = run(args(setup, out, "--save_steps", "0"), env=dict(ENV, NAN_AT="2,4,5,6"), expect=1)
+    assert [r["skipped_update"] for r in metrics(out)] == [0, 1, 0, 1, 1]
+    assert "step 6: 3 updates in a row skipped" in proc.stderr and "Likely causes" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_generations", "1"], "at least 2"),
+    (["--rewards", "accuracy,shiny"], "unknown ['shiny']; known:"),
+    (["--loss_type", "ppo"], "--loss_type 'ppo'"),
+    (["--data", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl: no such file"),
+    (["--video_root", "/nonexistent/videos"], "/nonexistent/videos: no such folder"),
+    (["--model_name_or_path", "./models/qwen-missing"], "huggingface-cli download"),
+    (["--deepspeed", "missing_ds.json"], "missing_ds.json: no such file"),
+    (["--reward_weights", "1,2,3"], "one weight per reward"),
+])
+def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):
+    # in-process: validation runs before anything distributed or any model is touched
+    import train
+    out = setup[0] / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(setup, out, "--rewards", "accuracy,format", *flags)[3:])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.startswith("error:"), err
+    assert not out.exists()
