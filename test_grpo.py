@@ -277,7 +277,7 @@ def run(cmd, timeout=240):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    tiny.save_tiny_model(str(root / "model"))
+    tiny.save_tiny_model(str(root / "model"), warm_start=False)  # the random model: the toy reward starts from scratch
     train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=16, n_test=2)
     return root, str(root / "model"), str(train_path)
 
@@ -295,6 +295,7 @@ def test_toy_reward_is_learned(tiny_data):
     out = root / "learn"
     run([sys.executable, "-c", LEARN_SCRIPT, "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
          "--output_dir", str(out), "--rewards", "short", "--max_steps", "30", "--save_steps", "0",
+         "--num_generations", "4", "--prompts_per_device", "2",
          "--learning_rate", "1e-2", "--beta", "0", "--num_workers", "0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(rows) == 30
@@ -309,7 +310,8 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     out = root / "ds"
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     run([deepspeed, "--num_gpus", "2", "--master_port", "29731", "train.py", "--tiny", "--model_name_or_path", model_dir,
-         "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0"])
+         "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0",
+         "--num_generations", "4", "--prompts_per_device", "2"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",

@@ -37,7 +37,7 @@ train.main(sys.argv[1:])
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    tiny.save_tiny_model(str(root / "model"))
+    tiny.save_tiny_model(str(root / "model"), warm_start=False)
     train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
     return root, str(root / "model"), str(train_path)
 
@@ -46,6 +46,7 @@ def args(setup, out, *extra):
     root, model_dir, train_path = setup
     return [sys.executable, "-c", SCRIPT, "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
             "--output_dir", str(out), "--rewards", "short", "--learning_rate", "1e-2", "--num_workers", "1",
+            "--num_generations", "4", "--prompts_per_device", "2",
             "--max_steps", "8", "--save_steps", "4", "--log_samples_steps", "0", *extra]
 
 
