@@ -66,7 +66,7 @@ def plot_run(run_dir, smoothing=0.8):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(os.path.abspath(run_dir))
+    fig.suptitle(os.path.normpath(run_dir))
     fig.tight_layout()
     png = os.path.join(run_dir, "curves.png")
     fig.savefig(png, dpi=110)

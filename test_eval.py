@@ -5,7 +5,6 @@ Tests of eval.py and plot.py: offline, CPU, a tiny random Qwen2-VL and a 6-video
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written out by hand.
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
-    python train.py --tiny                          # offline CPU demo: tiny random Qwen2-VL, synthetic videos
+    python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
 
@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -595,7 +594,6 @@ def train(cfg):
                 raise RuntimeError(f"rank {rank}: the last {tried} examples all failed to load (see the warnings above)")
         position = (epoch, batch_index + 1)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        B = len(batch["solution"])
 
         # rollout: G completions per prompt, with the policy's current weights
         policy.eval()
