@@ -219,6 +219,18 @@ def test_fast_logps_equal_slow_path_values_and_vision_grads(tiny_setup):
     assert all(g.abs().sum() > 0 for g in fast_grads.values())
 
 
+def test_shared_prompt_logps_equal_full_sequences(tiny_setup):
+    # the no-grad passes (reference, old policy) run the prompt once and the completions on its repeated KV cache
+    tokenizer, model, batch, eos, _ = tiny_setup
+    model = copy.deepcopy(model).double()
+    batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
+    completion_ids = torch.randint(0, 400, (2 * 3, 7))
+    with torch.no_grad():
+        full = train.completion_logps(model, batch, completion_ids, num_generations=3, temperature=0.7)
+    shared = train.completion_logps_shared_prompt(model, batch, completion_ids, num_generations=3, temperature=0.7)
+    torch.testing.assert_close(shared, full, rtol=1e-9, atol=1e-9)
+
+
 def test_rollout_matches_transformers_generate(tiny_setup):
     # greedy: the prefill-once + repeated-cache sampler must produce exactly what HF generate does per prompt
     tokenizer, model, batch, eos, suppress = tiny_setup
@@ -259,9 +271,13 @@ def test_reference_sees_the_video_kl_zero_at_init(tiny_setup):
         logps = train.completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
         ref = train.completion_logps(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
         assert train.per_token_kl(logps, ref).abs().max().item() == 0.0
-        # and the video matters: other pixels give other log-probs (a blind reference would not notice)
-        other = dict(batch, pixel_values_videos=torch.randn_like(batch["pixel_values_videos"]))
-        assert (train.completion_logps(ref_model, other, completion_ids, num_generations=2, temperature=1.0) - ref).abs().max() > 1e-4
+    # the reference pass as train.py runs it (prompt shared): float32 sums in another order, so ~0 instead of 0
+    ref = train.completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
+    assert train.per_token_kl(logps, ref).abs().max().item() < 1e-10
+    # and the video matters: other pixels give other log-probs (a blind reference would not notice)
+    other = dict(batch, pixel_values_videos=torch.randn_like(batch["pixel_values_videos"]))
+    assert (train.completion_logps_shared_prompt(ref_model, other, completion_ids, num_generations=2, temperature=1.0)
+            - ref).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,11 +310,11 @@ def test_toy_reward_is_learned(tiny_data):
     root, model_dir, train_path = tiny_data
     out = root / "learn"
     run([sys.executable, "-c", LEARN_SCRIPT, "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
-         "--output_dir", str(out), "--rewards", "short", "--max_steps", "30", "--save_steps", "0",
+         "--output_dir", str(out), "--rewards", "short", "--max_steps", "20", "--save_steps", "0",
          "--num_generations", "4", "--prompts_per_device", "2",
          "--learning_rate", "1e-2", "--beta", "0", "--num_workers", "0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(rows) == 30
+    assert len(rows) == 20
     first, last = [r["reward"] for r in rows[:5]], [r["reward"] for r in rows[-5:]]
     # per-step reward std of the first steps is the noise scale; require the gain to be far beyond it
     noise = torch.tensor(first).std().item() + 0.02

@@ -84,7 +84,7 @@ def test_sigkill_then_resume_gives_the_same_run(setup):
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
     out = setup[0] / "term"
-    proc = subprocess.Popen(args(setup, out, "--save_steps", "0", "--max_steps", "12"), cwd=HERE, env=ENV,
+    proc = subprocess.Popen(args(setup, out, "--save_steps", "0", "--max_steps", "8"), cwd=HERE, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read().strip():
@@ -96,8 +96,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
     assert "SIGTERM: saved" in stdout
     saved = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
     assert len(saved) == 1 and not (out / "final").exists()
-    run(args(setup, out, "--save_steps", "0", "--max_steps", "12", "--resume_from", "latest"))
-    assert [r["step"] for r in metrics(out)] == list(range(1, 13)) and (out / "final").exists()
+    run(args(setup, out, "--save_steps", "0", "--max_steps", "8", "--resume_from", "latest"))
+    assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and (out / "final").exists()
 
 
 def test_an_existing_run_is_not_overwritten(setup):

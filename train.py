@@ -280,6 +280,17 @@ def prompt_positions(model, batch):
     return positions, positions.amax(dim=(0, 2)) + 1
 
 
+def prefill(model, batch, repeats):
+    """Run the B prompts once (vision tower included) and repeat their KV cache for G completions each. Returns the
+    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,)."""
+    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
+    out.past_key_values.batch_repeat_interleave(repeats)                              # (B*G, heads, P, d) per layer
+    return (out.past_key_values, out.logits[:, -1].repeat_interleave(repeats, dim=0),
+            batch["attention_mask"].repeat_interleave(repeats, dim=0), next_pos.repeat_interleave(repeats))
+
+
 @torch.no_grad()
 def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
                        suppress_token_ids, pad_token_id, greedy=False):
@@ -289,15 +300,8 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
     gradient checkpointing does not switch the cache off.
     """
-    G = num_generations
-    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)                                                  # (B*G, heads, P, d) per layer
-    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)                    # (B*G, V)
-    next_pos = next_pos.repeat_interleave(G)                                          # (B*G,)
-    attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)              # (B*G, P)
+    cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
+    logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens = []
@@ -334,6 +338,24 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 mm_encoder_outputs=video_features(model, batch, repeats=G), use_cache=False, logits_to_keep=C + 1)
     logits = out.logits[:, :-1] / temperature                                         # (B*G, C, V): position t predicts token t
+    return selective_log_softmax(logits, completion_ids)                              # (B*G, C)
+
+
+@torch.no_grad()
+def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generations, temperature):
+    """
+    completion_logps for the passes without grad (reference, old policy), cheaper: the prompt and its ~1,100 video
+    tokens run once per prompt, not once per completion, and the G completions attend to its repeated KV cache.
+    (The policy pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.)
+    Call with the model in eval mode.
+    """
+    C = completion_ids.size(1)
+    cache, first_logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # first_logits (B*G, V)
+    positions = (next_pos[:, None] + torch.arange(C, device=next_pos.device))[None].expand(3, -1, -1)  # (3, B*G, C)
+    attention_mask = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)  # (B*G, P+C)
+    out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    logits = torch.cat([first_logits[:, None], out.logits[:, :-1]], dim=1) / temperature  # (B*G, C, V)
     return selective_log_softmax(logits, completion_ids)                              # (B*G, C)
 
 
@@ -532,7 +554,7 @@ def train(cfg):
     # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
     model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ds_config = build_ds_config(cfg, world)
     updates = total_steps * cfg.num_iterations
 
@@ -615,13 +637,13 @@ def train(cfg):
         advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(device)           # (B*G,)
 
         # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
-        with torch.no_grad():
-            ref_logps = None
-            if ref_engine is not None:
-                ref_logps = completion_logps(ref_engine.module, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
-            old_logps = None
-            if cfg.num_iterations > 1:
-                old_logps = completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
+        ref_logps = old_logps = None
+        if ref_engine is not None:
+            ref_logps = completion_logps_shared_prompt(ref_engine.module, batch, completion_ids, num_generations=G,
+                                                       temperature=cfg.temperature)              # (B*G, C)
+        if cfg.num_iterations > 1:  # the policy is still in eval mode from the rollout
+            old_logps = completion_logps_shared_prompt(policy, batch, completion_ids, num_generations=G,
+                                                       temperature=cfg.temperature)              # (B*G, C)
 
         # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
         policy.train()

@@ -1,0 +1,455 @@
+"""
+Benchmark of one GRPO step as train.py takes it, phase by phase, against the seed's way of doing the same work.
+
+    python bench.py --shape tiny                              # CPU: tiny random Qwen2-VL, both ways, the speedup per phase
+    python bench.py --shape tiny --sweep                      # how the step cost grows with frames and with G (ours)
+    python bench.py --shape tiny --threads 1                  # a busy CPU: 2 OpenMP threads beside another process ran ~5x slower
+    python bench.py --shape 2b --device cuda                  # Qwen2-VL-2B-Instruct's architecture, random weights, bf16
+    python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
+    python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
+
+Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
+of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights; the tokenizer is tiny.py's (only token ids
+matter: the special ids it gives are set in the model config and lie inside the real vocabulary). The video is the
+seed's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
+grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
+
+A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens):
+  rollout          ours: train.sample_completions (video encoded and prompt prefilled once, KV cache repeated G times)
+                   seed: G separate HF `generate` calls, each encoding the video and prefilling the prompt again
+  ref_logps        ours: train.completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
+                   completions on its repeated KV cache, logits only at the completion positions)
+                   seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
+                   every position row by row, then the completion slice (`baseline_logps`)
+  policy_fwd_bwd   the same log-prob pass with grad, train.grpo_loss (beta 0.04), backward
+  optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
+
+Where this departs from a real training step, and why:
+ 1. EOS ids are suppressed (never sampled), so every completion has exactly --completion_tokens tokens and runs compare.
+ 2. The reference pass runs on the policy's weights (in eval mode, no grad): the same FLOPs as a separate reference
+    model, without a second copy of the weights in memory.
+ 3. The seed's reference pass got no video (a bug, see train.py's docstring); its baseline here gets the video, so
+    both ways do equal work. Its log-probs equal ours (test_bench.py checks it).
+ 4. The optimizer is plain torch AdamW on the model's own parameters (bf16 states on GPU). The real 7B run uses
+    DeepSpeed ZeRO-3 over 4 GPUs (fp32 master weights and Adam states, sharded); one GPU cannot hold that. With
+    `--optimizer auto` the phase runs when gradients + AdamW states fit in 60% of the memory left after the model,
+    so it is skipped for 7b on an 80 GB GPU and for 2b/7b on CPU (fp32: 16 bytes per parameter, ~35 GB for 2b).
+ 5. Single process, no ZeRO: the parameter gathering and communication of a multi-GPU run are not measured.
+
+Reported: seconds per phase (median of --repeats steps after one warm-up step); rollout tokens/s (generated tokens);
+for the log-prob passes tokens/s (all B*G*(prompt + completion) positions), achieved TFLOP/s and, on CUDA, MFU. The
+FLOPs are those the step needs, counted the same for both ways: 2*N per token forward, 6*N forward + backward, with N
+split into the vision tower (once per video patch, its merger once per merged token), the decoder body (every
+position) and the LM head (completion positions only); attention scores and the recompute of gradient checkpointing
+are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our reference pass, which runs the
+prompt once rather than G times, as an effective rate above what the hardware does. Peak memory: torch.cuda.max_memory_allocated
+per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
+The last line, `BENCH_JSON {...}`, holds every number.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import data
+import tiny
+import train
+
+
+@dataclass
+class Args:
+    shape: str = field(default="tiny", metadata={"help": "tiny, 2b or 7b (Qwen2-VL-2B/7B-Instruct's architecture, random weights)"})
+    frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
+    num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
+    completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
+    prompts: int = field(default=1, metadata={"help": "B: prompts (videos) per step"})
+    device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda when available)"})
+    repeats: int = field(default=3, metadata={"help": "timed steps per way after one warm-up step; the median is reported"})
+    only: str = field(default="", metadata={"help": "ours, baseline or both (default: both; ours under --sweep)"})
+    sweep: bool = field(default=False, metadata={"help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
+    optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto: flash_attention_2 on CUDA when importable, else sdpa"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
+    threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args(argv)))
+    # derived values, right after parsing
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.only = args.only or ("ours" if args.sweep else "both")
+    assert args.shape in ("tiny", "2b", "7b"), f"--shape {args.shape}: choose tiny, 2b or 7b"
+    assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
+    assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
+    assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
+    assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
+    assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
+    for name in ("gradient_checkpointing", "optimizer"):
+        assert getattr(args, name) in ("on", "off", "auto"), f"--{name}: choose on, off or auto"
+    if args.gradient_checkpointing == "auto":
+        args.gradient_checkpointing = "off" if args.shape == "tiny" else "on"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model: Qwen2-VL-2B/7B-Instruct's architecture from their published config.json values, random weights
+
+QWEN2_VL_TEXT = {
+    "2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),  # 7B's vocabulary is the larger one
+}
+QWEN2_VL_TEXT_COMMON = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, use_sliding_window=False,
+                            max_window_layers=28, attention_dropout=0.0, initializer_range=0.02)
+# the vision tower is the same for both: a 32-block ViT, 665M (2B) or 676M (7B) parameters with its merger into the LLM
+QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu", in_channels=3,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+# dense bf16 peak TFLOP/s by device name (first match wins); other GPUs: --peak_tflops
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def qwen2_vl_config(shape, tokenizer):
+    """Qwen2VLConfig of Qwen2-VL-2B/7B-Instruct, its special ids replaced by the tokenizer's (all inside the vocabulary)."""
+    from transformers import Qwen2VLConfig
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    text = dict(QWEN2_VL_TEXT[shape], **QWEN2_VL_TEXT_COMMON, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    assert max(ids.values()) < text["vocab_size"], "special token ids must lie inside the model's vocabulary"
+    return Qwen2VLConfig(text_config=text, vision_config=dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"]),
+                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                         tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def build_model(shape, tokenizer, device, dtype, attn):
+    """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype."""
+    from transformers import AutoModelForImageTextToText
+    if shape == "tiny":
+        model = tiny.build_tiny_model(tokenizer).to(device=device, dtype=dtype)
+        model.set_attn_implementation(attn)
+        return model
+    with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
+        return AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer), dtype=dtype, attn_implementation=attn)
+
+
+def parameter_counts(model):
+    """{vision, merger, embed, head, body}: the vision tower without its merger, the merger, the input embedding,
+    the LM head (0 when tied to the embedding) and the rest of the decoder."""
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    embed = model.get_input_embeddings().weight
+    merger = count(model.model.visual.merger)
+    vision = count(model.model.visual) - merger
+    head = 0 if model.lm_head.weight is embed else model.lm_head.weight.numel()
+    total = count(model)
+    return {"vision": vision, "merger": merger, "embed": embed.numel(), "head": head,
+            "body": total - vision - merger - embed.numel() - head, "total": total}
+
+
+def forward_flops(counts, d_model, vocab, *, B, G, P, C, n_patches):
+    """FLOPs of one log-prob pass forward as the step needs it (2 per multiply-add): vision tower once per video,
+    decoder body at all B*G*(P+C) positions, LM head at the C completion positions (ours takes C+1 logits)."""
+    return 2 * (counts["vision"] * n_patches + counts["merger"] * n_patches // 4
+                + counts["body"] * B * G * (P + C) + d_model * vocab * B * G * C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the inputs: B prompts with a random video at the seed's size
+
+def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320):
+    """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py."""
+    h, w = data.smart_resize(height, width, 28, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28)  # 240x320 -> 280x392
+    rng = np.random.default_rng(seed)
+    text = data.build_prompt_text(tokenizer, "How many red objects are in the video?")
+    items = []
+    for i in range(prompts):
+        video = rng.integers(0, 256, size=(frames, h, w, 3), dtype=np.uint8)   # (T, H, W, 3)
+        pixel_values, grid = data.video_to_patches(video)                     # (t*h*w patches, 1176), (1, 3)
+        input_ids, types = data.encode_prompt(tokenizer, text, grid)
+        items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,
+                      "video_grid_thw": grid, "problem": "", "solution": "", "video": f"random{i}", "index": i})
+    batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the seed's way (the baseline): new code only here; "ours" is train.py's own functions
+
+@torch.no_grad()
+def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token_ids, suppress_token_ids, pad_token_id):
+    """The seed's rollout: G separate `generate` calls, each encoding the video and prefilling the prompt again
+    (sampling with generate's default top_k=50, as the seed's GenerationConfig). Returns (B*G, C) ordered prompt by
+    prompt, as train.sample_completions."""
+    P = batch["input_ids"].size(1)
+    runs = [model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
+                           video_grid_thw=batch["video_grid_thw"], do_sample=True, temperature=1.0,
+                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, suppress_tokens=suppress_token_ids,
+                           eos_token_id=eos_token_ids, pad_token_id=pad_token_id)[:, P:]
+            for _ in range(num_generations)]                                          # G x (B, C)
+    return torch.stack(runs, dim=1).flatten(0, 1)                                     # (B*G, C)
+
+
+def baseline_logps(model, batch, completion_ids, *, num_generations):
+    """The seed's log-probs: the video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
+    every position one row at a time, then the completion slice. (B*G, C) -> (B*G, C); grad flows if enabled."""
+    G, C = num_generations, completion_ids.size(1)
+    videos = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())
+    input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)           # (B*G, P+C)
+    out = model(input_ids=input_ids,
+                attention_mask=torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1),
+                mm_token_type_ids=torch.cat([batch["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1),
+                pixel_values_videos=torch.cat([v for v in videos for _ in range(G)]),               # (B*G*n, 1176)
+                video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0), use_cache=False)
+    logits, targets = out.logits[:, :-1], input_ids[:, 1:]                                           # (B*G, P+C-1, V)
+    logps = torch.stack([row.float().log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1) for row, ids in zip(logits, targets)])
+    return logps[:, -C:]                                                                             # (B*G, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing
+
+def max_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def available_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+def timed(fn, device):
+    """(fn(), (seconds, GiB)): GiB is the peak allocated during fn on CUDA, the process's max RSS so far on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else max_rss_gib()
+    return out, (seconds, mem)
+
+
+def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id):
+    """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
+    device = batch["input_ids"].device
+    B, result = batch["input_ids"].size(0), {}
+    if way == "ours":
+        rollout = lambda: train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
+                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+        logps_of = lambda ids: train.completion_logps(model, batch, ids, num_generations=G, temperature=1.0)
+        ref_logps_of = lambda ids: train.completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
+    else:
+        rollout = lambda: baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
+                                           suppress_token_ids=never, pad_token_id=pad_token_id)
+        logps_of = ref_logps_of = lambda ids: baseline_logps(model, batch, ids, num_generations=G)
+
+    model.eval()  # as train.py: eval for generation, so gradient checkpointing does not switch the KV cache off
+    completion_ids, result["rollout"] = timed(rollout, device)                         # (B*G, C)
+    assert completion_ids.shape == (B * G, C), f"{way}: completions {tuple(completion_ids.shape)}, expected {(B * G, C)}"
+    mask = train.completion_mask(completion_ids, eos)                                  # (B*G, C): all ones, EOS never sampled
+    advantages = torch.randn(B * G, device=device)                                     # rewards do not change the cost
+
+    with torch.no_grad():  # in eval mode still, as train.py's reference pass
+        ref_logps, result["ref_logps"] = timed(lambda: ref_logps_of(completion_ids), device)  # (B*G, C)
+
+    def policy_pass():
+        logps = logps_of(completion_ids)                                               # (B*G, C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
+                                  loss_type="grpo", max_completion_length=C)
+        loss.backward()
+    model.train()
+    _, result["policy_fwd_bwd"] = timed(policy_pass, device)
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)  # train.py's max_grad_norm, applied by DeepSpeed there
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        _, result["optimizer"] = timed(optimizer_step, device)
+    else:
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def bench(way, model, optimizer, batch, *, G, C, repeats, tokens):
+    """One warm-up step, then `repeats` timed ones: {phase: {"time_s": median, "mem_gib": max}} plus "total"."""
+    grpo_step(way, model, optimizer, batch, G=G, C=C, **tokens)
+    steps = [grpo_step(way, model, optimizer, batch, G=G, C=C, **tokens) for _ in range(repeats)]
+    phases = {p: {"time_s": statistics.median(s[p][0] for s in steps), "mem_gib": max(s[p][1] for s in steps)} for p in steps[0]}
+    phases["total"] = {"time_s": statistics.median(sum(t for t, _ in s.values()) for s in steps),
+                       "mem_gib": max(m for s in steps for _, m in s.values())}
+    return phases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one measurement: both ways on one batch, with throughput and MFU
+
+def measure(model, optimizer, tokenizer, args, device, *, frames, G, tokens, counts, peak_flops):
+    B, C = args.prompts, args.completion_tokens
+    batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed)
+    P = batch["input_ids"].size(1)
+    n_patches = batch["pixel_values_videos"].size(0)
+    fwd = forward_flops(counts, model.config.text_config.hidden_size, model.config.text_config.vocab_size,
+                        B=B, G=G, P=P, C=C, n_patches=n_patches)
+    flops = {"ref_logps": fwd, "policy_fwd_bwd": 3 * fwd}  # backward = 2x forward
+    row = {"frames": frames, "num_generations": G, "video_grid": batch["video_grid_thw"][0].tolist(),
+           "video_tokens": n_patches // (4 * B), "prompt_tokens": P, "sequence_tokens": P + C}
+    ways = ["ours", "baseline"] if args.only == "both" else [args.only]
+    for way in ways:
+        torch.manual_seed(args.seed)
+        phases = bench(way, model, optimizer, batch, G=G, C=C, repeats=args.repeats, tokens=tokens)
+        phases["rollout"]["tokens_per_s"] = B * G * C / phases["rollout"]["time_s"]
+        for p, f in flops.items():
+            phases[p]["tokens_per_s"] = B * G * (P + C) / phases[p]["time_s"]
+            phases[p]["tflops"] = f / phases[p]["time_s"] / 1e12
+            phases[p]["mfu"] = f / phases[p]["time_s"] / peak_flops if peak_flops else None
+        row[way] = phases
+    if args.only == "both":
+        row["speedup"] = {p: row["baseline"][p]["time_s"] / row["ours"][p]["time_s"] for p in row["ours"]}
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reporting
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(row, mem_label):
+    ways = [w for w in ("ours", "baseline") if w in row]
+    print(f"{'phase':<16}{'way':<10}{'time_s':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{mem_label:>16}")
+    for phase in row[ways[0]]:
+        for way in ways:
+            r = row[way][phase]
+            mfu = None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            print(f"{phase if way == ways[0] else '':<16}{way:<10}{r['time_s']:>10.3f}{fmt(r.get('tokens_per_s'), '.1f'):>12}"
+                  f"{fmt(r.get('tflops'), '.3f'):>10}{fmt(mfu, ''):>8}{r['mem_gib']:>16.2f}")
+        if "speedup" in row:
+            print(f"{'':<16}{'speedup':<10}{row['speedup'][phase]:>9.2f}x")
+
+
+def print_sweep(rows):
+    ways = [w for w in ("ours", "baseline") if w in rows[0]]
+    head = f"{'frames':>6}{'G':>4}{'video_tok':>10}{'seq_len':>8}"
+    for way in ways:
+        head += "".join(f"{way[:4] + ' ' + p:>15}" for p in ("rollout", "ref", "fwd_bwd", "opt", "total"))
+    print(head + (f"{'speedup':>9}" if "speedup" in rows[0] else ""))
+    for row in rows:
+        line = f"{row['frames']:>6}{row['num_generations']:>4}{row['video_tokens']:>10}{row['sequence_tokens']:>8}"
+        for way in ways:
+            for p in ("rollout", "ref_logps", "policy_fwd_bwd", "optimizer", "total"):
+                line += f"{fmt(row[way].get(p, {}).get('time_s'), '.3f'):>15}"
+        print(line + (f"{row['speedup']['total']:>8.2f}x" if "speedup" in row else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py: bf16 on GPU; fp32 on CPU
+    attn = args.attn_implementation
+    if attn == "auto":
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2" if device.type == "cuda" else "sdpa"
+        except ImportError:
+            attn = "sdpa"
+
+    # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
+    bytes_per = torch.finfo(dtype).bits // 8
+    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9}[args.shape]
+    free = available_memory_bytes(device)
+    assert approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
+                                                    f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
+    torch.manual_seed(args.seed)
+    tokenizer = tiny.build_tiny_tokenizer()
+    t0 = time.perf_counter()
+    model = build_model(args.shape, tokenizer, device, dtype, attn)
+    build_s = time.perf_counter() - t0
+    if args.gradient_checkpointing == "on":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+    counts = parameter_counts(model)
+
+    # optimizer: gradients + two AdamW states, each the parameters' size, must fit beside the activations
+    need = 3 * counts["total"] * bytes_per
+    free = available_memory_bytes(device)
+    use_optimizer = args.optimizer == "on" or (args.optimizer == "auto" and need < 0.6 * free)
+    if not use_optimizer:
+        print(f"optimizer phase skipped (--optimizer {args.optimizer}): gradients + AdamW states need {need / 2**30:.1f} GiB, "
+              f"{free / 2**30:.1f} GiB free after the model. The real run shards them with ZeRO-3 over 4 GPUs.", file=sys.stderr)
+    elif args.shape != "tiny" and device.type == "cpu":
+        print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0) if use_optimizer else None
+
+    eos, vision = train.special_token_ids(tokenizer)
+    tokens = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id}  # EOS never sampled: fixed lengths
+    peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
+                                if device.type == "cuda" else 0.0)
+    peak_flops = peak * 1e12 or None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    setup = {"shape": args.shape, "device": device_name, "dtype": str(dtype).replace("torch.", ""), "attn": attn,
+             "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
+             "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
+             "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
+             "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
+    print(f"Qwen2-VL {args.shape}: {counts['total'] / 1e6:,.1f}M params (vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) "
+          f"| {device_name} {setup['dtype']} {attn} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
+          f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
+    mem_label = "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB"
+
+    kw = dict(tokens=tokens, counts=counts, peak_flops=peak_flops)
+    if args.sweep:
+        grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
+        grid = list(dict.fromkeys(grid))  # the default point appears in both lines once
+        rows = []
+        for frames, G in grid:
+            rows.append(measure(model, optimizer, tokenizer, args, device, frames=frames, G=G, **kw))
+            print(f"  measured frames={frames} G={G}", file=sys.stderr, flush=True)
+        print(f"{args.prompts} prompt(s) | {args.completion_tokens} completion tokens | median of {args.repeats} | seconds per phase")
+        print_sweep(rows)
+        result = {**setup, "sweep": rows}
+    else:
+        row = measure(model, optimizer, tokenizer, args, device, frames=args.frames, G=args.num_generations, **kw)
+        print(f"{args.prompts} prompt(s) x G={args.num_generations} | video {args.frames} frames, grid {tuple(row['video_grid'])} "
+              f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
+              f"| median of {args.repeats} after 1 warm-up")
+        print_table(row, mem_label)
+        result = {**setup, **row}
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(f"wall {result['wall_s']:.1f}s")
+    print("BENCH_JSON " + json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

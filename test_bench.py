@@ -1,0 +1,87 @@
+"""
+Tests of bench.py, offline on CPU: the CLI smoke run (every phase of both ways timed, one JSON line, under 20 s), the
+seed's log-prob pass against train.py's on the same completions (so the two ways compare equal work), the fixed
+completion length of both rollouts, and the 2B/7B shapes against their published sizes.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bench
+import tiny
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHASES = ("rollout", "ref_logps", "policy_fwd_bwd", "optimizer", "total")
+
+
+def test_smoke_run_times_every_phase_of_both_ways():
+    cmd = [sys.executable, "bench.py", "--shape", "tiny", "--frames", "4", "--num_generations", "2",
+           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu"]
+    # one thread: beside other busy processes (pytest -n, a CI neighbour) OpenMP threads spin and run ~4x slower
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    assert len(lines) == 1, f"expected one BENCH_JSON line:\n{proc.stdout}"
+    result = json.loads(lines[0][len("BENCH_JSON "):])
+    assert result["video_grid"] == [2, 20, 28] and result["video_tokens"] == 280  # 4 frames of 280x392
+    for way in ("ours", "baseline"):
+        for phase in PHASES:
+            assert result[way][phase]["time_s"] > 0, f"{way} {phase}: {result[way][phase]}"
+        assert result[way]["rollout"]["tokens_per_s"] > 0 and result[way]["policy_fwd_bwd"]["tflops"] > 0
+    assert set(result["speedup"]) == set(PHASES) and all(r > 0 for r in result["speedup"].values())
+    assert elapsed < 20, f"the smoke run took {elapsed:.1f}s"
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval()  # context-sensitive: see tiny.py
+    batch = bench.build_batch(tokenizer, frames=2, prompts=2, device=torch.device("cpu"), seed=0)
+    eos, vision = train.special_token_ids(tokenizer)
+    return tokenizer, model, batch, eos, vision
+
+
+def test_baseline_logps_equal_ours(tiny_setup):
+    tokenizer, model, batch, eos, _ = tiny_setup
+    G, C = 3, 5
+    torch.manual_seed(1)
+    completion_ids = torch.randint(0, len(tokenizer) - 20, (2 * G, C))  # (B*G, C), ordinary tokens
+    with torch.no_grad():
+        ours = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
+        seed = bench.baseline_logps(model, batch, completion_ids, num_generations=G)
+    assert ours.shape == seed.shape == (2 * G, C)
+    torch.testing.assert_close(seed, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_both_rollouts_give_exactly_the_asked_length(tiny_setup):
+    tokenizer, model, batch, eos, vision = tiny_setup
+    G, C = 2, 6
+    never = vision + eos  # as bench.main: EOS is never sampled, so lengths are fixed
+    ours = train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
+                                    suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)
+    seed = bench.baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
+                                  suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)
+    for ids in (ours, seed):
+        assert ids.shape == (2 * G, C)
+        assert not torch.isin(ids, torch.tensor(never)).any()
+
+
+@pytest.mark.parametrize("shape, billions, vocab, tied", [("2b", 2.21, 151936, True), ("7b", 8.29, 152064, False)])
+def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
+    # built on the meta device: the shapes without the memory; the model cards give 2.21B and 8.29B parameters
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa")
+    counts = bench.parameter_counts(model)
+    assert round(counts["total"] / 1e9, 2) == billions
+    assert round((counts["vision"] + counts["merger"]) / 1e6) in (665, 676)  # the same ViT; its merger maps to 1536 or 3584
+    assert model.config.text_config.vocab_size == vocab and (counts["head"] == 0) == tied
+    assert model.config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>") < vocab
