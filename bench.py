@@ -46,8 +46,6 @@ prompt once rather than G times, as an effective rate above what the hardware do
 per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
 The last line, `BENCH_JSON {...}`, holds every number.
 """
-import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -84,13 +82,7 @@ class Args:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args(argv)))
+    args = Args(**vars(train.dataclass_parser(Args, __doc__).parse_args(argv)))
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")

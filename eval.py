@@ -31,8 +31,6 @@ records the model, data and generation settings; a run with other settings refus
 Batches are fixed slices of the rank's rows and a half-done batch is re-run whole, so a resumed run decodes every
 example in the same padded batch as an uninterrupted one (left padding can move float results by an ulp).
 """
-import argparse
-import dataclasses
 import functools
 import glob
 import json
@@ -77,14 +75,7 @@ TINY = dict(model=[train.TINY["model_name_or_path"]],
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.name == "model":
-            parser.add_argument("--model", action="append", default=None, help=f.metadata["help"])
-        elif f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    parser = train.dataclass_parser(Config, __doc__, model=dict(action="append", default=None))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})

@@ -112,13 +112,23 @@ TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+def dataclass_parser(cls, description, **special):
+    """One --flag per field of a config dataclass, its help from the field; booleans as --flag / --no-flag.
+    `special` maps a field name to add_argument keywords that replace the default ones (e.g. action="append")."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        if f.name in special:
+            kwargs = special[f.name]
+        elif f.type in (bool, "bool"):
+            kwargs = dict(action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+            kwargs = dict(type=type(f.default), default=f.default)
+        parser.add_argument(f"--{f.name}", help=f.metadata["help"], **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    parser = dataclass_parser(Config, __doc__)
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**TINY)
@@ -238,11 +248,12 @@ def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
 
 
-def selective_log_softmax(logits, index):
-    """log softmax(logits)[index] without a second (N, T, V) tensor: one row at a time. (N, T, V), (N, T) -> (N, T)"""
+def selective_log_softmax(logits, index, temperature=1.0):
+    """log softmax(logits / temperature)[index] without a second (N, T, V) tensor: one row at a time.
+    (N, T, V), (N, T) -> (N, T)"""
     rows = []
     for row_logits, row_index in zip(logits, index):  # (T, V), (T,)
-        row_logits = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32))  # bf16 -> fp32, never down
+        row_logits = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
         rows.append(row_logits.gather(-1, row_index[:, None]).squeeze(-1) - torch.logsumexp(row_logits, dim=-1))
     return torch.stack(rows)
 
@@ -337,8 +348,8 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 mm_encoder_outputs=video_features(model, batch, repeats=G), use_cache=False, logits_to_keep=C + 1)
-    logits = out.logits[:, :-1] / temperature                                         # (B*G, C, V): position t predicts token t
-    return selective_log_softmax(logits, completion_ids)                              # (B*G, C)
+    logits = out.logits[:, :-1]                                                       # (B*G, C, V): position t predicts token t
+    return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
 
 
 @torch.no_grad()
@@ -355,8 +366,8 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
     attention_mask = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)  # (B*G, P+C)
     out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
                 past_key_values=cache, use_cache=True)
-    logits = torch.cat([first_logits[:, None], out.logits[:, :-1]], dim=1) / temperature  # (B*G, C, V)
-    return selective_log_softmax(logits, completion_ids)                              # (B*G, C)
+    logits = torch.cat([first_logits[:, None], out.logits[:, :-1]], dim=1)           # (B*G, C, V)
+    return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
