@@ -97,9 +97,10 @@ def truncate_jsonl(path, max_step):
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= max_step:
-                    keep.append(line)
+                step = json.loads(line)["step"]
             except (json.JSONDecodeError, KeyError):  # the half-written last line of a killed run
-                pass
+                continue
+            if step <= max_step:
+                keep.append(line)
     with open(path, "w") as f:
         f.writelines(keep)

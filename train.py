@@ -595,7 +595,9 @@ def train(cfg):
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
-            checkpoint.truncate_jsonl(os.path.join(cfg.output_dir, name), start_step) if start_step else \
+            if start_step:  # rows a killed run logged after its checkpoint are logged again
+                checkpoint.truncate_jsonl(os.path.join(cfg.output_dir, name), start_step)
+            else:
                 open(os.path.join(cfg.output_dir, name), "w").close()
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
@@ -629,19 +631,21 @@ def train(cfg):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
         # rollout: G completions per prompt, with the policy's current weights
+        t_rollout = time.time()
         policy.eval()
         with gathered_params(engine):
             completion_ids = sample_completions(
                 policy, batch, num_generations=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
-        rollout_time = time.time() - t0
+        rollout_time = time.time() - t_rollout
         # a vision token in a completion would break the video-token count of every later pass
         assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
         mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
-        truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
-        if cfg.mask_truncated_completions:
-            mask = mask * (~truncated)[:, None].int()
         completions = decode_completions(tokenizer, completion_ids, mask)
+        lengths = mask.sum(1).float()                                                           # (B*G,)
+        truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
+        if cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
+            mask = mask * (~truncated)[:, None].int()
 
         # rewards: completion i belongs to prompt i // G
         per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
@@ -684,7 +688,6 @@ def train(cfg):
                                f"returning NaN (rewards: {reward_names})")
 
         # metrics: means over all ranks
-        lengths = mask.sum(1).float()
         local = {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
                  **{f"rewards/{n}": r.mean().item() for n, r in zip(reward_names, per_reward)},
                  "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
