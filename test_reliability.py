@@ -119,10 +119,14 @@ def test_corrupt_video_mid_run_is_skipped_and_counted(setup):
     path = root / "synthetic" / "with_bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "bad_data"
-    proc = run(args(setup, out, "--data", str(path), "--max_steps", "6", "--save_steps", "0"))
+    # also --mask_truncated_completions with 8 tokens (most completions truncated): truncated ones leave the loss but
+    # are still scored on their text (scored as "" they would all get the toy reward's 1.0)
+    proc = run(args(setup, out, "--data", str(path), "--max_steps", "6", "--save_steps", "0",
+                    "--mask_truncated_completions", "--max_completion_length", "8"))
     assert "corrupt.mp4" in proc.stderr
     rows = metrics(out)
     assert len(rows) == 6 and sum(r["skipped_examples"] for r in rows) >= 1
+    assert all(r["truncated_ratio"] > 0.5 and r["reward"] < 0.95 and r["completion_length"] > 4 for r in rows), rows
 
 
 def test_mostly_bad_videos_stop_the_run_with_a_clear_error(setup):
