@@ -159,10 +159,13 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--model_name_or_path", "./models/qwen-missing"], "huggingface-cli download"),
     (["--deepspeed", "missing_ds.json"], "missing_ds.json: no such file"),
     (["--reward_weights", "1,2,3"], "one weight per reward"),
+    (["--deepspeed", "ds_with_batch.json"], "sets ['train_batch_size']; these come from train.py's flags"),
 ])
 def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):
     # in-process: validation runs before anything distributed or any model is touched
     import train
+    (setup[0] / "ds_with_batch.json").write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 3}}')
+    flags = [str(setup[0] / f) if f == "ds_with_batch.json" else f for f in flags]
     out = setup[0] / "never"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(setup, out, "--rewards", "accuracy,format", *flags)[3:])

@@ -158,6 +158,7 @@ def validate_config(cfg):
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
     if not os.path.isfile(cfg.deepspeed):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
+    build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
     generated = cfg.tiny and cfg.data == TINY["data"]  # the synthetic set is made on first use
     if not generated and not os.path.isfile(cfg.data):
         raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
@@ -412,7 +413,7 @@ def resolve_model_dir(name):
                           f"and pass the folder, or try the offline demo: python train.py --tiny") from e
 
 
-def build_ds_config(cfg, world_size):
+def build_ds_config(cfg):
     """The ZeRO settings from cfg.deepspeed; batch size, clipping and precision from the Config (one source each)."""
     with open(cfg.deepspeed) as f:
         ds = json.load(f)
@@ -420,7 +421,7 @@ def build_ds_config(cfg, world_size):
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
     clash = sorted(owned & set(ds))
     if clash:
-        raise ValueError(f"{cfg.deepspeed} sets {clash}; these come from train.py's flags, remove them from the file")
+        raise ConfigError(f"{cfg.deepspeed} sets {clash}; these come from train.py's flags, remove them from the file")
     ds.update(train_micro_batch_size_per_gpu=cfg.prompts_per_device * cfg.num_generations,
               gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": cfg.bf16},
               zero_allow_untested_optimizer=True, steps_per_print=10**9)
@@ -566,7 +567,7 @@ def train(cfg):
     model = load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ds_config = build_ds_config(cfg, world)
+    ds_config = build_ds_config(cfg)
     updates = total_steps * cfg.num_iterations
 
     def lr_lambda(update):  # linear warmup, then linear decay to 0
