@@ -6,11 +6,14 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape tiny --threads 1                  # a busy CPU: 2 OpenMP threads beside another process ran ~5x slower
     python bench.py --shape 2b --device cuda                  # Qwen2-VL-2B-Instruct's architecture, random weights, bf16
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
+    python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights; the tokenizer is tiny.py's (only token ids
-matter: the special ids it gives are set in the model config and lie inside the real vocabulary). The video is the
+matter: the special ids it gives are set in the model config and lie inside the real vocabulary). `--layers N` keeps
+the first N decoder layers and N vision blocks at full width: where a whole 2B model is too slow (a CPU), per-layer
+costs and the balance of attention against matrix products stay those of the real shape. The video is the
 seed's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
 grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
 
@@ -21,7 +24,10 @@ A step, phase by phase (each way times the same work: B prompts x G completions 
                    completions on its repeated KV cache, logits only at the completion positions)
                    seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
                    every position row by row, then the completion slice (`baseline_logps`)
-  policy_fwd_bwd   the same log-prob pass with grad, train.grpo_loss (beta 0.04), backward
+  policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: train.completion_logps
+                   (each prompt packed with its G completions into one masked row); with --policy_pass
+                   per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
+                   Seed: baseline_logps.
   optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
 
 Where this departs from a real training step, and why:
@@ -41,7 +47,7 @@ for the log-prob passes tokens/s (all B*G*(prompt + completion) positions), achi
 FLOPs are those the step needs, counted the same for both ways: 2*N per token forward, 6*N forward + backward, with N
 split into the vision tower (once per video patch, its merger once per merged token), the decoder body (every
 position) and the LM head (completion positions only); attention scores and the recompute of gradient checkpointing
-are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our reference pass, which runs the
+are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our log-prob passes, which run the
 prompt once rather than G times, as an effective rate above what the hardware does. Peak memory: torch.cuda.max_memory_allocated
 per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
 The last line, `BENCH_JSON {...}`, holds every number.
@@ -75,7 +81,9 @@ class Args:
     sweep: bool = field(default=False, metadata={"help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
     gradient_checkpointing: str = field(default="auto", metadata={"help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
     optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto: flash_attention_2 on CUDA when importable, else sdpa"})
+    layers: int = field(default=0, metadata={"help": "2b/7b: keep the first N decoder layers and N vision blocks (0: all)"})
+    policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs sdpa, as train.py"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
@@ -90,6 +98,8 @@ def parse_args(argv=None):
     assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
     assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
+    assert args.policy_pass in ("packed", "per_completion"), f"--policy_pass {args.policy_pass}: choose packed or per_completion"
+    assert args.layers >= 0 and (args.layers == 0 or args.shape != "tiny"), "--layers N: N >= 0, for --shape 2b or 7b"
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
     for name in ("gradient_checkpointing", "optimizer"):
@@ -118,28 +128,36 @@ QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidd
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
-def qwen2_vl_config(shape, tokenizer):
-    """Qwen2VLConfig of Qwen2-VL-2B/7B-Instruct, its special ids replaced by the tokenizer's (all inside the vocabulary)."""
+def qwen2_vl_config(shape, tokenizer, layers=0):
+    """Qwen2VLConfig of Qwen2-VL-2B/7B-Instruct, its special ids replaced by the tokenizer's (all inside the vocabulary);
+    layers > 0 keeps that many decoder layers and vision blocks."""
     from transformers import Qwen2VLConfig
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
     text = dict(QWEN2_VL_TEXT[shape], **QWEN2_VL_TEXT_COMMON, bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])
+    if layers:
+        text.update(num_hidden_layers=layers, max_window_layers=layers)
+        vision.update(depth=layers)
     assert max(ids.values()) < text["vocab_size"], "special token ids must lie inside the model's vocabulary"
-    return Qwen2VLConfig(text_config=text, vision_config=dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"]),
+    return Qwen2VLConfig(text_config=text, vision_config=vision,
                          image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                          tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def build_model(shape, tokenizer, device, dtype, attn):
-    """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype."""
+def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
+    """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
+    train.load_model's (sdpa for the language model, `vision_attn` for the vision tower)."""
     from transformers import AutoModelForImageTextToText
+    attn = {"text_config": "sdpa", "vision_config": vision_attn}
     if shape == "tiny":
         model = tiny.build_tiny_model(tokenizer).to(device=device, dtype=dtype)
         model.set_attn_implementation(attn)
         return model
     with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
-        return AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer), dtype=dtype, attn_implementation=attn)
+        return AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer, layers), dtype=dtype,
+                                                       attn_implementation=attn)
 
 
 def parameter_counts(model):
@@ -215,6 +233,20 @@ def baseline_logps(model, batch, completion_ids, *, num_generations):
     return logps[:, -C:]                                                                             # (B*G, C)
 
 
+def per_completion_logps(model, batch, completion_ids, *, num_generations, temperature):
+    """train.completion_logps as it was before packing (--policy_pass per_completion): video encoded once and logits
+    only at completion positions, but the prompt run again for each completion, B*G*(P+C) positions. (B*G, C)"""
+    G, C = num_generations, completion_ids.size(1)
+    positions, next_pos = train.prompt_positions(model, batch)                        # (3, B, P), (B,)
+    completion_pos = next_pos[:, None] + torch.arange(C, device=next_pos.device)      # (B, C)
+    positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
+    input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
+    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                mm_encoder_outputs=train.video_features(model, batch, repeats=G), use_cache=False, logits_to_keep=C + 1)
+    return train.selective_log_softmax(out.logits[:, :-1], completion_ids, temperature)  # (B*G, C)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # timing
 
@@ -243,14 +275,15 @@ def timed(fn, device):
     return out, (seconds, mem)
 
 
-def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id):
+def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed"):
     """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
     device = batch["input_ids"].device
     B, result = batch["input_ids"].size(0), {}
     if way == "ours":
         rollout = lambda: train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                                    eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
-        logps_of = lambda ids: train.completion_logps(model, batch, ids, num_generations=G, temperature=1.0)
+        policy_logps = train.completion_logps if policy_pass == "packed" else per_completion_logps
+        logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
         ref_logps_of = lambda ids: train.completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
     else:
         rollout = lambda: baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
@@ -285,10 +318,10 @@ def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id):
     return result
 
 
-def bench(way, model, optimizer, batch, *, G, C, repeats, tokens):
+def bench(way, model, optimizer, batch, *, G, C, repeats, step_kw):
     """One warm-up step, then `repeats` timed ones: {phase: {"time_s": median, "mem_gib": max}} plus "total"."""
-    grpo_step(way, model, optimizer, batch, G=G, C=C, **tokens)
-    steps = [grpo_step(way, model, optimizer, batch, G=G, C=C, **tokens) for _ in range(repeats)]
+    grpo_step(way, model, optimizer, batch, G=G, C=C, **step_kw)
+    steps = [grpo_step(way, model, optimizer, batch, G=G, C=C, **step_kw) for _ in range(repeats)]
     phases = {p: {"time_s": statistics.median(s[p][0] for s in steps), "mem_gib": max(s[p][1] for s in steps)} for p in steps[0]}
     phases["total"] = {"time_s": statistics.median(sum(t for t, _ in s.values()) for s in steps),
                        "mem_gib": max(m for s in steps for _, m in s.values())}
@@ -298,7 +331,7 @@ def bench(way, model, optimizer, batch, *, G, C, repeats, tokens):
 # ----------------------------------------------------------------------------------------------------------------
 # one measurement: both ways on one batch, with throughput and MFU
 
-def measure(model, optimizer, tokenizer, args, device, *, frames, G, tokens, counts, peak_flops):
+def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, counts, peak_flops):
     B, C = args.prompts, args.completion_tokens
     batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed)
     P = batch["input_ids"].size(1)
@@ -311,7 +344,7 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, tokens, cou
     ways = ["ours", "baseline"] if args.only == "both" else [args.only]
     for way in ways:
         torch.manual_seed(args.seed)
-        phases = bench(way, model, optimizer, batch, G=G, C=C, repeats=args.repeats, tokens=tokens)
+        phases = bench(way, model, optimizer, batch, G=G, C=C, repeats=args.repeats, step_kw=step_kw)
         phases["rollout"]["tokens_per_s"] = B * G * C / phases["rollout"]["time_s"]
         for p, f in flops.items():
             phases[p]["tokens_per_s"] = B * G * (P + C) / phases[p]["time_s"]
@@ -369,24 +402,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py: bf16 on GPU; fp32 on CPU
-    attn = args.attn_implementation
-    if attn == "auto":
-        try:
-            import flash_attn  # noqa: F401
-            attn = "flash_attention_2" if device.type == "cuda" else "sdpa"
-        except ImportError:
-            attn = "sdpa"
+    attn = train.vision_attention(args.attn_implementation, device)  # the vision tower's; the language model's is sdpa
 
     # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
     bytes_per = torch.finfo(dtype).bits // 8
     approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9}[args.shape]
     free = available_memory_bytes(device)
-    assert approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
+    assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
                                                     f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
     torch.manual_seed(args.seed)
     tokenizer = tiny.build_tiny_tokenizer()
     t0 = time.perf_counter()
-    model = build_model(args.shape, tokenizer, device, dtype, attn)
+    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers)
     build_s = time.perf_counter() - t0
     if args.gradient_checkpointing == "on":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
@@ -404,22 +431,25 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0) if use_optimizer else None
 
     eos, vision = train.special_token_ids(tokenizer)
-    tokens = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id}  # EOS never sampled: fixed lengths
+    step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
+               "policy_pass": args.policy_pass}
     peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
                                 if device.type == "cuda" else 0.0)
     peak_flops = peak * 1e12 or None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    setup = {"shape": args.shape, "device": device_name, "dtype": str(dtype).replace("torch.", ""), "attn": attn,
+    setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
+             "vision_attn": attn, "policy_pass": args.policy_pass,
              "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
              "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
              "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
              "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
-    print(f"Qwen2-VL {args.shape}: {counts['total'] / 1e6:,.1f}M params (vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) "
-          f"| {device_name} {setup['dtype']} {attn} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
+    print(f"Qwen2-VL {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
+          f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
+          f"language sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
           f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
     mem_label = "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB"
 
-    kw = dict(tokens=tokens, counts=counts, peak_flops=peak_flops)
+    kw = dict(step_kw=step_kw, counts=counts, peak_flops=peak_flops)
     if args.sweep:
         grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
         grid = list(dict.fromkeys(grid))  # the default point appears in both lines once

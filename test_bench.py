@@ -1,7 +1,7 @@
 """
 Tests of bench.py, offline on CPU: the CLI smoke run (every phase of both ways timed, one JSON line, under 20 s), the
-seed's log-prob pass against train.py's on the same completions (so the two ways compare equal work), the fixed
-completion length of both rollouts, and the 2B/7B shapes against their published sizes.
+seed's log-prob pass and the pre-packing ablation against train.py's on the same completions (so the ways compare
+equal work), the fixed completion length of both rollouts, and the 2B/7B shapes against their published sizes.
 """
 import json
 import os
@@ -50,7 +50,7 @@ def tiny_setup():
     return tokenizer, model, batch, eos, vision
 
 
-def test_baseline_logps_equal_ours(tiny_setup):
+def test_baseline_and_per_completion_logps_equal_ours(tiny_setup):
     tokenizer, model, batch, eos, _ = tiny_setup
     G, C = 3, 5
     torch.manual_seed(1)
@@ -58,8 +58,10 @@ def test_baseline_logps_equal_ours(tiny_setup):
     with torch.no_grad():
         ours = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
         seed = bench.baseline_logps(model, batch, completion_ids, num_generations=G)
-    assert ours.shape == seed.shape == (2 * G, C)
+        unpacked = bench.per_completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
+    assert ours.shape == seed.shape == unpacked.shape == (2 * G, C)
     torch.testing.assert_close(seed, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unpacked, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_both_rollouts_give_exactly_the_asked_length(tiny_setup):
@@ -85,3 +87,8 @@ def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
     assert round((counts["vision"] + counts["merger"]) / 1e6) in (665, 676)  # the same ViT; its merger maps to 1536 or 3584
     assert model.config.text_config.vocab_size == vocab and (counts["head"] == 0) == tied
     assert model.config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>") < vocab
+    # --layers: a thin slice at the same widths
+    thin = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
+    assert len(thin.model.language_model.layers) == len(thin.model.visual.blocks) == 2
+    assert thin.config.text_config.hidden_size == model.config.text_config.hidden_size
+    assert thin.model.language_model.config._attn_implementation == "sdpa"

@@ -14,8 +14,9 @@ num_iterations > 1, the old policy; minimise the clipped GRPO objective with a k
 Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of early 2025), and why:
  1. The G completions of a prompt come from one batched generation: the prompt is prefilled once and its KV
     cache repeated G times (the seed made G separate generate calls).
- 2. The vision tower encodes each video once per pass and the features are reused for all G sequences
-    (the seed re-encoded the video 2G+ times per step).
+ 2. The vision tower encodes each video once per pass, and the ~1,200-token prompt runs once per pass rather than
+    once per completion: the reference pass puts the G completions on its repeated KV cache, the policy pass packs
+    them after it in one row under a block mask (the seed re-encoded the video and re-ran the prompt 2G+ times).
  3. The reference model sees the video (the seed's reference pass got only the text: a KL to a blind model).
  4. Log-prob passes get the attention mask and M-RoPE positions of the padded batch (the seed passed none).
  5. Logits only at completion positions, log-softmax row by row (the seed took full-vocabulary logits over the
@@ -86,7 +87,7 @@ class Config:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto: flash_attention_2 if importable on CUDA, else sdpa"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if importable on CUDA, else sdpa (the language model always runs sdpa)"})
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
     seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
     # logging and saving
@@ -154,6 +155,8 @@ def validate_config(cfg):
         raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.scale_rewards not in ("group", "none"):
         raise ConfigError(f"--scale_rewards {cfg.scale_rewards!r}: choose 'group' or 'none'")
+    if cfg.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        raise ConfigError(f"--attn_implementation {cfg.attn_implementation!r}: choose auto, sdpa, eager or flash_attention_2")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
     if not os.path.isfile(cfg.deepspeed):
@@ -336,30 +339,54 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     return torch.stack(tokens, dim=1)                                                 # (B*G, C)
 
 
+def shared_prompt_mask(prompt_mask, num_generations, completion_length, dtype):
+    """
+    Additive attention mask for rows packed as [prompt | completion 1 | ... | completion G]: the prompt is causal with
+    its left padding hidden, and each completion sees the prompt and its own earlier tokens, never another completion.
+    A padding position sees only itself, so that no row is empty (an empty row can give NaN in some attention kernels).
+    (B, P) -> (B, 1, L, L), L = P + G*C: 0 where a query (row) may attend to a key (column), dtype's minimum elsewhere.
+    """
+    (B, P), G, C, device = prompt_mask.shape, num_generations, completion_length, prompt_mask.device
+    L = P + G * C
+    segment = torch.arange(G + 1, device=device).repeat_interleave(torch.tensor([P] + [C] * G, device=device))  # (L,) 0 = prompt
+    index = torch.arange(L, device=device)
+    allowed = (index[None] <= index[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))  # (L, L)
+    real_key = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, G * C, dtype=torch.bool)], dim=1)       # (B, L)
+    allowed = (allowed & real_key[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)                # (B, L, L)
+    return torch.zeros(B, 1, L, L, dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
 def completion_logps(model, batch, completion_ids, *, num_generations, temperature):
     """
-    Per-token log-probs (B*G, C) of the completions under `model`, with the video encoded once per prompt and
-    the prompt, attention mask and M-RoPE positions exactly as in the rollout. Grad flows if enabled.
+    Per-token log-probs (B*G, C) of the completions under `model`, grad flowing: the policy pass. Each prompt and its G
+    completions are packed into one row, [prompt | completion 1 | ... | completion G], under shared_prompt_mask, so
+    the video is encoded and the prompt's ~1,200 tokens run once per prompt rather than once per completion: B*(P+G*C)
+    positions instead of B*G*(P+C), with gradient checkpointing untouched. Every completion gets the M-RoPE positions
+    it had in the rollout (starting where its prompt ends). The mask needs the language model on sdpa (or eager);
+    flash-attn takes no such mask (load_model sees to it).
     """
-    G, C = num_generations, completion_ids.size(1)
+    (B, P), G, C = batch["input_ids"].shape, num_generations, completion_ids.size(1)
     positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
-    completion_pos = next_pos[:, None] + torch.arange(C, device=next_pos.device)      # (B, C)
-    positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
-    input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
-    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                mm_encoder_outputs=video_features(model, batch, repeats=G), use_cache=False, logits_to_keep=C + 1)
-    logits = out.logits[:, :-1]                                                       # (B*G, C, V): position t predicts token t
+    completion_pos = (next_pos[:, None] + torch.arange(C, device=next_pos.device)).repeat(1, G)  # (B, G*C)
+    positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2)  # (3, B, L)
+    input_ids = torch.cat([batch["input_ids"], completion_ids.view(B, G * C)], dim=1)  # (B, L): row b*G+g is completion g of b
+    # the positions whose logits predict each completion token: the prompt's last for its first, then its own tokens
+    keep = P - 1 + torch.arange(G, device=input_ids.device)[:, None] * C + torch.arange(C, device=input_ids.device)  # (G, C)
+    keep[:, 0] = P - 1
+    out = model(input_ids=input_ids, attention_mask=shared_prompt_mask(batch["attention_mask"], G, C, model.dtype),
+                position_ids=positions, mm_encoder_outputs=video_features(model, batch), use_cache=False,
+                logits_to_keep=keep.flatten())
+    logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
     return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
 
 
 @torch.no_grad()
 def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generations, temperature):
     """
-    completion_logps for the passes without grad (reference, old policy), cheaper: the prompt and its ~1,100 video
-    tokens run once per prompt, not once per completion, and the G completions attend to its repeated KV cache.
-    (The policy pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.)
-    Call with the model in eval mode.
+    completion_logps for the passes without grad (reference, old policy), cheaper still: the prompt runs once per prompt
+    and the G completions attend to its repeated KV cache, so no attention is spent on masked-out pairs. (The policy
+    pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.) Call with the
+    model in eval mode.
     """
     C = completion_ids.size(1)
     cache, first_logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # first_logits (B*G, V)
@@ -429,17 +456,23 @@ def build_ds_config(cfg):
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
-    """Qwen2-VL from a local folder; attn 'auto' = flash_attention_2 when importable on CUDA, else sdpa."""
+    """Qwen2-VL from a local folder. The vision tower runs `attn_implementation` ('auto' = flash_attention_2 when
+    importable on CUDA, else sdpa); the language model runs sdpa, whose mask the packed policy pass needs."""
     from transformers import Qwen2VLForConditionalGeneration
-    attn = attn_implementation
-    if attn == "auto":
-        try:
-            import flash_attn  # noqa: F401
-            attn = "flash_attention_2" if device is not None and device.type == "cuda" else "sdpa"
-        except ImportError:
-            attn = "sdpa"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
+        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)})
+
+
+def vision_attention(attn_implementation, device):
+    """'auto' -> flash_attention_2 when flash-attn is importable and the device is CUDA, else sdpa; others unchanged."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2" if device is not None and torch.device(device).type == "cuda" else "sdpa"
+    except ImportError:
+        return "sdpa"
 
 
 def gathered_params(engine):
