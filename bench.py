@@ -25,7 +25,7 @@ A step, phase by phase (each way times the same work: B prompts x G completions 
                    seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
                    every position row by row, then the completion slice (`baseline_logps`)
   policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: train.completion_logps
-                   (each prompt packed with its G completions into one masked row); with --policy_pass
+                   (each prompt packed with its G completions into one row, train.packed_attention); with --policy_pass
                    per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
                    Seed: baseline_logps.
   optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
@@ -148,16 +148,17 @@ def qwen2_vl_config(shape, tokenizer, layers=0):
 
 def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
     """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
-    train.load_model's (sdpa for the language model, `vision_attn` for the vision tower)."""
+    train.load_model's (train.packed_attention for the language model, `vision_attn` for the vision tower)."""
     from transformers import AutoModelForImageTextToText
     attn = {"text_config": "sdpa", "vision_config": vision_attn}
     if shape == "tiny":
         model = tiny.build_tiny_model(tokenizer).to(device=device, dtype=dtype)
         model.set_attn_implementation(attn)
-        return model
-    with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
-        return AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer, layers), dtype=dtype,
-                                                       attn_implementation=attn)
+    else:
+        with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
+            model = AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer, layers), dtype=dtype,
+                                                            attn_implementation=attn)
+    return train.use_packed_attention(model)
 
 
 def parameter_counts(model):
@@ -445,7 +446,7 @@ def main(argv=None):
              "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
     print(f"Qwen2-VL {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
           f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
-          f"language sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
+          f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
           f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
     mem_label = "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB"
 

@@ -1,5 +1,6 @@
 """
-Training state for exact resume: what train.py saves every --save_steps and reads back with --resume_from.
+Checkpoints: the HF model folders train.py writes (save_model), and the training state for exact resume that it
+saves every --save_steps and reads back with --resume_from.
 
     OUTPUT_DIR/checkpoint-<step>/            an HF model folder (weights, tokenizer, preprocessor config), kept
     OUTPUT_DIR/checkpoint-<step>/training_state/
@@ -21,6 +22,17 @@ import numpy as np
 import torch
 
 STATE = "training_state"
+
+
+def save_model(engine, tokenizer, model_dir, out_dir, rank):
+    """An HF model folder (16-bit weights gathered under ZeRO-3) + tokenizer + preprocessor config."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
+    if rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(out_dir)
+        for name in ("preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json"):
+            if os.path.exists(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), out_dir)
 
 
 def rng_state():

@@ -44,7 +44,7 @@ def test_smoke_run_times_every_phase_of_both_ways():
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
-    model = tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval()  # context-sensitive: see tiny.py
+    model = train.use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
     batch = bench.build_batch(tokenizer, frames=2, prompts=2, device=torch.device("cpu"), seed=0)
     eos, vision = train.special_token_ids(tokenizer)
     return tokenizer, model, batch, eos, vision
@@ -91,4 +91,4 @@ def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
     thin = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
     assert len(thin.model.language_model.layers) == len(thin.model.visual.blocks) == 2
     assert thin.config.text_config.hidden_size == model.config.text_config.hidden_size
-    assert thin.model.language_model.config._attn_implementation == "sdpa"
+    assert thin.model.language_model.config._attn_implementation == "packed_sdpa"

@@ -168,7 +168,7 @@ def test_rewards_follow_their_own_prompt():
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
-    model = tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval()  # context-sensitive: see tiny.py
+    model = train.use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
     torch.manual_seed(0)
     items = []
     for problem, grid in (("How many red objects are in the video?", [2, 4, 4]),
@@ -223,39 +223,53 @@ def test_packed_logps_equal_slow_path_values_and_grads(tiny_setup):
     assert sum(g.abs().sum() > 0 for g in fast_grads.values()) == len(fast_grads)
 
 
-def test_shared_prompt_mask_layout():
-    # [prompt (one left pad) | completion 1 | completion 2], written out by the rules in the docstring, entry by entry
+def test_packed_masks_layout():
+    # [prompt (one left pad) | completion 1 | completion 2], by the rules of the docstring, entry by entry
     P, G, C = 3, 2, 2
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    mask = train.shared_prompt_mask(prompt_mask, G, C, torch.float32)
-    assert mask.shape == (2, 1, P + G * C, P + G * C)
-    segment = [0] * P + [1] * C + [2] * C
+    prompt, completion = train.packed_masks(prompt_mask, G, C)
+    assert prompt.shape == (2, 1, P, P) and completion.shape == (2 * G, 1, C, P + C)
     for b in range(2):
-        for q in range(P + G * C):
-            for k in range(P + G * C):
-                real = k >= P or prompt_mask[b, k] == 1
-                sees = k <= q and segment[k] in (0, segment[q]) and real
-                expected = 0.0 if sees or q == k else torch.finfo(torch.float32).min
-                assert mask[b, 0, q, k].item() == expected, (b, q, k)
+        for q in range(P):
+            for k in range(P):
+                assert prompt[b, 0, q, k] == ((k <= q and prompt_mask[b, k] == 1) or q == k), (b, q, k)
+        for g in range(G):
+            for q in range(C):
+                for k in range(P + C):
+                    sees = prompt_mask[b, k] == 1 if k < P else k - P <= q
+                    assert completion[b * G + g, 0, q, k] == sees, (b, g, q, k)
 
 
-def test_packed_logps_same_under_eager_attention(tiny_setup):
-    # the mask is additive, so eager attention takes it too; a padding row with no key at all would be NaN there
+def test_packed_attention_equals_a_dense_mask():
+    # the two sdpa calls against one sdpa over the whole packed row under the equivalent (L, L) mask, GQA included
+    torch.manual_seed(0)
+    B, H, H_kv, d, P, G, C = 2, 4, 2, 8, 5, 3, 4
+    L = P + G * C
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    q, (k, v) = torch.randn(B, H, L, d, dtype=torch.float64), torch.randn(2, B, H_kv, L, d, dtype=torch.float64)
+    out, _ = train.packed_attention(None, q, k, v, None, scaling=0.3, packed=train.packed_masks(prompt_mask, G, C))
+    segment = torch.arange(G + 1).repeat_interleave(torch.tensor([P] + [C] * G))  # 0: prompt, g: completion g
+    index = torch.arange(L)
+    dense = (index[None] <= index[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))
+    dense = dense & torch.cat([prompt_mask.bool(), torch.ones(B, G * C, dtype=torch.bool)], 1)[:, None, :] | torch.eye(L, dtype=torch.bool)
+    k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None], scale=0.3)
+    assert out.shape == (B, L, H, d)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_completion_logps_refuses_a_model_without_packed_attention(tiny_setup):
     tokenizer, model, batch, eos, _ = tiny_setup
-    model = copy.deepcopy(model).double()
-    batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
-    completion_ids = torch.randint(0, 400, (2 * 2, 5))
-    with torch.no_grad():
-        sdpa = train.completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
-        model.set_attn_implementation({"text_config": "eager"})
-        eager = train.completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
-    torch.testing.assert_close(eager, sdpa, rtol=1e-6, atol=1e-6)
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation({"text_config": "sdpa"})  # its completions would silently see one another
+    with pytest.raises(AssertionError, match="use_packed_attention"):
+        train.completion_logps(plain, batch, torch.zeros(4, 3, dtype=torch.long), num_generations=2, temperature=1.0)
 
 
-def test_load_model_language_model_on_sdpa(tmp_path):
+def test_load_model_language_model_on_packed_attention(tmp_path):
     tiny.save_tiny_model(str(tmp_path), warm_start=False)
     model = train.load_model(str(tmp_path), bf16=False, attn_implementation="eager")
-    assert model.model.language_model.config._attn_implementation == "sdpa"  # the packed pass's mask needs it
+    assert model.model.language_model.config._attn_implementation == "packed_sdpa"
     assert model.model.visual.config._attn_implementation == "eager"
     assert train.vision_attention("auto", torch.device("cpu")) == "sdpa"
 

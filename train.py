@@ -16,7 +16,7 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
     cache repeated G times (the seed made G separate generate calls).
  2. The vision tower encodes each video once per pass, and the ~1,200-token prompt runs once per pass rather than
     once per completion: the reference pass puts the G completions on its repeated KV cache, the policy pass packs
-    them after it in one row under a block mask (the seed re-encoded the video and re-ran the prompt 2G+ times).
+    them after it in one row, its attention split again (the seed re-encoded the video and re-ran the prompt 2G+ times).
  3. The reference model sees the video (the seed's reference pass got only the text: a KL to a blind model).
  4. Log-prob passes get the attention mask and M-RoPE positions of the padded batch (the seed passed none).
  5. Logits only at completion positions, log-softmax row by row (the seed took full-vocabulary logits over the
@@ -33,12 +33,12 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import time
@@ -87,7 +87,7 @@ class Config:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if importable on CUDA, else sdpa (the language model always runs sdpa)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if importable on CUDA, else sdpa (the language model: packed_attention)"})
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
     seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
     # logging and saving
@@ -339,32 +339,66 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     return torch.stack(tokens, dim=1)                                                 # (B*G, C)
 
 
-def shared_prompt_mask(prompt_mask, num_generations, completion_length, dtype):
+def packed_masks(prompt_mask, num_generations, completion_length):
     """
-    Additive attention mask for rows packed as [prompt | completion 1 | ... | completion G]: the prompt is causal with
-    its left padding hidden, and each completion sees the prompt and its own earlier tokens, never another completion.
-    A padding position sees only itself, so that no row is empty (an empty row can give NaN in some attention kernels).
-    (B, P) -> (B, 1, L, L), L = P + G*C: 0 where a query (row) may attend to a key (column), dtype's minimum elsewhere.
+    Boolean masks (True: attend) of rows packed as [prompt | completion 1 | ... | completion G]: the prompt's, causal
+    with its left padding hidden (B, 1, P, P); each completion's against [its prompt | itself], the prompt's real
+    tokens and its own earlier ones (B*G, 1, C, P+C). A padding query sees itself only: an empty row would be NaN.
     """
     (B, P), G, C, device = prompt_mask.shape, num_generations, completion_length, prompt_mask.device
-    L = P + G * C
-    segment = torch.arange(G + 1, device=device).repeat_interleave(torch.tensor([P] + [C] * G, device=device))  # (L,) 0 = prompt
-    index = torch.arange(L, device=device)
-    allowed = (index[None] <= index[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))  # (L, L)
-    real_key = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, G * C, dtype=torch.bool)], dim=1)       # (B, L)
-    allowed = (allowed & real_key[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)                # (B, L, L)
-    return torch.zeros(B, 1, L, L, dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    real = prompt_mask.bool()                                                          # (B, P)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    prompt = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
+    own = torch.ones(C, C, dtype=torch.bool, device=device).tril().expand(B * G, C, C)
+    completion = torch.cat([real.repeat_interleave(G, dim=0)[:, None, :].expand(-1, C, -1), own], dim=2)  # (B*G, C, P+C)
+    return prompt[:, None], completion[:, None]
+
+
+def packed_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, packed=None, **kwargs):
+    """The language model's attention: transformers' sdpa, except in the policy pass, which passes `packed` (the masks of
+    packed_masks) for rows [prompt | completion 1 | ... | completion G]. Then two sdpa calls: the prompt on itself, and
+    the G completions, batched, each on its prompt and itself; no score is computed for a pair a dense (L, L) mask would
+    throw away. query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if packed is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    prompt_mask, completion_mask = packed                                              # (B, 1, P, P), (B*G, 1, C, P+C)
+    (B, H, L, _), P, C = query.shape, prompt_mask.size(-1), completion_mask.size(-2)
+    G = (L - P) // C
+    key, value = repeat_kv(key, H // key.size(1)), repeat_kv(value, H // value.size(1))  # (B, H, L, d)
+
+    def completions(t):  # (B, H, L, d) -> (B*G, H, C, d)
+        return t[:, :, P:].unflatten(2, (G, C)).transpose(1, 2).flatten(0, 1)
+
+    def after_prompt(t):  # each completion after its prompt: (B*G, H, P+C, d)
+        return torch.cat([t[:, :, :P].repeat_interleave(G, dim=0), completions(t)], dim=2)
+
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling, dropout_p=dropout)
+    prompt_out = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=prompt_mask)              # (B, H, P, d)
+    completion_out = sdpa(completions(query), after_prompt(key), after_prompt(value), attn_mask=completion_mask)  # (B*G, H, C, d)
+    completion_out = completion_out.unflatten(0, (B, G)).transpose(1, 2).flatten(2, 3)                      # (B, H, G*C, d)
+    return torch.cat([prompt_out, completion_out], dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model):
+    """Register packed_attention with transformers as "packed_sdpa" and put the language model on it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("packed_sdpa", packed_attention)
+    AttentionMaskInterface.register("packed_sdpa", sdpa_mask)  # outside the packed pass: the masks sdpa gets
+    model.set_attn_implementation({"text_config": "packed_sdpa"})
+    return model
 
 
 def completion_logps(model, batch, completion_ids, *, num_generations, temperature):
     """
     Per-token log-probs (B*G, C) of the completions under `model`, grad flowing: the policy pass. Each prompt and its G
-    completions are packed into one row, [prompt | completion 1 | ... | completion G], under shared_prompt_mask, so
-    the video is encoded and the prompt's ~1,200 tokens run once per prompt rather than once per completion: B*(P+G*C)
-    positions instead of B*G*(P+C), with gradient checkpointing untouched. Every completion gets the M-RoPE positions
-    it had in the rollout (starting where its prompt ends). The mask needs the language model on sdpa (or eager);
-    flash-attn takes no such mask (load_model sees to it).
+    completions are packed into one row, [prompt | completion 1 | ... | completion G], which packed_attention splits
+    again, so the video is encoded and the prompt's ~1,200 tokens run once per prompt rather than once per completion:
+    B*(P+G*C) positions instead of B*G*(P+C), gradient checkpointing untouched. Every completion gets the M-RoPE
+    positions it had in the rollout (starting where its prompt ends).
     """
+    assert model.config.text_config._attn_implementation == "packed_sdpa", "load with load_model, or use_packed_attention(model)"
     (B, P), G, C = batch["input_ids"].shape, num_generations, completion_ids.size(1)
     positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
     completion_pos = (next_pos[:, None] + torch.arange(C, device=next_pos.device)).repeat(1, G)  # (B, G*C)
@@ -373,9 +407,8 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
     # the positions whose logits predict each completion token: the prompt's last for its first, then its own tokens
     keep = P - 1 + torch.arange(G, device=input_ids.device)[:, None] * C + torch.arange(C, device=input_ids.device)  # (G, C)
     keep[:, 0] = P - 1
-    out = model(input_ids=input_ids, attention_mask=shared_prompt_mask(batch["attention_mask"], G, C, model.dtype),
-                position_ids=positions, mm_encoder_outputs=video_features(model, batch), use_cache=False,
-                logits_to_keep=keep.flatten())
+    out = model(input_ids=input_ids, position_ids=positions, mm_encoder_outputs=video_features(model, batch),
+                packed=packed_masks(batch["attention_mask"], G, C), use_cache=False, logits_to_keep=keep.flatten())
     logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
     return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
 
@@ -457,22 +490,19 @@ def build_ds_config(cfg):
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
     """Qwen2-VL from a local folder. The vision tower runs `attn_implementation` ('auto' = flash_attention_2 when
-    importable on CUDA, else sdpa); the language model runs sdpa, whose mask the packed policy pass needs."""
+    importable on CUDA, else sdpa); the language model runs packed_attention (sdpa, split for the packed policy pass)."""
     from transformers import Qwen2VLForConditionalGeneration
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
-        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)})
+    return use_packed_attention(Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
+        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)}))
 
 
 def vision_attention(attn_implementation, device):
     """'auto' -> flash_attention_2 when flash-attn is importable and the device is CUDA, else sdpa; others unchanged."""
     if attn_implementation != "auto":
         return attn_implementation
-    try:
-        import flash_attn  # noqa: F401
-        return "flash_attention_2" if device is not None and torch.device(device).type == "cuda" else "sdpa"
-    except ImportError:
-        return "sdpa"
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def gathered_params(engine):
@@ -482,17 +512,6 @@ def gathered_params(engine):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
         return unwrap_model_for_generation(engine)
     return contextlib.nullcontext()
-
-
-def save_model(engine, tokenizer, model_dir, out_dir, rank):
-    """An HF model folder (16-bit weights gathered under ZeRO-3) + tokenizer + preprocessor config."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
-    if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(out_dir)
-        for name in ("preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json"):
-            if os.path.exists(os.path.join(model_dir, name)):
-                shutil.copy(os.path.join(model_dir, name), out_dir)
 
 
 class MetricsLogger:
@@ -757,14 +776,14 @@ def train(cfg):
                                         "advantage": advantages[i].item()}) + "\n")
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-            save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
+            checkpoint.save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
             checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit)
         if preempt:
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
             logger.close()
             return cfg.output_dir
 
-    save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
+    checkpoint.save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
     logger.close()
     if rank == 0:
         import plot
