@@ -274,8 +274,9 @@ def test_load_model_language_model_on_packed_attention(tmp_path):
     assert train.vision_attention("auto", torch.device("cpu")) == "sdpa"
 
 
-def test_shared_prompt_logps_equal_full_sequences(tiny_setup):
-    # the no-grad passes (reference, old policy) run the prompt once and the completions on its repeated KV cache
+def test_shared_prompt_logps_equal_packed_pass(tiny_setup):
+    # the no-grad passes (reference, old policy) put the completions on the prompt's repeated KV cache; the policy pass
+    # (checked against the slow path above) packs them
     tokenizer, model, batch, eos, _ = tiny_setup
     model = copy.deepcopy(model).double()
     batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
