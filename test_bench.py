@@ -54,7 +54,7 @@ def test_baseline_and_per_completion_logps_equal_ours(tiny_setup):
     tokenizer, model, batch, eos, _ = tiny_setup
     G, C = 3, 5
     torch.manual_seed(1)
-    completion_ids = torch.randint(0, len(tokenizer) - 20, (2 * G, C))  # (B*G, C), ordinary tokens
+    completion_ids = torch.randint(20, len(tokenizer), (2 * G, C))  # (B*G, C), ordinary tokens (the special ones are 0-13)
     with torch.no_grad():
         ours = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
         seed = bench.baseline_logps(model, batch, completion_ids, num_generations=G)

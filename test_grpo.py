@@ -185,6 +185,9 @@ def tiny_setup():
     return tokenizer, model, batch, eos, suppress
 
 
+NORMAL_IDS = 20  # random completions start here: tiny.py's specials are 0-13; a <|video_pad|> breaks the video count
+
+
 def slow_logps(model, batch, completion_ids, G):
     """The seed's way: the video repeated G times, full logits, positions left to transformers."""
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
@@ -207,7 +210,7 @@ def test_packed_logps_equal_slow_path_values_and_grads(tiny_setup):
     batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
     G, C = 3, 6
     torch.manual_seed(2)
-    completion_ids = torch.randint(0, 400, (2 * G, C))
+    completion_ids = torch.randint(NORMAL_IDS, 400, (2 * G, C))
     fast = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
     fast.sum().backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -280,7 +283,7 @@ def test_shared_prompt_logps_equal_packed_pass(tiny_setup):
     tokenizer, model, batch, eos, _ = tiny_setup
     model = copy.deepcopy(model).double()
     batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
-    completion_ids = torch.randint(0, 400, (2 * 3, 7))
+    completion_ids = torch.randint(NORMAL_IDS, 400, (2 * 3, 7))
     with torch.no_grad():
         full = train.completion_logps(model, batch, completion_ids, num_generations=3, temperature=0.7)
     shared = train.completion_logps_shared_prompt(model, batch, completion_ids, num_generations=3, temperature=0.7)
@@ -322,7 +325,7 @@ def test_rollout_never_samples_vision_tokens(tiny_setup):
 def test_reference_sees_the_video_kl_zero_at_init(tiny_setup):
     tokenizer, model, batch, eos, suppress = tiny_setup
     ref_model = copy.deepcopy(model)
-    completion_ids = torch.randint(0, 400, (4, 5))
+    completion_ids = torch.randint(NORMAL_IDS, 400, (4, 5))
     with torch.no_grad():
         logps = train.completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
         ref = train.completion_logps(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
