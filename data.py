@@ -7,6 +7,7 @@ The pipeline, per example:
     video_to_patches()     -> pixel_values_videos (N, 1176), video_grid_thw (1, 3), as transformers' Qwen2-VL processor
     build_prompt_text() / encode_prompt() -> input_ids with the video placeholder expanded, mm_token_type_ids
     VideoPromptDataset + collate -> left-padded batches (bad files are skipped, never crash a worker)
+    batches_from()         -> each rank's batches, epoch after epoch, from any (epoch, batch) position (exact resume)
 
 No torchvision: frames are decoded with decord and resized with the very torch call that qwen-vl-utils' torchvision
 resize(BICUBIC, antialias=True) makes on uint8 tensors (float32 bicubic interpolate, clamp, round). PIL's bicubic is
@@ -280,6 +281,29 @@ def collate(items, pad_token_id):
     batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in good])  # (sum N_i, 1176)
     batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in good])  # (B, 3)
     return batch
+
+
+def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
+    """This rank's example indices for one epoch: one shuffle per epoch from the seed, the tail that cannot fill a
+    step on every rank dropped, rank r taking every world-th index (ranks never share a prompt)."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_step = world * batch_size
+    return order[:len(order) // per_step * per_step][rank::world]
+
+
+def batches_from(dataset, position, loader_kwargs, **order_kwargs):
+    """(epoch, batch index, batch) from position = (epoch, batch index) on, epoch after epoch; a resumed run
+    starts mid-epoch without decoding the videos before it."""
+    epoch, start = position
+    batch_size = order_kwargs["batch_size"]
+    while True:
+        order = epoch_order(len(dataset), epoch, **order_kwargs)[start * batch_size:]
+        # the loader's own generator: creating an iterator must not draw from the global RNG the rollout samples with
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, generator=torch.Generator(),
+                                             **loader_kwargs)
+        for i, batch in enumerate(loader, start):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------- synthetic counting dataset

@@ -551,29 +551,6 @@ class MetricsLogger:
                 self.backend.finish()
 
 
-def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
-    """This rank's example indices for one epoch: one shuffle per epoch from the seed, the tail that cannot fill a
-    step on every rank dropped, rank r taking every world-th index (ranks never share a prompt)."""
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_step = world * batch_size
-    return order[:len(order) // per_step * per_step][rank::world]
-
-
-def batches_from(dataset, position, loader_kwargs, **order_kwargs):
-    """(epoch, batch index, batch) from position = (epoch, batch index) on, epoch after epoch; a resumed run
-    starts mid-epoch without decoding the videos before it."""
-    epoch, start = position
-    batch_size = order_kwargs["batch_size"]
-    while True:
-        order = epoch_order(len(dataset), epoch, **order_kwargs)[start * batch_size:]
-        # the loader's own generator: creating an iterator must not draw from the global RNG the rollout samples with
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, generator=torch.Generator(),
-                                             **loader_kwargs)
-        for i, batch in enumerate(loader, start):
-            yield epoch, i, batch
-        epoch, start = epoch + 1, 0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
@@ -658,7 +635,7 @@ def train(cfg):
     logger = MetricsLogger(cfg, rank, resumed=start_step > 0)
     print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {G} completions, "
            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
-    batches = batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
+    batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
         data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
     preempted = []
     signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))  # cluster pre-emption: save, then stop
