@@ -83,7 +83,7 @@ class Args:
     optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
     layers: int = field(default=0, metadata={"help": "2b/7b: keep the first N decoder layers and N vision blocks (0: all)"})
     policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs sdpa, as train.py"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs train.packed_attention"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
