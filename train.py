@@ -281,11 +281,11 @@ def decode_completions(tokenizer, completion_ids, mask):
     return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())]
 
 
-def video_features(model, batch, repeats=1):
-    """Run the vision tower once per video and repeat the features for the G sequences of each prompt."""
+def video_features(model, batch):
+    """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     feats = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
-    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(f for f in feats.pooler_output for _ in range(repeats)))}
+    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output))}
 
 
 def prompt_positions(model, batch):
