@@ -8,6 +8,7 @@ positions and generate); and the whole trainer by subprocess runs.
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -384,7 +385,10 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     root, model_dir, train_path = tiny_data
     out = root / "ds"
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    run([deepspeed, "--num_gpus", "2", "--master_port", "29731", "train.py", "--tiny", "--model_name_or_path", model_dir,
+    with socket.socket() as sock:  # a free port: a fixed one can still be held by an earlier run's store
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
          "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0",
          "--num_generations", "4", "--prompts_per_device", "2"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
