@@ -18,14 +18,14 @@ seed's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pi
 grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
 
 A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens):
-  rollout          ours: train.sample_completions (video encoded and prompt prefilled once, KV cache repeated G times)
+  rollout          ours: sample_completions (video encoded and prompt prefilled once, KV cache repeated G times)
                    seed: G separate HF `generate` calls, each encoding the video and prefilling the prompt again
-  ref_logps        ours: train.completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
+  ref_logps        ours: completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
                    completions on its repeated KV cache, logits only at the completion positions)
                    seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
                    every position row by row, then the completion slice (`baseline_logps`)
-  policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: train.completion_logps
-                   (each prompt packed with its G completions into one row, train.packed_attention); with --policy_pass
+  policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: completion_logps
+                   (each prompt packed with its G completions into one row, packed_attention); with --policy_pass
                    per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
                    Seed: baseline_logps.
   optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
@@ -66,6 +66,9 @@ import torch
 import data
 import tiny
 import train
+from model import (completion_logps, completion_logps_shared_prompt, prompt_positions,
+                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
+                   video_features, vision_attention)
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Args:
     optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
     layers: int = field(default=0, metadata={"help": "2b/7b: keep the first N decoder layers and N vision blocks (0: all)"})
     policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs train.packed_attention"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
@@ -148,7 +151,7 @@ def qwen2_vl_config(shape, tokenizer, layers=0):
 
 def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
     """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
-    train.load_model's (train.packed_attention for the language model, `vision_attn` for the vision tower)."""
+    load_model's (packed_attention for the language model, `vision_attn` for the vision tower)."""
     from transformers import AutoModelForImageTextToText
     attn = {"text_config": "sdpa", "vision_config": vision_attn}
     if shape == "tiny":
@@ -158,7 +161,7 @@ def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
         with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
             model = AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer, layers), dtype=dtype,
                                                             attn_implementation=attn)
-    return train.use_packed_attention(model)
+    return use_packed_attention(model)
 
 
 def parameter_counts(model):
@@ -207,7 +210,7 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
 def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token_ids, suppress_token_ids, pad_token_id):
     """The seed's rollout: G separate `generate` calls, each encoding the video and prefilling the prompt again
     (sampling with generate's default top_k=50, as the seed's GenerationConfig). Returns (B*G, C) ordered prompt by
-    prompt, as train.sample_completions."""
+    prompt, as sample_completions."""
     P = batch["input_ids"].size(1)
     runs = [model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
@@ -235,19 +238,19 @@ def baseline_logps(model, batch, completion_ids, *, num_generations):
 
 
 def per_completion_logps(model, batch, completion_ids, *, num_generations, temperature):
-    """train.completion_logps as it was before packing (--policy_pass per_completion): video encoded once and logits
+    """completion_logps as it was before packing (--policy_pass per_completion): video encoded once and logits
     only at completion positions, but the prompt run again for each completion, B*G*(P+C) positions. (B*G, C)"""
     G, C = num_generations, completion_ids.size(1)
-    positions, next_pos = train.prompt_positions(model, batch)                        # (3, B, P), (B,)
+    positions, next_pos = prompt_positions(model, batch)                        # (3, B, P), (B,)
     completion_pos = next_pos[:, None] + torch.arange(C, device=next_pos.device)      # (B, C)
     positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
-    video = train.video_features(model, batch)["video"]                               # vision tower once per video
+    video = video_features(model, batch)["video"]                               # vision tower once per video
     video.pooler_output = tuple(f for f in video.pooler_output for _ in range(G))     # the same features for G rows
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 mm_encoder_outputs={"video": video}, use_cache=False, logits_to_keep=C + 1)
-    return train.selective_log_softmax(out.logits[:, :-1], completion_ids, temperature)  # (B*G, C)
+    return selective_log_softmax(out.logits[:, :-1], completion_ids, temperature)  # (B*G, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,11 +286,11 @@ def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, p
     device = batch["input_ids"].device
     B, result = batch["input_ids"].size(0), {}
     if way == "ours":
-        rollout = lambda: train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
+        rollout = lambda: sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                                    eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
-        policy_logps = train.completion_logps if policy_pass == "packed" else per_completion_logps
+        policy_logps = completion_logps if policy_pass == "packed" else per_completion_logps
         logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
-        ref_logps_of = lambda ids: train.completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
+        ref_logps_of = lambda ids: completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
     else:
         rollout = lambda: baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
                                            suppress_token_ids=never, pad_token_id=pad_token_id)
@@ -405,7 +408,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py: bf16 on GPU; fp32 on CPU
-    attn = train.vision_attention(args.attn_implementation, device)  # the vision tower's; the language model's is sdpa
+    attn = vision_attention(args.attn_implementation, device)  # the vision tower's; the language model's is sdpa
 
     # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
     bytes_per = torch.finfo(dtype).bits // 8
@@ -433,7 +436,7 @@ def main(argv=None):
         print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0) if use_optimizer else None
 
-    eos, vision = train.special_token_ids(tokenizer)
+    eos, vision = special_token_ids(tokenizer)
     step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
                "policy_pass": args.policy_pass}
     peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)

@@ -8,7 +8,7 @@ Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as tra
 
 What is shared with train.py, so that "correct in eval" means "accuracy reward 1.0 in training" and nothing else:
 the prompt template, video decoding and settings (data.VideoPromptDataset / collate), the sampler
-(train.sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
+(sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
 (rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
 
 Output, one JSON file per model (fractions in [0, 1]; the printed table shows percent):
@@ -45,6 +45,7 @@ import torch
 import data
 import rewards
 import train
+from model import decode_completions, load_model, resolve_model_dir, sample_completions, special_token_ids
 
 
 @dataclass
@@ -188,7 +189,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
-    model_dir = train.resolve_model_dir(model_name)
+    model_dir = resolve_model_dir(model_name)
     header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
               "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
               **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
@@ -215,9 +216,9 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             partial.flush()
         write(new_records)
         if batches:
-            model = train.load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
+            model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
             # EOS and suppressed tokens exactly as train.train() builds them
-            eos_token_ids, suppress = train.special_token_ids(tokenizer)
+            eos_token_ids, suppress = special_token_ids(tokenizer)
             dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution")} for r in mine],
                                               tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
@@ -228,12 +229,12 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                            for it in batch["skipped"]]
                 if batch["solution"]:
                     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    completion_ids = train.sample_completions(
+                    completion_ids = sample_completions(
                         model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                         eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
                         greedy=True).cpu()                                                  # (B, C)
                     mask = train.completion_mask(completion_ids, eos_token_ids)              # (B, C)
-                    outputs = train.decode_completions(tokenizer, completion_ids, mask)
+                    outputs = decode_completions(tokenizer, completion_ids, mask)
                     for b, out in enumerate(outputs):
                         row = mine[batch["index"][b]]
                         records.append({"index": row["index"], "video": row["video"], "problem": row["problem"],

@@ -14,7 +14,7 @@ import torch
 
 import bench
 import tiny
-import train
+from model import completion_logps, sample_completions, special_token_ids, use_packed_attention
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("rollout", "ref_logps", "policy_fwd_bwd", "optimizer", "total")
@@ -44,9 +44,9 @@ def test_smoke_run_times_every_phase_of_both_ways():
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
-    model = train.use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
+    model = use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
     batch = bench.build_batch(tokenizer, frames=2, prompts=2, device=torch.device("cpu"), seed=0)
-    eos, vision = train.special_token_ids(tokenizer)
+    eos, vision = special_token_ids(tokenizer)
     return tokenizer, model, batch, eos, vision
 
 
@@ -56,7 +56,7 @@ def test_baseline_and_per_completion_logps_equal_ours(tiny_setup):
     torch.manual_seed(1)
     completion_ids = torch.randint(20, len(tokenizer), (2 * G, C))  # (B*G, C), ordinary tokens (the special ones are 0-13)
     with torch.no_grad():
-        ours = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
+        ours = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
         seed = bench.baseline_logps(model, batch, completion_ids, num_generations=G)
         unpacked = bench.per_completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
     assert ours.shape == seed.shape == unpacked.shape == (2 * G, C)
@@ -68,7 +68,7 @@ def test_both_rollouts_give_exactly_the_asked_length(tiny_setup):
     tokenizer, model, batch, eos, vision = tiny_setup
     G, C = 2, 6
     never = vision + eos  # as bench.main: EOS is never sampled, so lengths are fixed
-    ours = train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
+    ours = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
                                     suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)
     seed = bench.baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
                                   suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)

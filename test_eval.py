@@ -17,6 +17,7 @@ import plot
 import rewards
 import tiny
 import train
+from model import decode_completions
 
 REPO = Path(__file__).resolve().parent
 
@@ -67,7 +68,7 @@ def test_score_is_the_training_reward(setup):
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = torch.tensor([tok("<answer>3</answer>", add_special_tokens=False)["input_ids"] + [eos, 0, 5, 7]])
     mask = train.completion_mask(ids, [eos])
-    assert train.decode_completions(tok, ids, mask) == ["<answer>3</answer>"]
+    assert decode_completions(tok, ids, mask) == ["<answer>3</answer>"]
 
 
 def test_eval_json_is_consistent(setup, tmp_path):

@@ -18,6 +18,8 @@ import torch
 import data
 import tiny
 import train
+from model import (VISION_TOKENS, completion_logps, completion_logps_shared_prompt, load_model, packed_attention,
+                   packed_masks, sample_completions, selective_log_softmax, use_packed_attention, vision_attention)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,7 +150,7 @@ def test_selective_log_softmax_matches_log_softmax():
     torch.manual_seed(0)
     logits, index = torch.randn(3, 4, 11), torch.randint(0, 11, (3, 4))
     expected = torch.log_softmax(logits / 0.7, -1).gather(-1, index[..., None]).squeeze(-1)
-    torch.testing.assert_close(train.selective_log_softmax(logits, index, 0.7), expected)
+    torch.testing.assert_close(selective_log_softmax(logits, index, 0.7), expected)
 
 
 def test_rewards_follow_their_own_prompt():
@@ -169,7 +171,7 @@ def test_rewards_follow_their_own_prompt():
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
-    model = train.use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
+    model = use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
     torch.manual_seed(0)
     items = []
     for problem, grid in (("How many red objects are in the video?", [2, 4, 4]),
@@ -182,7 +184,7 @@ def tiny_setup():
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     assert batch["attention_mask"][1, 0] == 0, "the second prompt should be left-padded"
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id]
-    suppress = [tokenizer.convert_tokens_to_ids(t) for t in train.VISION_TOKENS]
+    suppress = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return tokenizer, model, batch, eos, suppress
 
 
@@ -212,7 +214,7 @@ def test_packed_logps_equal_slow_path_values_and_grads(tiny_setup):
     G, C = 3, 6
     torch.manual_seed(2)
     completion_ids = torch.randint(NORMAL_IDS, 400, (2 * G, C))
-    fast = train.completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
+    fast = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
     fast.sum().backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -231,7 +233,7 @@ def test_packed_masks_layout():
     # [prompt (one left pad) | completion 1 | completion 2], by the rules of the docstring, entry by entry
     P, G, C = 3, 2, 2
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    prompt, completion = train.packed_masks(prompt_mask, G, C)
+    prompt, completion = packed_masks(prompt_mask, G, C)
     assert prompt.shape == (2, 1, P, P) and completion.shape == (2 * G, 1, C, P + C)
     for b in range(2):
         for q in range(P):
@@ -251,7 +253,7 @@ def test_packed_attention_equals_a_dense_mask():
     L = P + G * C
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     q, (k, v) = torch.randn(B, H, L, d, dtype=torch.float64), torch.randn(2, B, H_kv, L, d, dtype=torch.float64)
-    out, _ = train.packed_attention(None, q, k, v, None, scaling=0.3, packed=train.packed_masks(prompt_mask, G, C))
+    out, _ = packed_attention(None, q, k, v, None, scaling=0.3, packed=packed_masks(prompt_mask, G, C))
     segment = torch.arange(G + 1).repeat_interleave(torch.tensor([P] + [C] * G))  # 0: prompt, g: completion g
     index = torch.arange(L)
     dense = (index[None] <= index[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))
@@ -267,15 +269,15 @@ def test_completion_logps_refuses_a_model_without_packed_attention(tiny_setup):
     plain = copy.deepcopy(model)
     plain.set_attn_implementation({"text_config": "sdpa"})  # its completions would silently see one another
     with pytest.raises(AssertionError, match="use_packed_attention"):
-        train.completion_logps(plain, batch, torch.zeros(4, 3, dtype=torch.long), num_generations=2, temperature=1.0)
+        completion_logps(plain, batch, torch.zeros(4, 3, dtype=torch.long), num_generations=2, temperature=1.0)
 
 
 def test_load_model_language_model_on_packed_attention(tmp_path):
     tiny.save_tiny_model(str(tmp_path), warm_start=False)
-    model = train.load_model(str(tmp_path), bf16=False, attn_implementation="eager")
+    model = load_model(str(tmp_path), bf16=False, attn_implementation="eager")
     assert model.model.language_model.config._attn_implementation == "packed_sdpa"
     assert model.model.visual.config._attn_implementation == "eager"
-    assert train.vision_attention("auto", torch.device("cpu")) == "sdpa"
+    assert vision_attention("auto", torch.device("cpu")) == "sdpa"
 
 
 def test_shared_prompt_logps_equal_packed_pass(tiny_setup):
@@ -286,8 +288,8 @@ def test_shared_prompt_logps_equal_packed_pass(tiny_setup):
     batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].double())
     completion_ids = torch.randint(NORMAL_IDS, 400, (2 * 3, 7))
     with torch.no_grad():
-        full = train.completion_logps(model, batch, completion_ids, num_generations=3, temperature=0.7)
-    shared = train.completion_logps_shared_prompt(model, batch, completion_ids, num_generations=3, temperature=0.7)
+        full = completion_logps(model, batch, completion_ids, num_generations=3, temperature=0.7)
+    shared = completion_logps_shared_prompt(model, batch, completion_ids, num_generations=3, temperature=0.7)
     torch.testing.assert_close(shared, full, rtol=1e-9, atol=1e-9)
 
 
@@ -295,7 +297,7 @@ def test_rollout_matches_transformers_generate(tiny_setup):
     # greedy: the prefill-once + repeated-cache sampler must produce exactly what HF generate does per prompt
     tokenizer, model, batch, eos, suppress = tiny_setup
     G, C = 2, 12
-    ours = train.sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
+    ours = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                     eos_token_ids=eos, suppress_token_ids=suppress,
                                     pad_token_id=tokenizer.pad_token_id, greedy=True)
     assert ours.shape[0] == 2 * G
@@ -318,7 +320,7 @@ def test_rollout_never_samples_vision_tokens(tiny_setup):
     biased = copy.deepcopy(model)
     with torch.no_grad():
         biased.lm_head.weight[suppress] *= 50
-    ids = train.sample_completions(biased, batch, num_generations=4, max_new_tokens=16, temperature=1.0,
+    ids = sample_completions(biased, batch, num_generations=4, max_new_tokens=16, temperature=1.0,
                                    eos_token_ids=eos, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)
     assert not torch.isin(ids, torch.tensor(suppress)).any()
 
@@ -328,15 +330,15 @@ def test_reference_sees_the_video_kl_zero_at_init(tiny_setup):
     ref_model = copy.deepcopy(model)
     completion_ids = torch.randint(NORMAL_IDS, 400, (4, 5))
     with torch.no_grad():
-        logps = train.completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
-        ref = train.completion_logps(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
+        logps = completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
+        ref = completion_logps(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
         assert train.per_token_kl(logps, ref).abs().max().item() == 0.0
     # the reference pass as train.py runs it (prompt shared): float32 sums in another order, so ~0 instead of 0
-    ref = train.completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
+    ref = completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=2, temperature=1.0)
     assert train.per_token_kl(logps, ref).abs().max().item() < 1e-10
     # and the video matters: other pixels give other log-probs (a blind reference would not notice)
     other = dict(batch, pixel_values_videos=torch.randn_like(batch["pixel_values_videos"]))
-    assert (train.completion_logps_shared_prompt(ref_model, other, completion_ids, num_generations=2, temperature=1.0)
+    assert (completion_logps_shared_prompt(ref_model, other, completion_ids, num_generations=2, temperature=1.0)
             - ref).abs().max() > 1e-4
 
 

@@ -1,0 +1,246 @@
+"""
+The network: everything about the model that train.py, eval.py and bench.py share. Loading (and the family
+differences), the special tokens, the vision pass, the rollout, the log-prob passes and the attention they run on.
+
+    load_model(dir)                        -> the policy, the language model on packed_attention
+    sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once
+    completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
+    completion_logps_shared_prompt(...)    -> the same without grad (reference, old policy: on the prompt's KV cache)
+
+train.py keeps the config, the rewards-to-loss math and the loop; this file knows nothing of GRPO.
+"""
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model folder or setting that cannot work: reported in one line, exit code 2, before weights load."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# log-probs and special tokens
+
+def selective_log_softmax(logits, index, temperature=1.0):
+    """log softmax(logits / temperature)[index] without a second (N, T, V) tensor: one row at a time.
+    (N, T, V), (N, T) -> (N, T)"""
+    rows = []
+    for row_logits, row_index in zip(logits, index):  # (T, V), (T,)
+        row_logits = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+        rows.append(row_logits.gather(-1, row_index[:, None]).squeeze(-1) - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def special_token_ids(tokenizer):
+    """(EOS ids that end a completion, vision token ids that must never be sampled), for training and eval alike."""
+    eos = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id})
+    vision = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return [i for i in eos if i is not None], [i for i in vision if i is not None and i != tokenizer.unk_token_id]
+
+
+def decode_completions(tokenizer, completion_ids, mask):
+    """Text of each completion up to and including its first EOS (special tokens dropped). (N, C), (N, C) -> N strings"""
+    # cut at the mask rather than multiply by it: id 0 is an ordinary token in most vocabularies
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the passes: video features once per prompt, rollout, log-probs
+
+def video_features(model, batch):
+    """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    feats = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
+    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output))}
+
+
+def prompt_positions(model, batch):
+    """M-RoPE positions of the left-padded prompts (3, B, P) and the position of the first new token (B,)."""
+    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                              video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"])
+    return positions, positions.amax(dim=(0, 2)) + 1
+
+
+def prefill(model, batch, repeats):
+    """Run the B prompts once (vision tower included) and repeat their KV cache for G completions each. Returns the
+    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,)."""
+    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
+    out.past_key_values.batch_repeat_interleave(repeats)                              # (B*G, heads, P, d) per layer
+    return (out.past_key_values, out.logits[:, -1].repeat_interleave(repeats, dim=0),
+            batch["attention_mask"].repeat_interleave(repeats, dim=0), next_pos.repeat_interleave(repeats))
+
+
+@torch.no_grad()
+def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
+                       suppress_token_ids, pad_token_id, greedy=False):
+    """
+    G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
+    prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
+    ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
+    gradient checkpointing does not switch the cache off.
+    """
+    cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
+    logits = logits.float()
+    eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits[:, suppress_token_ids] = -float("inf")  # a sampled <|video_pad|> would break the video-token count
+        if greedy:
+            token = logits.argmax(-1)                                                 # (B*G,)
+        else:
+            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
+        step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return torch.stack(tokens, dim=1)                                                 # (B*G, C)
+
+
+def packed_masks(prompt_mask, num_generations, completion_length):
+    """
+    Boolean masks (True: attend) of rows packed as [prompt | completion 1 | ... | completion G]: the prompt's, causal
+    with its left padding hidden (B, 1, P, P); each completion's against [its prompt | itself], the prompt's real
+    tokens and its own earlier ones (B*G, 1, C, P+C). A padding query sees itself only: an empty row would be NaN.
+    """
+    (B, P), G, C, device = prompt_mask.shape, num_generations, completion_length, prompt_mask.device
+    real = prompt_mask.bool()                                                          # (B, P)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    prompt = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
+    own = torch.ones(C, C, dtype=torch.bool, device=device).tril().expand(B * G, C, C)
+    completion = torch.cat([real.repeat_interleave(G, dim=0)[:, None, :].expand(-1, C, -1), own], dim=2)  # (B*G, C, P+C)
+    return prompt[:, None], completion[:, None]
+
+
+def packed_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, packed=None, **kwargs):
+    """The language model's attention: transformers' sdpa, except in the policy pass, which passes `packed` (the masks of
+    packed_masks) for rows [prompt | completion 1 | ... | completion G]. Then two sdpa calls: the prompt on itself, and
+    the G completions, batched, each on its prompt and itself; no score is computed for a pair a dense (L, L) mask would
+    throw away. query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if packed is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    prompt_mask, completion_mask = packed                                              # (B, 1, P, P), (B*G, 1, C, P+C)
+    (B, H, L, _), P, C = query.shape, prompt_mask.size(-1), completion_mask.size(-2)
+    G = (L - P) // C
+    key, value = repeat_kv(key, H // key.size(1)), repeat_kv(value, H // value.size(1))  # (B, H, L, d)
+
+    def completions(t):  # (B, H, L, d) -> (B*G, H, C, d)
+        return t[:, :, P:].unflatten(2, (G, C)).transpose(1, 2).flatten(0, 1)
+
+    def after_prompt(t):  # each completion after its prompt: (B*G, H, P+C, d)
+        return torch.cat([t[:, :, :P].repeat_interleave(G, dim=0), completions(t)], dim=2)
+
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling, dropout_p=dropout)
+    prompt_out = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=prompt_mask)              # (B, H, P, d)
+    completion_out = sdpa(completions(query), after_prompt(key), after_prompt(value), attn_mask=completion_mask)  # (B*G, H, C, d)
+    completion_out = completion_out.unflatten(0, (B, G)).transpose(1, 2).flatten(2, 3)                      # (B, H, G*C, d)
+    return torch.cat([prompt_out, completion_out], dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model):
+    """Register packed_attention with transformers as "packed_sdpa" and put the language model on it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("packed_sdpa", packed_attention)
+    AttentionMaskInterface.register("packed_sdpa", sdpa_mask)  # outside the packed pass: the masks sdpa gets
+    model.set_attn_implementation({"text_config": "packed_sdpa"})
+    return model
+
+
+def completion_logps(model, batch, completion_ids, *, num_generations, temperature):
+    """
+    Per-token log-probs (B*G, C) of the completions under `model`, grad flowing: the policy pass. Each prompt and its G
+    completions are packed into one row, [prompt | completion 1 | ... | completion G], which packed_attention splits
+    again, so the video is encoded and the prompt's ~1,200 tokens run once per prompt rather than once per completion:
+    B*(P+G*C) positions instead of B*G*(P+C), gradient checkpointing untouched. Every completion gets the M-RoPE
+    positions it had in the rollout (starting where its prompt ends).
+    """
+    assert model.config.text_config._attn_implementation == "packed_sdpa", "load with load_model, or use_packed_attention(model)"
+    (B, P), G, C = batch["input_ids"].shape, num_generations, completion_ids.size(1)
+    positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
+    completion_pos = (next_pos[:, None] + torch.arange(C, device=next_pos.device)).repeat(1, G)  # (B, G*C)
+    positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2)  # (3, B, L)
+    input_ids = torch.cat([batch["input_ids"], completion_ids.view(B, G * C)], dim=1)  # (B, L): row b*G+g is completion g of b
+    # the positions whose logits predict each completion token: the prompt's last for its first, then its own tokens
+    keep = P - 1 + torch.arange(G, device=input_ids.device)[:, None] * C + torch.arange(C, device=input_ids.device)  # (G, C)
+    keep[:, 0] = P - 1
+    out = model(input_ids=input_ids, position_ids=positions, mm_encoder_outputs=video_features(model, batch),
+                packed=packed_masks(batch["attention_mask"], G, C), use_cache=False, logits_to_keep=keep.flatten())
+    logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
+    return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
+
+
+@torch.no_grad()
+def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generations, temperature):
+    """
+    completion_logps for the passes without grad (reference, old policy), cheaper still: the prompt runs once per prompt
+    and the G completions attend to its repeated KV cache, so no attention is spent on masked-out pairs. (The policy
+    pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.) Call with the
+    model in eval mode.
+    """
+    C = completion_ids.size(1)
+    cache, first_logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # first_logits (B*G, V)
+    positions = (next_pos[:, None] + torch.arange(C, device=next_pos.device))[None].expand(3, -1, -1)  # (3, B*G, C)
+    attention_mask = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)  # (B*G, P+C)
+    out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    logits = torch.cat([first_logits[:, None], out.logits[:, :-1]], dim=1)           # (B*G, C, V)
+    return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def resolve_model_dir(name):
+    """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk)."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # offline, unknown id, no access: say what to do instead of a hub traceback
+        raise ModelError(f"--model_name_or_path {name}: not a local folder and the hub download failed ({type(e).__name__}). "
+                         f"Download it where the hub is reachable (`huggingface-cli download {name} --local-dir DIR`) "
+                         f"and pass the folder, or try the offline demo: python train.py --tiny") from e
+
+
+def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
+    """Qwen2-VL from a local folder. The vision tower runs `attn_implementation` ('auto' = flash_attention_2 when
+    importable on CUDA, else sdpa); the language model runs packed_attention (sdpa, split for the packed policy pass)."""
+    from transformers import Qwen2VLForConditionalGeneration
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return use_packed_attention(Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
+        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)}))
+
+
+def vision_attention(attn_implementation, device):
+    """'auto' -> flash_attention_2 when flash-attn is importable and the device is CUDA, else sdpa; others unchanged."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def gathered_params(engine):
+    """Under ZeRO-3, gather the full weights once for the whole rollout (and lift the per-module fetch hooks)
+    rather than once per generated token; ranks may then take different numbers of decoding steps."""
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        return unwrap_model_for_generation(engine)
+    return contextlib.nullcontext()
+
