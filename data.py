@@ -28,9 +28,10 @@ import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# qwen-vl-utils' video constants (Qwen2/2.5-VL): frames come in pairs, at most 768 frames and 768*28*28 pixels
+# The seed's own copy of qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py): frames come in pairs;
+# "VIDEO_MIN_PIXELS = 128 * 28 * 28 / VIDEO_MAX_PIXELS = 128 * 28 * 28" (upstream qwen-vl-utils has 768 * 28 * 28)
 FRAME_FACTOR = 2
-VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_MAX_PIXELS = 128 * 28 * 28
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # its default VIDEO_MAX_PIXELS env var: a 128K-token budget
 PROMPT_TEMPLATE = ("{problem}  Output the thinking process in <think> </think> and final answer (number) "
                    "in <answer> </answer> tags.")
@@ -114,7 +115,16 @@ def smart_resize(height, width, factor=28, min_pixels=128 * 28 * 28, max_pixels=
     return h, w
 
 
-def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28):
+def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0):
+    """The (h, w) the seed's reader (fetch_video) resizes nframes frames of height x width to. The seed passed no pixel
+    bounds with a video, so its cap was max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min_pixels * 1.05))
+    = 105,369 pixels at min_pixels 128*28*28 (a 640x480 clip: 280x364). max_pixels 0 = that rule; a positive
+    max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video."""
+    cap = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    return smart_resize(height, width, 28, min_pixels, min(max_pixels, cap) if max_pixels > 0 else cap)
+
+
+def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=0):
     """Decode ~fps frames per second, evenly spaced, resized Qwen's way. Returns (frames (T, H, W, 3) uint8, sample_fps)."""
     import decord  # imported here: a module that only builds prompts should not need it
 
@@ -139,9 +149,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
     except Exception as e:
         raise VideoError(f"read_video: cannot decode frames of {path}: {str(e).splitlines()[0]}") from e
     sample_fps = nframes / max(total, 1e-6) * video_fps
-    # fetch_video caps the per-frame area by a share of the whole-video budget; an explicit max_pixels can only lower it
-    cap = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
-    h, w = smart_resize(frames.shape[1], frames.shape[2], 28, min_pixels, min(max_pixels, cap))
+    h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels)
     if (h, w) != frames.shape[1:3]:  # torchvision returns the input untouched when the size already matches
         # = torchvision's tensor resize(BICUBIC, antialias=True) on uint8: float32 interpolate, clamp, round
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
@@ -178,7 +186,7 @@ class VideoSettings:
     min_frames: int = 4
     max_frames: int = 16
     min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 128 * 28 * 28
+    max_pixels: int = 0  # 0: the seed reader's cap (frame_size)
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2

@@ -64,7 +64,7 @@ class Config:
     min_frames: int = field(default=train.Config.min_frames, metadata={"help": "fewest frames per video"})
     max_frames: int = field(default=train.Config.max_frames, metadata={"help": "most frames per video"})
     min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing"})
-    max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "upper bound on frame area after resizing"})
+    max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
 
 

@@ -169,7 +169,7 @@ def _reference_read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels
     idx = [int(i) for i in torch.linspace(0, total - 1, n).round().long()]
     raw = vr.get_batch(idx).asnumpy()
     h, w = raw.shape[1:3]
-    max_pixels = min(max_pixels, max(min(768 * 28 * 28, 128000 * 28 * 28 * 0.9 / n * 2), int(min_pixels * 1.05)))
+    max_pixels = min(max_pixels, max(min(128 * 28 * 28, 128000 * 28 * 28 * 0.9 / n * 2), int(min_pixels * 1.05)))
     rh, rw = round(h / 28) * 28, round(w / 28) * 28
     if rh * rw > max_pixels:
         s = math.sqrt(h * w / max_pixels)
@@ -221,6 +221,62 @@ def test_read_video_real_matches_qwen_vl_utils(name, monkeypatch):
     theirs = video.permute(0, 2, 3, 1).numpy()
     assert ours.shape == theirs.shape and fps == pytest.approx(qfps)
     assert np.array_equal(ours, theirs.astype(np.uint8)) and np.array_equal(theirs, theirs.round())
+
+
+def _seed_frame_size(h, w, nframes, min_pixels=PIX, total_pixels=int(128000 * 28 * 28 * 0.9)):
+    """The seed's vendored fetch_video with no pixel bounds in the video's dict, written out from its source:
+    VIDEO_MAX_PIXELS = 128*28*28, max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min * 1.05))."""
+    cap = max(min(128 * 28 * 28, total_pixels / nframes * 2), int(min_pixels * 1.05))
+    rh, rw = max(28, round(h / 28) * 28), max(28, round(w / 28) * 28)
+    if rh * rw > cap:
+        s = math.sqrt(h * w / cap)
+        return math.floor(h / s / 28) * 28, math.floor(w / s / 28) * 28
+    if rh * rw < min_pixels:
+        s = math.sqrt(min_pixels / (h * w))
+        return math.ceil(h * s / 28) * 28, math.ceil(w * s / 28) * 28
+    return rh, rw
+
+
+# (height, width): 4:3, 16:9, portrait, QCIF 176x144, 1080p, and the sizes the issue names
+SIZES = [(480, 640), (600, 800), (768, 1024), (1080, 1440), (288, 352), (480, 720), (240, 320), (360, 640),
+         (720, 1280), (1080, 1920), (640, 360), (1920, 1080), (144, 176)]
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("nframes", [4, 10, 16])
+def test_frame_size_follows_the_seed_reader(hw, nframes):
+    assert data.frame_size(*hw, nframes) == _seed_frame_size(*hw, nframes)
+    # an explicit cap can only lower the reader's
+    h, w = data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
+    assert h * w <= max(56 * 56 * 4, PIX) and (h, w) == data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
+    assert data.frame_size(*hw, nframes, max_pixels=10**9) == data.frame_size(*hw, nframes)
+
+
+def test_frame_size_total_pixels_budget(monkeypatch):
+    # a small total budget (the seed's VIDEO_MAX_PIXELS env var) lowers the per-frame cap, as fetch_video does
+    monkeypatch.setattr(data, "VIDEO_TOTAL_PIXELS", 400_000)
+    for nframes in (4, 16):
+        assert data.frame_size(480, 640, nframes, min_pixels=3136) == _seed_frame_size(480, 640, nframes, 3136, 400_000)
+    assert data.frame_size(480, 640, 16, min_pixels=3136) == (168, 252)  # cap 50,000 pixels: 480/2.48 -> 168, 640/2.48 -> 252
+
+
+def test_read_video_640x480_gives_the_seed_frames(tmp_path):
+    """The issue's case, decoded: 5 s of 640x480 at 5 fps -> 10 frames of 280x364, 650 video tokens (not 252x364)."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "vga.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        for i in range(25):
+            img = np.full((480, 640, 3), (i * 10) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames, _ = data.read_video(path)
+    assert frames.shape == (10, 280, 364, 3)
+    _, thw = data.video_to_patches(frames)
+    assert thw.tolist() == [[5, 20, 26]] and int(thw.prod()) // 4 == 650
 
 
 # ----------------------------------------------------------------------------- video_to_patches
@@ -292,7 +348,7 @@ def test_video_settings_from_pretrained(tmp_path):
          "image_std": [0.25, 0.25, 0.25], "min_pixels": 3136, "max_pixels": 12845056}))
     s = data.video_settings_from_pretrained(tmp_path, max_frames=8)
     assert s.patch_size == 16 and s.image_mean == (0.5, 0.5, 0.5) and s.image_std == (0.25,) * 3
-    assert s.max_frames == 8 and s.min_pixels == s.max_pixels == PIX  # image bounds in the file are not used
+    assert s.max_frames == 8 and s.min_pixels == PIX and s.max_pixels == 0  # image bounds in the file are not used
     with pytest.raises(TypeError, match="nframes"):
         data.video_settings_from_pretrained(tmp_path, nframes=3)
 

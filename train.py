@@ -62,7 +62,7 @@ class Config:
     min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
     max_frames: int = field(default=16, metadata={"help": "most frames per video"})
     min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "lower bound on frame area after resizing"})
-    max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "upper bound on frame area after resizing"})
+    max_pixels: int = field(default=0, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
     max_prompt_length: int = field(default=4096, metadata={"help": "longer prompts (video tokens included) are skipped, never truncated"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding videos"})
     # GRPO
