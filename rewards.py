@@ -21,6 +21,9 @@ accuracy 1.0 iff the completion's answer equals the truth.
          by exact decimal value (3 == 3.0 == 3. == +3 == 03, -0 == 0); otherwise
          case-insensitively with runs of whitespace folded to one space.
 
+seed_accuracy, seed_format: the seed's two rules, exactly (see their docstrings); they let through what the rules
+         above refuse (a bare "3", an empty answer, a second answer block) and refuse "3.0" for "3".
+
 Anything that is not a string (e.g. None) scores 0.0 and never raises.
 All functions are linear in the input length: only str.find/rfind/split and one
 anchored regex without nested quantifiers, so a 200k-char completion or thousands
@@ -135,7 +138,46 @@ def accuracy_reward(completions, solutions):
     return [_accuracy_one(c, s) for c, s in zip(completions, solutions)]
 
 
+# ----------------------------------------------------------------------------- the seed's rules, exactly
+
+def seed_accuracy(completions, solutions, **kwargs):
+    """The seed's accuracy_reward (src/r1-v/src/open_r1/grpo.py), rule for rule: math_verify's parse of the whole
+    completion verified against parse(solution); failing that, the stripped text of the FIRST <answer>(.*?)</answer>
+    (no DOTALL: one line) equals the solution's the same way, as strings; a side with no tag is compared whole.
+    So a bare "3" scores 1.0 and "<answer>3.0</answer>" against "3" scores 0.0 unless math_verify sees them equal.
+    parse("<answer>3</answer>") is [] (math-verify 0.9.0), so for tagged solutions the string rule decides."""
+    from math_verify import parse, verify
+    out = []
+    for content, sol in zip(completions, solutions):
+        reward = 0.0
+        try:  # the seed swallows every error of either rule; so do we, to score as it did
+            if float(verify(parse(content), parse(sol))) > 0:
+                reward = 1.0
+        except Exception:
+            pass
+        if reward == 0.0:
+            try:
+                sol_match = re.search(r"<answer>(.*?)</answer>", sol)
+                truth = sol_match.group(1).strip() if sol_match else sol.strip()
+                content_match = re.search(r"<answer>(.*?)</answer>", content)
+                if (content_match.group(1).strip() if content_match else content.strip()) == truth:
+                    reward = 1.0
+            except Exception:
+                pass
+        out.append(reward)
+    return out
+
+
+def seed_format(completions, solutions=None, **kwargs):
+    """The seed's format_reward: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL), no strip:
+    a leading space or a trailing newline fails; an empty answer or a second think/answer pair passes."""
+    return [1.0 if isinstance(c, str) and re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", c, re.DOTALL)
+            else 0.0 for c in completions]
+
+
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "seed_accuracy": seed_accuracy,  # --rewards seed_accuracy,seed_format: the seed's reward signal
+    "seed_format": seed_format,
 }

@@ -194,3 +194,51 @@ def test_long_inputs_are_fast(completion, solution, fmt, acc):
     assert accuracy_reward([completion], [solution]) == [acc]
     assert thinking_text(completion) is None or isinstance(thinking_text(completion), str)
     assert time.perf_counter() - t0 < 0.5
+
+
+# ----------------------------------------------------------------------------- the seed's rules
+
+# (completion, solution, seed_accuracy, ours): where the two rule sets disagree, both ways, and where they agree
+SEED_ACCURACY_CASES = [
+    ("3", "<answer>3</answer>", 1.0, 0.0, "bare-number-seed-only"),
+    ("The answer is 3.", "3", 1.0, 0.0, "untagged-solution-math-verify-fires"),
+    ("<think>a</think>\n<answer>\\boxed{3}</answer>", "3", 1.0, 0.0, "boxed-math-verify"),
+    ("<think>a</think><answer>3.0</answer>", "<answer>3</answer>", 0.0, 1.0, "3.0-is-not-3-as-strings"),
+    ("<think>a</think><answer>3.0</answer>", "3", 0.0, 1.0, "3.0-untagged-solution"),
+    ("<think>a</think><answer>2</answer><answer>3</answer>", "<answer>3</answer>", 0.0, 1.0, "seed-takes-first-block"),
+    ("<think>a</think><answer>3</answer><answer>2</answer>", "<answer>3</answer>", 1.0, 0.0, "ours-takes-last-block"),
+    ("<think>a</think><answer>3\n</answer>", "<answer>3</answer>", 0.0, 1.0, "no-dotall-answer-over-two-lines"),
+    ("<think>a</think><answer>three</answer>", "<answer>Three</answer>", 0.0, 1.0, "case-sensitive-strings"),
+    ("<think>3</think><answer> 3 </answer>", "<answer>3</answer>", 1.0, 1.0, "stripped-both"),
+    ("<think>a</think><answer>4</answer>", "<answer>3</answer>", 0.0, 0.0, "wrong"),
+]
+
+
+@pytest.mark.parametrize("completion,solution,seed,ours",
+                         [c[:4] for c in SEED_ACCURACY_CASES], ids=[c[4] for c in SEED_ACCURACY_CASES])
+def test_seed_accuracy(completion, solution, seed, ours):
+    from rewards import seed_accuracy
+    pytest.importorskip("math_verify")
+    assert seed_accuracy([completion], [solution], problem_type="numerical", options=None) == [seed]
+    assert accuracy_reward([completion], [solution]) == [ours]
+
+
+SEED_FORMAT_CASES = [
+    (" <think>a</think><answer>3</answer>", 0.0, 1.0, "leading-space"),
+    ("<think>a</think><answer>3</answer>\n", 0.0, 1.0, "trailing-newline"),
+    ("<think>a</think><answer></answer>", 1.0, 0.0, "empty-answer"),
+    ("<think>a</think><answer>1</answer><think>b</think><answer>2</answer>", 1.0, 0.0, "second-pair"),
+    ("<think>a</think>x<answer>3</answer>", 0.0, 0.0, "text-between"),
+    ("<think>a\nb</think>\n<answer>3</answer>", 1.0, 1.0, "multiline-ok"),
+]
+
+
+@pytest.mark.parametrize("completion,seed,ours", [c[:3] for c in SEED_FORMAT_CASES], ids=[c[3] for c in SEED_FORMAT_CASES])
+def test_seed_format(completion, seed, ours):
+    from rewards import seed_format
+    assert seed_format([completion], ["3"], problem_type="numerical") == [seed]
+    assert format_reward([completion]) == [ours]
+
+
+def test_seed_rules_registered():
+    assert {"seed_accuracy", "seed_format"} <= set(REWARD_FUNCS)
