@@ -146,6 +146,50 @@ def test_on_policy_gradient_is_the_policy_gradient():
     torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
 
 
+def _dapo_problem():
+    """6 completions, 8 tokens, one shared parameter per position; rows 0-2 (rank 0) short, rows 3-5 (rank 1) long."""
+    g = torch.Generator().manual_seed(3)
+    x, ref, adv = torch.randn(6, 8, generator=g), -torch.rand(6, 8, generator=g), torch.randn(6, generator=g)
+    mask = (torch.arange(8)[None] < torch.tensor([1, 2, 1, 8, 7, 8])[:, None]).int()  # 4 tokens vs 23
+    return x, ref, adv, mask
+
+
+def _dapo_grad(x, ref, adv, mask, dapo_tokens):
+    theta = torch.linspace(-1, 1, 8).requires_grad_(True)
+    logps = -torch.nn.functional.softplus(x * theta[None])                               # (N, T)
+    loss, _ = train.grpo_loss(logps, None, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
+                              loss_type="dapo", max_completion_length=8, dapo_tokens=dapo_tokens)
+    loss.backward()
+    return theta.grad
+
+
+def _dapo_rank(rank, port, out, use_divisor):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    x, ref, adv, mask = (t[3 * rank:3 * rank + 3] for t in _dapo_problem())             # this rank's half
+    divisor = train.dapo_divisor(mask, 2) if use_divisor else None
+    grad = _dapo_grad(x, ref, adv, mask, divisor)
+    torch.distributed.all_reduce(grad)  # DeepSpeed's gradient averaging over ranks
+    if rank == 0:
+        torch.save(grad / 2, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_dapo_two_ranks_equal_the_whole_batch_token_mean(tmp_path):
+    whole = _dapo_grad(*_dapo_problem(), dapo_tokens=None)  # one process holding all 6 completions
+    grads = {}
+    for use_divisor in (True, False):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"grad_{use_divisor}.pt"
+        torch.multiprocessing.spawn(_dapo_rank, args=(port, str(out), use_divisor), nprocs=2)
+        grads[use_divisor] = torch.load(out)
+    torch.testing.assert_close(grads[True], whole, rtol=1e-5, atol=1e-7)
+    # each rank's own count (the old behaviour) weighs rank 0's 4 tokens as much as rank 1's 23: not the token mean
+    assert (grads[False] - whole).abs().max() > 1e-3
+
+
 def test_selective_log_softmax_matches_log_softmax():
     torch.manual_seed(0)
     logits, index = torch.randn(3, 4, 11), torch.randint(0, 11, (3, 4))

@@ -212,11 +212,13 @@ def completion_mask(completion_ids, eos_token_ids):
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
-              max_completion_length):
+              max_completion_length, dapo_tokens=None):
     """
     logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T).
     old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
-    when beta == 0. Returns (scalar loss, dict of detached stats).
+    when beta == 0. dapo_tokens: what dapo divides this rank's token sum by (None: this batch's own count; train()
+    passes all ranks' count / world size, so the averaged gradients are one token mean over the step).
+    Returns (scalar loss, dict of detached stats).
     """
     mask = mask.to(logps.dtype)
     # ratio is 1 when on-policy; kept so the clipped form works for num_iterations > 1
@@ -232,7 +234,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_lo
     if loss_type == "grpo":      # mean over each completion's tokens, then over completions; empty rows give 0
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif loss_type == "dapo":    # every token of the batch weighs the same
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if dapo_tokens is None else dapo_tokens)
     elif loss_type == "dr_grpo":  # a constant normaliser: no length bias
         loss = (per_token * mask).sum() / (mask.size(0) * max_completion_length)
     else:
@@ -242,6 +244,15 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_lo
     stats = {"clip_ratio": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item(),
              "kl": 0.0 if kl is None else ((kl * mask).sum() / n_tokens).item()}
     return loss, stats
+
+
+def dapo_divisor(mask, world):
+    """What each rank divides its dapo token sum by: (completion tokens of all ranks, all-reduced) / world, so that the
+    ranks' averaged gradients are DAPO's one token mean over the step (a rank's own count would weigh the tokens of a
+    rank of short completions more). mask (N, T) -> float"""
+    n = mask.sum().to(torch.float64)
+    torch.distributed.all_reduce(n)
+    return max(n.item(), 1.0) / world
 
 
 def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size):
@@ -478,11 +489,13 @@ def train(cfg):
         # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
         policy.train()
         skipped_update = False
+        dapo_tokens = dapo_divisor(mask, world) if cfg.loss_type == "dapo" else None
         for _ in range(cfg.num_iterations):
             logps = model.completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
             loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
                                          epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                         loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+                                         loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                         dapo_tokens=dapo_tokens)
             finite = torch.tensor(float(torch.isfinite(loss)), device=device)
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             if not finite.item():
