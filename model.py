@@ -78,21 +78,45 @@ def prefill(model, batch, repeats):
             batch["attention_mask"].repeat_interleave(repeats, dim=0), next_pos.repeat_interleave(repeats))
 
 
+def apply_repetition_penalty(logits, seen_ids, penalty):
+    """HF's RepetitionPenaltyLogitsProcessor: the logit of every id in seen_ids (the prompt, padding included, and the
+    completion so far, as generate passes them) is divided by penalty when positive, multiplied when negative.
+    (N, V), (N, S) -> (N, V)"""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, seen_ids)                                                 # (N, S)
+    return logits.scatter(1, seen_ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def generation_repetition_penalty(model_dir):
+    """The repetition_penalty of model_dir/generation_config.json (1.05 in the Qwen2-VL / 2.5-VL Instruct files), else 1.0:
+    what a plain `model.generate(...)` applies, as the seed's eval script called it."""
+    import json
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return 1.0
+    with open(path) as f:
+        return float(json.load(f).get("repetition_penalty") or 1.0)
+
+
 @torch.no_grad()
 def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
-                       suppress_token_ids, pad_token_id, greedy=False):
+                       suppress_token_ids, pad_token_id, greedy=False, repetition_penalty=1.0):
     """
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
-    gradient checkpointing does not switch the cache off.
+    gradient checkpointing does not switch the cache off. repetition_penalty != 1 (eval's seed protocol only; the
+    rollout keeps 1.0, as the seed's trainer did) penalises ids of the padded prompt and the completion so far.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens = []
+    seen = batch["input_ids"].repeat_interleave(num_generations, dim=0)               # (B*G, P + t): the penalty's ids
     for t in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         logits[:, suppress_token_ids] = -float("inf")  # a sampled <|video_pad|> would break the video-token count
         if greedy:
             token = logits.argmax(-1)                                                 # (B*G,)
@@ -100,6 +124,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
             token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
+        seen = torch.cat([seen, token[:, None]], 1) if repetition_penalty != 1.0 else seen
         done |= torch.isin(token, eos)
         if done.all() or t == max_new_tokens - 1:
             break

@@ -20,6 +20,7 @@ import tiny
 import train
 from model import (VISION_TOKENS, completion_logps, completion_logps_shared_prompt, load_model, packed_attention,
                    packed_masks, sample_completions, selective_log_softmax, use_packed_attention, vision_attention)
+from model import apply_repetition_penalty, generation_repetition_penalty
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -355,6 +356,38 @@ def test_rollout_matches_transformers_generate(tiny_setup):
         ref = ref[0, row.sum():].tolist()
         for g in range(G):  # completion b*G+g belongs to prompt b
             assert ours[b * G + g, :len(ref)].tolist() == ref
+
+
+def test_apply_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    torch.manual_seed(0)
+    logits, seen = torch.randn(3, 20), torch.randint(0, 20, (3, 9))  # repeated ids are penalised once, as HF
+    torch.testing.assert_close(apply_repetition_penalty(logits.clone(), seen, 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone()), rtol=0, atol=0)
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_greedy_with_penalty_matches_generate_on_the_padded_batch(tiny_setup, tmp_path):
+    # the seed's eval: one left-padded batch, model.generate(..., do_sample=False) with the checkpoint's
+    # generation_config in force (its repetition_penalty sees the padding too)
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    model = copy.deepcopy(model)
+    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.save_pretrained(tmp_path)
+    penalty = generation_repetition_penalty(str(tmp_path))
+    assert penalty == 1.5 and generation_repetition_penalty(str(tmp_path / "none")) == 1.0
+    C = 16
+    kw = dict(num_generations=1, max_new_tokens=C, temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
+              pad_token_id=tokenizer.pad_token_id, greedy=True)
+    ours = sample_completions(model, batch, repetition_penalty=penalty, **kw)
+    ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
+                         video_grid_thw=batch["video_grid_thw"], max_new_tokens=C, do_sample=False,
+                         suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    ref = ref[:, batch["input_ids"].size(1):]
+    assert ours.tolist() == ref[:, :ours.size(1)].tolist()
+    plain = sample_completions(model, batch, **kw)  # penalty 1.0: the rollout's decoding, a different output here
+    assert plain.tolist() != ours.tolist()
 
 
 def test_rollout_never_samples_vision_tokens(tiny_setup):
