@@ -214,12 +214,12 @@ def video_settings_from_pretrained(model_dir, **overrides):
 
 # ----------------------------------------------------------------------------- prompts
 
-def build_prompt_text(tokenizer, problem):
+def build_prompt_text(tokenizer, problem, template=PROMPT_TEMPLATE):
     """The chat-formatted prompt (one video, then the question), ending with the assistant turn opener."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"build_prompt_text: tokenizer {type(tokenizer).__name__} has no chat template")
     messages = [{"role": "user", "content": [{"type": "video"},
-                                             {"type": "text", "text": PROMPT_TEMPLATE.format(problem=problem)}]}]
+                                             {"type": "text", "text": template.format(problem=problem)}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if text.count(VIDEO_PLACEHOLDER) != 1:
         raise ValueError(f"build_prompt_text: chat template must render exactly one {VIDEO_PLACEHOLDER}, got: {text!r}")
@@ -245,8 +245,9 @@ def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2):
 class VideoPromptDataset(torch.utils.data.Dataset):
     """Examples -> model inputs. A bad video or an over-long prompt gives an {"error": ...} item, never an exception."""
 
-    def __init__(self, examples, tokenizer, settings, max_prompt_length=None):
+    def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=PROMPT_TEMPLATE):
         self.examples, self.tokenizer, self.s, self.max_prompt_length = examples, tokenizer, settings, max_prompt_length
+        self.template = template  # eval's seed protocol asks with the seed eval script's words
 
     def __len__(self):
         return len(self.examples)
@@ -260,7 +261,7 @@ class VideoPromptDataset(torch.utils.data.Dataset):
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
                                                   s.image_mean, s.image_std)
-        text = build_prompt_text(self.tokenizer, ex["problem"])
+        text = build_prompt_text(self.tokenizer, ex["problem"], self.template)
         input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size)
         if self.max_prompt_length is not None and len(input_ids) > self.max_prompt_length:
             # never truncate: cutting into the video tokens would break the model

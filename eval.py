@@ -35,6 +35,7 @@ import functools
 import glob
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ import data
 import rewards
 import train
 from model import decode_completions, load_model, resolve_model_dir, sample_completions, special_token_ids
+from model import generation_repetition_penalty
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Config:
     min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing"})
     max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
+    protocol: str = field(default="train", metadata={"help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); see README, Evaluation"})
 
 
 # --tiny: the tiny model and the test split next to train.TINY's train split, with train.TINY's video settings
@@ -75,11 +78,31 @@ TINY = dict(model=[train.TINY["model_name_or_path"]],
             **{k: train.TINY[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels") if k in train.TINY})
 
 
+# --protocol seed, from the seed's src/eval/test_qwen2vl_video_counting.py: its QUESTION_TEMPLATE (below; training's
+# has two spaces and no "First"), `model.generate(**inputs, use_cache=True, max_new_tokens=256, do_sample=False)` on
+# left-padded batches (the checkpoint's generation_config.json stays in force: its repetition_penalty), and
+# `re.search(r'<answer>\s*(\d+)\s*</answer>', ...)` on the output and on the solution, compared as ints
+SEED_PROMPT_TEMPLATE = ("{problem} First output the thinking process in <think> </think> and final answer (number) "
+                        "in <answer> </answer> tags.")
+SEED = dict(max_new_tokens=256)
+PROTOCOLS = ("train", "seed")
+
+
+def seed_number(text):
+    r"""The seed eval script's parser: the int in the first <answer>\s*(\d+)\s*</answer> match, else None."""
+    match = re.search(r"<answer>\s*(\d+)\s*</answer>", text) if isinstance(text, str) else None
+    return int(match.group(1)) if match else None
+
+
 def parse_config(argv=None):
     parser = train.dataclass_parser(Config, __doc__, model=dict(action="append", default=None))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})
+    if args.protocol == "seed":  # the seed's token budget, even with --tiny
+        parser.set_defaults(**SEED)
+    elif args.protocol not in PROTOCOLS:
+        parser.error(f"--protocol {args.protocol!r}: choose one of {PROTOCOLS}")
     args = vars(parser.parse_args(argv))
     args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
     if not args["model"] or not args["data"]:
@@ -114,17 +137,22 @@ def key(record):
 # ----------------------------------------------------------------------------------------------------------------
 # scoring: the training rewards, on greedy completions
 
-def score(output, solution, completion_length, tokenizer):
-    """One completion's fields: correct/format are exactly the training rewards being 1.0."""
+def score(output, solution, completion_length, tokenizer, protocol="train"):
+    """One completion's fields: correct/format are exactly the training rewards being 1.0; with protocol "seed",
+    answer and correct are the seed eval script's (its number parser on both sides, an int compare)."""
     thought = rewards.thinking_text(output)
-    return {"output": output, "answer": rewards.extract_answer(output),
-            "correct": rewards.accuracy_reward([output], [solution])[0] == 1.0,
+    if protocol == "seed":
+        answer = seed_number(output)
+        correct = answer is not None and answer == seed_number(solution)
+    else:
+        answer, correct = rewards.extract_answer(output), rewards.accuracy_reward([output], [solution])[0] == 1.0
+    return {"output": output, "answer": answer, "correct": correct,
             "format": rewards.format_reward([output])[0] == 1.0,
             "completion_length": int(completion_length),
             "thinking_length": 0 if thought is None else len(tokenizer(thought, add_special_tokens=False)["input_ids"])}
 
 
-def summarize(model, data_path, records):
+def summarize(model, data_path, records, protocol="train", repetition_penalty=1.0):
     """The final JSON: summary numbers computed from the records, results and skipped sorted by row index."""
     records = sorted(records, key=lambda r: r["index"])
     results = [r for r in records if "reason" not in r]
@@ -133,7 +161,8 @@ def summarize(model, data_path, records):
     def mean(name):  # None when nothing was evaluated: 0% would claim a result
         return sum(float(r[name]) for r in results) / len(results) if results else None
 
-    return {"model": model, "data": data_path, "accuracy": mean("correct"), "format_rate": mean("format"),
+    return {"model": model, "data": data_path, "protocol": protocol, "repetition_penalty": repetition_penalty,
+            "accuracy": mean("correct"), "format_rate": mean("format"),
             "mean_completion_length": mean("completion_length"), "mean_thinking_length": mean("thinking_length"),
             "n": len(results), "skipped": skipped, "results": results}
 
@@ -190,8 +219,10 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     from tqdm import tqdm
 
     model_dir = resolve_model_dir(model_name)
+    # the seed's script left the checkpoint's generation_config.json in force; training's rollout never reads it
+    penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
     header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
-              "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
+              "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
               **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
     my_partial, all_partials = partial_paths(output, rank)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -220,7 +251,8 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             # EOS and suppressed tokens exactly as train.train() builds them
             eos_token_ids, suppress = special_token_ids(tokenizer)
             dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution")} for r in mine],
-                                              tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
+                                              tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
+                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else data.PROMPT_TEMPLATE)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                                  collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
             bar = tqdm(total=todo, unit="ex", desc=os.path.basename(os.path.normpath(model_name)), disable=rank != 0, file=sys.stderr)
@@ -232,13 +264,13 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                     completion_ids = sample_completions(
                         model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                         eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
-                        greedy=True).cpu()                                                  # (B, C)
+                        greedy=True, repetition_penalty=penalty).cpu()                      # (B, C)
                     mask = train.completion_mask(completion_ids, eos_token_ids)              # (B, C)
                     outputs = decode_completions(tokenizer, completion_ids, mask)
                     for b, out in enumerate(outputs):
                         row = mine[batch["index"][b]]
                         records.append({"index": row["index"], "video": row["video"], "problem": row["problem"],
-                                        "solution": row["solution"], **score(out, row["solution"], mask[b].sum(), tokenizer)})
+                                        "solution": row["solution"], **score(out, row["solution"], mask[b].sum(), tokenizer, cfg.protocol)})
                 records = [r for r in records if key(r) not in done]  # rows of a re-run half-done batch are kept as first written
                 write(records)
                 bar.update(len(records))
@@ -252,7 +284,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     missing = [r["index"] for r in rows if key(r) not in done]
     if missing:
         raise RuntimeError(f"{output}: no result for rows {missing[:10]}{'...' if len(missing) > 10 else ''} in the partial files")
-    summary = summarize(model_name, cfg.data, [done[key(r)] for r in rows])
+    summary = summarize(model_name, cfg.data, [done[key(r)] for r in rows], cfg.protocol, penalty)
     tmp = f"{output}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -273,6 +305,7 @@ def format_table(summaries):
         return "n/a" if x is None else f"{x:.1f}"
 
     lines = [("model", [s["model"] for s in summaries]),
+             ("protocol", [f"{s.get('protocol', 'train')} (penalty {s.get('repetition_penalty', 1.0):g})" for s in summaries]),
              ("accuracy (%)", [pct(s["accuracy"]) for s in summaries]),
              ("format rate (%)", [pct(s["format_rate"]) for s in summaries]),
              ("mean completion length (tokens)", [num(s["mean_completion_length"]) for s in summaries]),

@@ -158,3 +158,86 @@ def test_cli_tiny_smoke(setup, tmp_path):
     saved = json.loads((tmp_path / "results" / "data_tiny-qwen2-vl-test.json").read_text())
     assert saved["n"] == 4 and saved["skipped"] == [] and all(r["completion_length"] <= 8 for r in saved["results"])
     assert "accuracy (%)" in proc.stdout and "examples evaluated" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --protocol seed: the seed's eval script
+
+# (output, solution, the seed's parsed answer, seed correct, ours correct)
+SEED_PARSER_CASES = [
+    ("<think>a</think><answer>3</answer>", "<answer>3</answer>", 3, True, True),
+    ("<answer> 3 </answer>", "<answer>3</answer>", 3, True, True),
+    ("<answer>\n3\n</answer>", "<answer>3</answer>", 3, True, True),
+    ("<answer>03</answer>", "<answer>3</answer>", 3, True, True),
+    ("<answer>3.0</answer>", "<answer>3</answer>", None, False, True),        # not digits only
+    ("<answer>2</answer><answer>3</answer>", "<answer>3</answer>", 2, False, True),  # seed: first; ours: last
+    ("<answer>3</answer><answer>2</answer>", "<answer>3</answer>", 3, True, False),
+    ("<answer>x</answer> <answer>3</answer>", "<answer>3</answer>", 3, True, True),  # first *match*, not first block
+    ("<answer>3 apples</answer>", "<answer>3</answer>", None, False, False),
+    ("<answer>-3</answer>", "<answer>-3</answer>", None, False, True),       # no sign: the seed never scores it
+    ("3", "<answer>3</answer>", None, False, False),
+    ("<answer>3</answer>", "3", 3, False, True),                             # an untagged solution parses to None
+]
+
+
+@pytest.mark.parametrize("output,solution,answer,seed_ok,ours_ok", SEED_PARSER_CASES)
+def test_seed_protocol_parser(setup, output, solution, answer, seed_ok, ours_ok):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    assert ev.seed_number(output) == answer
+    seed, ours = ev.score(output, solution, 1, tok, "seed"), ev.score(output, solution, 1, tok)
+    assert (seed["answer"], seed["correct"]) == (answer, seed_ok)
+    assert ours["correct"] == ours_ok and seed["format"] == ours["format"]
+
+
+def test_seed_protocol_prompt_byte_for_byte(setup):
+    from transformers import AutoTokenizer
+    # the seed's src/eval/test_qwen2vl_video_counting.py, character for character
+    seed_template = ("{Question} First output the thinking process in <think> </think> and final answer (number) "
+                     "in <answer> </answer> tags.")
+    problem = "How many red metal cubes are there?"
+    assert ev.SEED_PROMPT_TEMPLATE.format(problem=problem).encode() == seed_template.format(Question=problem).encode()
+    assert data.PROMPT_TEMPLATE.format(problem=problem) != seed_template.format(Question=problem)
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    text = data.build_prompt_text(tok, problem, ev.SEED_PROMPT_TEMPLATE)
+    assert seed_template.format(Question=problem) in text and data.build_prompt_text(tok, problem) != text
+
+
+def test_seed_protocol_flags():
+    seed = ev.parse_config(["--model", "m", "--data", "d.jsonl", "--protocol", "seed"])
+    assert seed.protocol == "seed" and seed.max_new_tokens == 256
+    assert ev.parse_config(["--tiny", "--protocol", "seed"]).max_new_tokens == 256
+    assert ev.parse_config(["--model", "m", "--data", "d", "--protocol", "seed", "--max_new_tokens", "9"]).max_new_tokens == 9
+    assert ev.parse_config(["--model", "m", "--data", "d"]).protocol == "train"
+    with pytest.raises(SystemExit):
+        ev.parse_config(["--model", "m", "--data", "d", "--protocol", "paper"])
+
+
+def test_seed_protocol_run_names_it_and_uses_the_checkpoints_penalty(setup, tmp_path):
+    import shutil
+    model_dir = tmp_path / "penalised"
+    shutil.copytree(setup["model"], model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.05}))
+    cfg = make_cfg(setup, protocol="seed", limit=2)
+    cfg.model = [str(model_dir)]
+    rows = ev.load_rows(cfg.data)[:2]
+    saved = ev.evaluate(cfg, str(model_dir), rows, str(tmp_path / "seed.json"))
+    assert saved["protocol"] == "seed" and saved["repetition_penalty"] == 1.05 and saved["n"] == 2
+    for r in saved["results"]:
+        assert r["answer"] == ev.seed_number(r["output"])
+        assert r["correct"] == (r["answer"] is not None and r["answer"] == ev.seed_number(r["solution"]))
+    assert "seed (penalty 1.05)" in ev.format_table([saved])
+    header = json.loads((tmp_path / "seed.partial.jsonl").read_text().splitlines()[0])["header"]
+    assert header["protocol"] == "seed" and header["repetition_penalty"] == 1.05
+
+
+def test_cli_tiny_seed_protocol(setup, tmp_path):
+    (tmp_path / "data").mkdir()
+    os.symlink(setup["model"], tmp_path / "data" / "tiny-qwen2-vl")
+    os.symlink(Path(setup["data"]).parent, tmp_path / "data" / "synthetic")
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--tiny", "--protocol", "seed", "--max_new_tokens", "8",
+                           "--limit", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "results" / "data_tiny-qwen2-vl-test.json").read_text())
+    assert saved["protocol"] == "seed" and saved["n"] == 2 and "seed (penalty" in proc.stdout
