@@ -175,6 +175,20 @@ def seed_format(completions, solutions=None, **kwargs):
             else 0.0 for c in completions]
 
 
+def seed_metrics(completions, solutions, group_size):
+    """The seed's reward metrics, under its names with a seed/ prefix, scored by its two rules whatever --rewards trains
+    on, so a run's curves lie over a seed run's: seed/rewards/accuracy_reward, seed/rewards/format_reward, seed/reward
+    (their sum, the seed's weights) and seed/reward_std (mean over groups of the G rewards' unbiased std).
+    solutions: one per prompt; completion i belongs to prompt i // group_size."""
+    import statistics
+    acc = seed_accuracy(completions, [s for s in solutions for _ in range(group_size)])
+    fmt = seed_format(completions)
+    total = [a + f for a, f in zip(acc, fmt)]
+    stds = [statistics.stdev(total[i:i + group_size]) for i in range(0, len(total), group_size)]
+    return {"seed/reward": sum(total) / len(total), "seed/reward_std": sum(stds) / len(stds),
+            "seed/rewards/accuracy_reward": sum(acc) / len(acc), "seed/rewards/format_reward": sum(fmt) / len(fmt)}
+
+
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,

@@ -7,6 +7,7 @@ positions and generate); and the whole trainer by subprocess runs.
 """
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -189,6 +190,29 @@ def test_dapo_two_ranks_equal_the_whole_batch_token_mean(tmp_path):
     torch.testing.assert_close(grads[True], whole, rtol=1e-5, atol=1e-7)
     # each rank's own count (the old behaviour) weighs rank 0's 4 tokens as much as rank 1's 23: not the token mean
     assert (grads[False] - whole).abs().max() > 1e-3
+
+
+def test_sequence_mean_kl_is_the_seeds_logged_kl():
+    torch.manual_seed(2)
+    logps, ref = -torch.rand(4, 6) * 3, -torch.rand(4, 6) * 3
+    ref[0, 0] = logps[0, 0] + 6.0  # k3 = e^6 - 7 > 100: the seed clamped it
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    per_seq = []
+    for i in range(4):  # the seed's formula, a loop: clamp, mean over the row's tokens, then over rows
+        ks = [min(100.0, math.exp(ref[i, t] - logps[i, t]) - (ref[i, t] - logps[i, t]) - 1) for t in range(6) if mask[i, t]]
+        per_seq.append(float(sum(ks)) / len(ks))
+    assert train.sequence_mean_kl(logps, ref, mask) == pytest.approx(sum(per_seq) / 4, rel=1e-5)
+    token_mean = (train.per_token_kl(logps, ref).clamp(max=100) * mask).sum() / mask.sum()
+    assert abs(train.sequence_mean_kl(logps, ref, mask) - token_mean.item()) > 1  # not our token mean
+
+
+def test_seed_metrics():
+    import rewards
+    good, bare = "<think>a</think><answer>3</answer>", "3"
+    m = rewards.seed_metrics([good, bare, good, good], ["<answer>3</answer>", "<answer>5</answer>"], 2)
+    # group 1: 2.0 and 1.0 (a bare "3" is right but unformatted); group 2: 1.0 and 1.0 (format only)
+    assert m == {"seed/reward": 1.25, "seed/reward_std": pytest.approx(0.5 ** 0.5 / 2),
+                 "seed/rewards/accuracy_reward": 0.5, "seed/rewards/format_reward": 0.75}
 
 
 def test_selective_log_softmax_matches_log_softmax():
@@ -469,12 +493,15 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
         port = str(sock.getsockname()[1])
     run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
          "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0",
-         "--num_generations", "4", "--prompts_per_device", "2"])
+         "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo"])  # dapo: all ranks' token count
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",
-                "clip_ratio", "frac_zero_std_groups", "grad_norm", "lr", "step_time", "rollout_time", "tokens_per_sec"):
+                "clip_ratio", "frac_zero_std_groups", "grad_norm", "lr", "step_time", "rollout_time", "tokens_per_sec",
+                "seed/completion_length", "seed/reward", "seed/reward_std", "seed/rewards/accuracy_reward",
+                "seed/rewards/format_reward", "seed/kl"):
         assert key in rows[0], key
+    assert rows[0]["seed/completion_length"] == rows[0]["completion_length"] and math.isfinite(rows[0]["seed/kl"])
     config = json.load(open(out / "run_config.json"))
     assert config["world_size"] == 2
     from transformers import Qwen2VLForConditionalGeneration

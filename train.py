@@ -203,6 +203,13 @@ def per_token_kl(logps, ref_logps):
     return torch.exp(delta) - delta - 1
 
 
+def sequence_mean_kl(logps, ref_logps, mask):
+    """The seed's logged `kl`: k3 clamped to [-100, 100] as its loss did, averaged over each completion's tokens, then
+    over completions (ours, `kl`, is one token mean). (N, T) -> float"""
+    kl = per_token_kl(logps, ref_logps).clamp(-100, 100) * mask                 # (N, T)
+    return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean().item()
+
+
 def completion_mask(completion_ids, eos_token_ids):
     """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
     is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
@@ -521,7 +528,9 @@ def train(cfg):
                  "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
                  "truncated_ratio": truncated.float().mean().item(),
                  "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
-                 "rollout_time": rollout_time}
+                 "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
+                 "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
+                 **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
         totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
         summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
