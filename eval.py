@@ -4,17 +4,22 @@ Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as tra
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
+    python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
 
 What is shared with train.py, so that "correct in eval" means "accuracy reward 1.0 in training" and nothing else:
 the prompt template, video decoding and settings (data.VideoPromptDataset / collate), the sampler
 (sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
 (rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
+--protocol seed instead decodes and scores as the seed's eval script did, so a number can be set beside its table:
+its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser (SEED_PROMPT_TEMPLATE, seed_number).
 
 Output, one JSON file per model (fractions in [0, 1]; the printed table shows percent):
-    {"model", "data", "accuracy", "format_rate", "mean_completion_length", "mean_thinking_length", "n", "skipped",
+    {"model", "data", "protocol", "repetition_penalty", "accuracy", "format_rate", "mean_completion_length",
+     "mean_thinking_length", "n", "skipped",
      "results": [{"index", "video", "problem", "solution", "output", "answer", "correct", "format",
                   "completion_length", "thinking_length"}, ...]}
+  answer            --protocol train: the text of the last <answer>; seed: the int the seed's parser read, or null
   index             the row's number in the data file (its line for JSONL, its record for a JSON list), 1-based;
                     results and skipped are sorted by it
   completion_length tokens up to and including the first EOS (training's completion_length metric)

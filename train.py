@@ -29,6 +29,18 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
  9. Accuracy needs the <answer> tag, exactly as eval.py scores it (the seed's training reward also took a bare
     number).
 10. Log-probs are of temperature-scaled logits, the distribution that was sampled (the same at temperature 1.0).
+11. A completion ends at its first <|im_end|> or <|endoftext|> (the seed masked after <|im_end|> only: a completion
+    that ended on <|endoftext|> kept its trailing pads in the loss).
+12. Log-softmax in fp32 (the seed's ran in bf16).
+13. The per-token KL is not clamped (the seed clamped k3 to [-100, 100]: k3 >= 0, so only the top binds, and there
+    it zeroes the KL's gradient on exactly the tokens that drifted furthest; fp32 log-probs do not overflow).
+14. Rank r seeds with seed + r (the seed: one seed on every rank).
+15. Steps per epoch = floor(examples / (ranks x prompts)) (the HF Trainer counts the last, partial batch too).
+16. --loss_type dapo divides by the token count of the whole step, all ranks (the seed had only grpo).
+17. Metrics: ours plus the seed's, under seed/ (README, What a run writes).
+The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
+default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
+eval.py --protocol seed.
 """
 import argparse
 import dataclasses
