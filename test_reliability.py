@@ -159,6 +159,7 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--model_name_or_path", "./models/qwen-missing"], "huggingface-cli download"),
     (["--deepspeed", "missing_ds.json"], "missing_ds.json: no such file"),
     (["--reward_weights", "1,2,3"], "one weight per reward"),
+    (["--max_pixels", "-1"], "--max_pixels -1"),
     (["--deepspeed", "ds_with_batch.json"], "sets ['train_batch_size']; these come from train.py's flags"),
 ])
 def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):

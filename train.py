@@ -164,6 +164,8 @@ def validate_config(cfg):
         raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
     if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
+    if cfg.min_pixels < 1 or cfg.max_pixels < 0:
+        raise ConfigError(f"--min_pixels {cfg.min_pixels} / --max_pixels {cfg.max_pixels}: min at least 1, max 0 (the seed's reader's cap) or a cap")
     if cfg.loss_type not in LOSS_TYPES:
         raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.scale_rewards not in ("group", "none"):
