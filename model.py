@@ -69,7 +69,10 @@ def prompt_positions(model, batch):
 
 def prefill(model, batch, repeats):
     """Run the B prompts once (vision tower included) and repeat their KV cache for G completions each. Returns the
-    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,)."""
+    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,).
+    `repeats` is G, or one count per prompt (B,) (T-GRPO: G for the normal prompts, fewer for the shuffled ones)."""
+    if not isinstance(repeats, int):
+        repeats = torch.as_tensor(repeats, device=batch["input_ids"].device)         # (B,)
     positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                 mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
@@ -85,7 +88,8 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
-    gradient checkpointing does not switch the cache off.
+    gradient checkpointing does not switch the cache off. num_generations may be a count per prompt (a list of B):
+    then sum(counts) rows.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     logits = logits.float()
