@@ -199,6 +199,17 @@ def test_gspo_loss_matches_naive_per_sequence_loop(loss_type, beta, off_policy):
         assert (token - loss).abs() > 1e-7, "the sequence-level loss must differ from the token-level one"
 
 
+def test_split_rollout_cuts_the_normal_rows_to_their_longest_completion():
+    eos, pad = [7], 7
+    ids = torch.tensor([[1, 7, pad, pad, pad],    # normal: ends at 2 tokens
+                        [1, 2, 3, 7, pad],        # normal: ends at 4 tokens (its EOS kept)
+                        [1, 2, 3, 4, 5]])         # shuffled: ran to the limit
+    normal, shuffled = train.split_rollout(ids, 2, eos)
+    assert normal.tolist() == [[1, 7, pad, pad], [1, 2, 3, 7]] and torch.equal(shuffled, ids[2:])
+    assert normal.is_contiguous() and normal.view(1, 8).shape == (1, 8)  # the packed pass views it as (B, G*C)
+    assert train.split_rollout(ids, 3, eos)[0].shape == (3, 5) and train.split_rollout(ids, 3, eos)[1].shape == (0, 5)
+
+
 def test_kl_clamp_clips_the_log_ratio_before_k3():
     torch.manual_seed(0)
     logps = (-torch.rand(4, 6) * 30).requires_grad_(True)  # log-ratios up to ~30: exp would be ~1e13 unclamped

@@ -235,6 +235,13 @@ def completion_mask(completion_ids, eos_token_ids):
     return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
 
 
+def split_rollout(completion_ids, num_normal, eos_token_ids):
+    """T-GRPO's rollout rows: the first num_normal (those of the loss) cut to their longest completion (the shuffled
+    rows may have run longer), contiguous for the packed pass; and the rest. (N, C) -> (num_normal, C'), (N - num_normal, C)"""
+    normal, shuffled = completion_ids[:num_normal], completion_ids[num_normal:]
+    return normal[:, :completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
               max_completion_length, importance_sampling_level="token", kl_clamp=0.0):
     """
@@ -494,8 +501,7 @@ def train(cfg):
                 policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
         if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
-            completion_ids, shuffled_ids = completion_ids[:B * G], completion_ids[B * G:]       # (B*G, C), (B*G~, C)
-            completion_ids = completion_ids[:, :completion_mask(completion_ids, eos_token_ids).sum(1).max()]
+            completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, eos_token_ids)  # (B*G, C'), (B*G~, C)
         rollout_time = time.time() - t_rollout
         # a vision token in a completion would break the video-token count of every later pass
         assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
