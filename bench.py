@@ -8,6 +8,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
     python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
+    python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights; the tokenizer is tiny.py's (only token ids
@@ -29,6 +30,9 @@ A step, phase by phase (each way times the same work: B prompts x G completions 
                    per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
                    Seed: baseline_logps.
   optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
+With --temporal_contrast a third way, "tgrpo", is ours with T-GRPO's rollout (train.py --temporal_contrast): the B
+prompts on their shuffled videos join the rollout, G // 2 completions each, one more vision pass per prompt; the
+other phases are ours (shuffled completions never enter the loss). Scoring them (decode + accuracy) is not timed.
 
 Where this departs from a real training step, and why:
  1. EOS ids are suppressed (never sampled), so every completion has exactly --completion_tokens tokens and runs compare.
@@ -90,6 +94,7 @@ class Args:
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
+    temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
 
 
 def parse_args(argv=None):
@@ -104,6 +109,7 @@ def parse_args(argv=None):
     assert args.policy_pass in ("packed", "per_completion"), f"--policy_pass {args.policy_pass}: choose packed or per_completion"
     assert args.layers >= 0 and (args.layers == 0 or args.shape != "tiny"), "--layers N: N >= 0, for --shape 2b or 7b"
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
+    assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
     for name in ("gradient_checkpointing", "optimizer"):
         assert getattr(args, name) in ("on", "off", "auto"), f"--{name}: choose on, off or auto"
@@ -187,8 +193,9 @@ def forward_flops(counts, d_model, vocab, *, B, G, P, C, n_patches):
 # ----------------------------------------------------------------------------------------------------------------
 # the inputs: B prompts with a random video at the seed's size
 
-def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320):
-    """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py."""
+def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320, shuffled=False):
+    """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py;
+    shuffled=True adds T-GRPO's copy with the frames in random order (as data.VideoPromptDataset(shuffled_frames=True))."""
     h, w = data.smart_resize(height, width, 28, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28)  # 240x320 -> 280x392
     rng = np.random.default_rng(seed)
     text = data.build_prompt_text(tokenizer, "How many red objects are in the video?")
@@ -199,6 +206,8 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
         input_ids, types = data.encode_prompt(tokenizer, text, grid)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,
                       "video_grid_thw": grid, "problem": "", "solution": "", "video": f"random{i}", "index": i})
+        if shuffled:
+            items[-1]["pixel_values_videos_shuffled"] = data.video_to_patches(video[data.frame_permutation(frames, seed + i).numpy()])[0]
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -285,9 +294,13 @@ def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, p
     """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
     device = batch["input_ids"].device
     B, result = batch["input_ids"].size(0), {}
-    if way == "ours":
+    if way in ("ours", "tgrpo"):
         rollout = lambda: sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                                    eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+        if way == "tgrpo":  # train.py --temporal_contrast: shuffled videos in the same rollout; their rows only scored
+            rollout = lambda: sample_completions(model, data.shuffled_copy(batch), num_generations=[G] * B + [G // 2] * B,
+                                                 max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
+                                                 suppress_token_ids=never, pad_token_id=pad_token_id)[:B * G]
         policy_logps = completion_logps if policy_pass == "packed" else per_completion_logps
         logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
         ref_logps_of = lambda ids: completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
@@ -339,7 +352,7 @@ def bench(way, model, optimizer, batch, *, G, C, repeats, step_kw):
 
 def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, counts, peak_flops):
     B, C = args.prompts, args.completion_tokens
-    batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed)
+    batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed, shuffled=args.temporal_contrast)
     P = batch["input_ids"].size(1)
     n_patches = batch["pixel_values_videos"].size(0)
     fwd = forward_flops(counts, model.config.text_config.hidden_size, model.config.text_config.vocab_size,
@@ -348,6 +361,8 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
     row = {"frames": frames, "num_generations": G, "video_grid": batch["video_grid_thw"][0].tolist(),
            "video_tokens": n_patches // (4 * B), "prompt_tokens": P, "sequence_tokens": P + C}
     ways = ["ours", "baseline"] if args.only == "both" else [args.only]
+    if args.temporal_contrast:
+        ways = list(dict.fromkeys(["ours", "tgrpo", *ways]))
     for way in ways:
         torch.manual_seed(args.seed)
         phases = bench(way, model, optimizer, batch, G=G, C=C, repeats=args.repeats, step_kw=step_kw)
@@ -359,6 +374,8 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
         row[way] = phases
     if args.only == "both":
         row["speedup"] = {p: row["baseline"][p]["time_s"] / row["ours"][p]["time_s"] for p in row["ours"]}
+    if args.temporal_contrast:  # what T-GRPO adds to ours, phase by phase
+        row["tgrpo_added_s"] = {p: row["tgrpo"][p]["time_s"] - row["ours"][p]["time_s"] for p in row["ours"]}
     return row
 
 
@@ -370,7 +387,7 @@ def fmt(x, spec):
 
 
 def print_table(row, mem_label):
-    ways = [w for w in ("ours", "baseline") if w in row]
+    ways = [w for w in ("ours", "tgrpo", "baseline") if w in row]
     print(f"{'phase':<16}{'way':<10}{'time_s':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{mem_label:>16}")
     for phase in row[ways[0]]:
         for way in ways:
@@ -444,7 +461,7 @@ def main(argv=None):
     peak_flops = peak * 1e12 or None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
-             "vision_attn": attn, "policy_pass": args.policy_pass,
+             "vision_attn": attn, "policy_pass": args.policy_pass, "temporal_contrast": args.temporal_contrast,
              "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
              "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
              "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
@@ -472,6 +489,12 @@ def main(argv=None):
               f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
               f"| median of {args.repeats} after 1 warm-up")
         print_table(row, mem_label)
+        if args.temporal_contrast:
+            added, total = row["tgrpo_added_s"], row["ours"]["total"]["time_s"]
+            # only the rollout runs other code; the other phases' differences are timing noise
+            print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
+                  f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
+                  f"measured total difference {added['total']:+.3f}s")
         result = {**setup, **row}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']:.1f}s")

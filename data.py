@@ -242,12 +242,36 @@ def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2):
 
 # ----------------------------------------------------------------------------- dataset and batching
 
-class VideoPromptDataset(torch.utils.data.Dataset):
-    """Examples -> model inputs. A bad video or an over-long prompt gives an {"error": ...} item, never an exception."""
+def frame_permutation(num_frames, seed):
+    """T-GRPO's frame order: a random permutation of range(num_frames) from `seed`, never the identity (when
+    num_frames > 1: an unshuffled "shuffled" video would make the contrast meaningless). (num_frames,) long"""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(num_frames, generator=generator)
+        if num_frames < 2 or not torch.equal(perm, torch.arange(num_frames)):
+            return perm
 
-    def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=PROMPT_TEMPLATE):
+
+def shuffled_copy(batch):
+    """T-GRPO's rollout batch: the B prompts, then the same B prompts on their shuffled videos (2B rows). The prompts
+    are identical (a shuffled video has the same grid, so the same number of video tokens): one batched rollout."""
+    assert "pixel_values_videos_shuffled" in batch, "shuffled_copy needs a dataset built with shuffled_frames=True"
+    doubled = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw")}
+    doubled["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"], batch["pixel_values_videos_shuffled"]])
+    return doubled
+
+
+class VideoPromptDataset(torch.utils.data.Dataset):
+    """Examples -> model inputs. A bad video or an over-long prompt gives an {"error": ...} item, never an exception.
+    shuffled_frames=True adds "pixel_values_videos_shuffled" (T-GRPO): the frames put in random order BEFORE patching.
+    (With temporal_patch_size 2 a patch holds two frames, so shuffling frames is not a permutation of patch rows.)
+    The order comes from (shuffle_seed, example index): the same for a video in every epoch, and on resume."""
+
+    def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=PROMPT_TEMPLATE,
+                 shuffled_frames=False, shuffle_seed=0):
         self.examples, self.tokenizer, self.s, self.max_prompt_length = examples, tokenizer, settings, max_prompt_length
         self.template = template  # eval's seed protocol asks with the seed eval script's words
+        self.shuffled_frames, self.shuffle_seed = shuffled_frames, shuffle_seed
 
     def __len__(self):
         return len(self.examples)
@@ -267,8 +291,13 @@ class VideoPromptDataset(torch.utils.data.Dataset):
             # never truncate: cutting into the video tokens would break the model
             return {"error": f"{ex['video']}: prompt has {len(input_ids)} tokens > max_prompt_length "
                              f"{self.max_prompt_length}", **meta}
-        return {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values_videos": pixel_values,
+        item = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values_videos": pixel_values,
                 "video_grid_thw": grid_thw, **meta}
+        if self.shuffled_frames:
+            perm = frame_permutation(len(frames), self.shuffle_seed * 1_000_003 + i)
+            item["pixel_values_videos_shuffled"] = video_to_patches(frames[perm.numpy()], s.patch_size, s.temporal_patch_size,
+                                                                    s.merge_size, s.image_mean, s.image_std)[0]
+        return item
 
 
 def collate(items, pad_token_id):
@@ -289,6 +318,8 @@ def collate(items, pad_token_id):
         batch["mm_token_type_ids"][b, L - n:] = it["mm_token_type_ids"]
     batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in good])  # (sum N_i, 1176)
     batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in good])  # (B, 3)
+    if "pixel_values_videos_shuffled" in good[0]:
+        batch["pixel_values_videos_shuffled"] = torch.cat([it["pixel_values_videos_shuffled"] for it in good])
     return batch
 
 

@@ -69,10 +69,13 @@ def prompt_positions(model, batch):
 
 def prefill(model, batch, repeats):
     """Run the B prompts once (vision tower included) and repeat their KV cache for G completions each. Returns the
-    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,)."""
+    cache (B*G rows), the next-token logits (B*G, V), the attention mask (B*G, P) and the next position (B*G,).
+    `repeats` is G, or one count per prompt (B,) (T-GRPO: G for the normal prompts, fewer for the shuffled ones)."""
     positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                 mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
+    if not isinstance(repeats, int):
+        repeats = torch.as_tensor(repeats, device=batch["input_ids"].device)         # (B,)
     out.past_key_values.batch_repeat_interleave(repeats)                              # (B*G, heads, P, d) per layer
     return (out.past_key_values, out.logits[:, -1].repeat_interleave(repeats, dim=0),
             batch["attention_mask"].repeat_interleave(repeats, dim=0), next_pos.repeat_interleave(repeats))
@@ -106,15 +109,19 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
-    gradient checkpointing does not switch the cache off. repetition_penalty != 1 (eval's seed protocol only; the
-    rollout keeps 1.0, as the seed's trainer did) penalises ids of the padded prompt and the completion so far.
+    gradient checkpointing does not switch the cache off. num_generations may be a count per prompt (a list of B):
+    then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
+    trainer did) penalises ids of the padded prompt and the completion so far.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens = []
-    seen = batch["input_ids"].repeat_interleave(num_generations, dim=0)               # (B*G, P + t): the penalty's ids
+    seen = None  # the penalty's ids (B*G, P + t): the padded prompt, then the completion so far
+    if repetition_penalty != 1.0:
+        counts = num_generations if isinstance(num_generations, int) else torch.as_tensor(num_generations, device=eos.device)
+        seen = batch["input_ids"].repeat_interleave(counts, dim=0)
     for t in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         logits[:, suppress_token_ids] = -float("inf")  # a sampled <|video_pad|> would break the video-token count
@@ -124,7 +131,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
             token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
-        seen = torch.cat([seen, token[:, None]], 1) if repetition_penalty != 1.0 else seen
+        seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
         done |= torch.isin(token, eos)
         if done.all() or t == max_new_tokens - 1:
             break

@@ -187,6 +187,37 @@ def seed_metrics(completions, solutions, group_size):
     stds = [statistics.stdev(total[i:i + group_size]) for i in range(0, len(total), group_size)]
     return {"seed/reward": sum(total) / len(total), "seed/reward_std": sum(stds) / len(stds),
             "seed/rewards/accuracy_reward": sum(acc) / len(acc), "seed/rewards/format_reward": sum(fmt) / len(fmt)}
+# ----------------------------------------------------------------------------------------------------------------
+# bonuses of the seed's newer trainer (T-GRPO, length control) and the learning-signal metrics: pure tensor functions
+# on accuracies (B*G,) ordered group by group; "correct" is accuracy > 0.1, as the seed tests it.
+
+def temporal_bonus(accuracy, shuffled_accuracy, has_video, group_size, shuffled_group_size, *, alpha=0.3, mu=0.8):
+    """T-GRPO, decided per prompt: p = mean accuracy of its G normal completions, p~ = of its G~ completions on the
+    shuffled video. If p >= mu * p~ (and the prompt has a video), each normal completion with accuracy > 0.1 gets
+    +alpha. accuracy (B*G,), shuffled_accuracy (B*G~,), has_video (B,) -> (bonus (B*G,), given (B,) bool)"""
+    import torch
+    acc = accuracy.view(-1, group_size)                                        # (B, G)
+    shuffled = shuffled_accuracy.view(-1, shuffled_group_size)                 # (B, G~)
+    assert acc.size(0) == shuffled.size(0) == has_video.numel(), "one group of each per prompt"
+    given = (acc.mean(1) >= mu * shuffled.mean(1)) & has_video.bool()          # (B,)
+    bonus = alpha * ((acc > 0.1) & given[:, None]).to(acc.dtype)               # (B, G)
+    return bonus.view(-1), given
+
+
+def length_bonus(accuracy, lengths, group_size, *, window=(320, 512), bonus=0.2):
+    """The seed's length control: in a group with more than one correct completion, each correct one whose length
+    (tokens, EOS included) lies in [window[0], window[1]] gets +bonus. accuracy, lengths (B*G,) -> (B*G,)"""
+    correct = (accuracy > 0.1).view(-1, group_size)                            # (B, G)
+    in_window = ((lengths >= window[0]) & (lengths <= window[1])).view(-1, group_size)  # (B, G)
+    several = correct.sum(1, keepdim=True) > 1                                 # (B, 1)
+    return bonus * (correct & in_window & several).to(accuracy.dtype).view(-1)  # (B*G,)
+
+
+def signal_groups(accuracy, group_size):
+    """(all_correct, all_wrong): the fraction of groups whose accuracies are all 1 / all 0. Such a group has equal
+    accuracies, so it teaches nothing about correctness (zero advantage unless another reward varies). (B*G,) -> floats"""
+    acc = accuracy.view(-1, group_size)                                        # (B, G)
+    return (acc >= 1).all(1).float().mean().item(), (acc <= 0).all(1).float().mean().item()
 
 
 REWARD_FUNCS = {

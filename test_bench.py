@@ -92,3 +92,17 @@ def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
     assert len(thin.model.language_model.layers) == len(thin.model.visual.blocks) == 2
     assert thin.config.text_config.hidden_size == model.config.text_config.hidden_size
     assert thin.model.language_model.config._attn_implementation == "packed_sdpa"
+
+
+def test_temporal_contrast_times_the_tgrpo_way_and_reports_its_added_cost():
+    cmd = [sys.executable, "bench.py", "--shape", "tiny", "--frames", "4", "--num_generations", "2",
+           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu", "--only", "ours", "--temporal_contrast"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON "))[len("BENCH_JSON "):])
+    assert result["temporal_contrast"] and "baseline" not in result
+    for phase in PHASES:
+        assert result["tgrpo"][phase]["time_s"] > 0
+        assert result["tgrpo_added_s"][phase] == pytest.approx(result["tgrpo"][phase]["time_s"] - result["ours"][phase]["time_s"])
+    assert "T-GRPO adds" in proc.stdout

@@ -454,3 +454,45 @@ def test_synthetic_dataset_is_deterministic_and_readable(synthetic, tmp_path, ca
         assert row["problem"].startswith("How many ") and row["problem"].endswith("?")
         n = int(row["solution"].removeprefix("<answer>").removesuffix("</answer>"))
         assert 0 <= n <= 5
+
+
+# ----------------------------------------------------------------------------- T-GRPO's shuffled copy
+
+def test_frame_permutation_is_seeded_and_never_the_identity():
+    for seed in range(30):
+        perm = data.frame_permutation(4, seed)
+        assert sorted(perm.tolist()) == [0, 1, 2, 3] and perm.tolist() != [0, 1, 2, 3]
+        assert torch.equal(perm, data.frame_permutation(4, seed))
+        assert data.frame_permutation(2, seed).tolist() == [1, 0]
+
+
+def test_shuffled_frames_are_patched_after_shuffling(synthetic, tokenizer):
+    _, train, _ = synthetic
+    examples = data.load_examples(train)[:2]
+    settings = data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56)  # 4 frames of 56x56: 2 temporal patches
+    plain = data.VideoPromptDataset(examples, tokenizer, settings)
+    ds = data.VideoPromptDataset(examples, tokenizer, settings, shuffled_frames=True, shuffle_seed=3)
+    assert "pixel_values_videos_shuffled" not in plain[0]
+    for i in range(2):
+        item = ds[i]
+        frames, _ = data.read_video(examples[i]["video"], settings.fps, settings.min_frames, settings.max_frames,
+                                    settings.min_pixels, settings.max_pixels)
+        perm = data.frame_permutation(len(frames), 3 * 1_000_003 + i)
+        normal, shuffled = item["pixel_values_videos"], item["pixel_values_videos_shuffled"]
+        assert torch.equal(normal, plain[i]["pixel_values_videos"])
+        assert torch.equal(shuffled, data.video_to_patches(frames[perm.numpy()])[0])
+        assert shuffled.shape == normal.shape and not torch.equal(shuffled, normal)
+        # a patch spans 2 frames: unless the permutation moves whole pairs, the shuffled video's patches are new
+        # rows, not a reordering of the normal ones (so permuting patch rows could not produce them)
+        pairs_kept = all(perm[2 * k].item() % 2 == 0 and perm[2 * k + 1].item() == perm[2 * k].item() + 1
+                         for k in range(len(perm) // 2))
+        is_row_permutation = all((row == normal).all(1).any() for row in shuffled)
+        assert is_row_permutation == pairs_kept and not pairs_kept  # these seeds' orders: [0, 2, 1, 3], [3, 0, 1, 2]
+    batch = data.collate([ds[0], ds[1]], pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(batch["pixel_values_videos_shuffled"], torch.cat([ds[0]["pixel_values_videos_shuffled"],
+                                                                         ds[1]["pixel_values_videos_shuffled"]]))
+    doubled = data.shuffled_copy(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw"):
+        assert torch.equal(doubled[key], torch.cat([batch[key], batch[key]])), key
+    assert torch.equal(doubled["pixel_values_videos"], torch.cat([batch["pixel_values_videos"],
+                                                                  batch["pixel_values_videos_shuffled"]]))

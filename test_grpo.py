@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -213,6 +214,103 @@ def test_seed_metrics():
     # group 1: 2.0 and 1.0 (a bare "3" is right but unformatted); group 2: 1.0 and 1.0 (format only)
     assert m == {"seed/reward": 1.25, "seed/reward_std": pytest.approx(0.5 ** 0.5 / 2),
                  "seed/rewards/accuracy_reward": 0.5, "seed/rewards/format_reward": 0.75}
+def naive_gspo_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len, kl_clamp=0.0):
+    """GSPO from its definition, one completion at a time: s_i = exp(mean over its tokens of (logp - old)), clipped
+    as a whole; the k3 KL per token as in GRPO (its log-ratio clamped when kl_clamp > 0)."""
+    N, T = logps.shape
+    terms = [[torch.zeros(())] * T for _ in range(N)]
+    for i in range(N):
+        tokens = [t for t in range(T) if mask[i, t]]
+        old = [logps[i, t].detach() if old_logps is None else old_logps[i, t] for t in range(T)]
+        s = torch.exp(sum(logps[i, t] - old[t] for t in tokens) / len(tokens)) if tokens else torch.ones(())
+        policy_term = -torch.minimum(s * adv[i], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[i])
+        for t in tokens:
+            term = policy_term
+            if beta != 0:
+                d = ref_logps[i, t] - logps[i, t]
+                d = torch.clamp(d, -kl_clamp, kl_clamp) if kl_clamp > 0 else d
+                term = term + beta * (torch.exp(d) - d - 1)
+            terms[i][t] = term
+    if loss_type == "grpo":
+        return sum(sum(terms[i]) / max(int(mask[i].sum()), 1) for i in range(N)) / N
+    total = sum(terms[i][t] for i in range(N) for t in range(T))
+    return total / max(int(mask.sum()), 1) if loss_type == "dapo" else total / (N * max_len)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_gspo_loss_matches_naive_per_sequence_loop(loss_type, beta, off_policy):
+    torch.manual_seed(2)
+    N, T = 6, 5
+    logps = (-torch.rand(N, T) * 2).requires_grad_(True)
+    # per-token noise of 1e-3: the sequence ratio leaves GSPO's [1 - 3e-4, 1 + 4e-4] on some completions, not all
+    old = (logps.detach() + torch.randn(N, T) * 1e-3) if off_policy else None
+    ref = -torch.rand(N, T) * 2 if beta else None
+    adv = torch.randn(N)
+    mask = (torch.rand(N, T) > 0.3).int()
+    mask[2] = 0
+    kw = dict(beta=beta, epsilon_low=3e-4, epsilon_high=4e-4, loss_type=loss_type, max_completion_length=T)
+    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, importance_sampling_level="sequence", **kw)
+    (grad,) = torch.autograd.grad(loss, logps)
+    logps2 = logps.detach().clone().requires_grad_(True)
+    ref_loss = naive_gspo_loss(logps2, old, ref, adv, mask, beta, 3e-4, 4e-4, loss_type, T)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logps2)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert grad[2].abs().max() == 0
+    if off_policy:  # some completions clipped as a whole, some not: the sequence ratio is what is clipped
+        assert 0 < stats["clip_ratio"] < 1
+        token, _ = train.grpo_loss(logps, old, ref, adv, mask, **kw)
+        assert (token - loss).abs() > 1e-7, "the sequence-level loss must differ from the token-level one"
+
+
+def test_split_rollout_cuts_the_normal_rows_to_their_longest_completion():
+    eos, pad = [7], 7
+    ids = torch.tensor([[1, 7, pad, pad, pad],    # normal: ends at 2 tokens
+                        [1, 2, 3, 7, pad],        # normal: ends at 4 tokens (its EOS kept)
+                        [1, 2, 3, 4, 5]])         # shuffled: ran to the limit
+    normal, shuffled = train.split_rollout(ids, 2, eos)
+    assert normal.tolist() == [[1, 7, pad, pad], [1, 2, 3, 7]] and torch.equal(shuffled, ids[2:])
+    assert normal.is_contiguous() and normal.view(1, 8).shape == (1, 8)  # the packed pass views it as (B, G*C)
+    assert train.split_rollout(ids, 3, eos)[0].shape == (3, 5) and train.split_rollout(ids, 3, eos)[1].shape == (0, 5)
+
+
+def test_kl_clamp_clips_the_log_ratio_before_k3():
+    torch.manual_seed(0)
+    logps = (-torch.rand(4, 6) * 30).requires_grad_(True)  # log-ratios up to ~30: exp would be ~1e13 unclamped
+    ref, adv, mask = -torch.rand(4, 6) * 30, torch.randn(4), torch.ones(4, 6)
+    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=6)
+    for level in ("token", "sequence"):
+        loss, stats = train.grpo_loss(logps, None, ref, adv, mask, importance_sampling_level=level, kl_clamp=10.0, **kw)
+        (grad,) = torch.autograd.grad(loss, logps)
+        logps2 = logps.detach().clone().requires_grad_(True)
+        if level == "sequence":
+            ref_loss = naive_gspo_loss(logps2, None, ref, adv, mask, 0.04, 0.2, 0.2, "grpo", 6, kl_clamp=10.0)
+        else:
+            d = torch.clamp(ref - logps2, -10, 10)
+            ref_loss = (-adv[:, None] * torch.exp(logps2 - logps2.detach()) + 0.04 * (torch.exp(d) - d - 1)).mean()
+        (ref_grad,) = torch.autograd.grad(ref_loss, logps2)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    d = ref - logps.detach()
+    assert d.abs().max() > 10 and stats["kl"] <= math.exp(10) - 11 + 1e-3
+    unclamped, _ = train.grpo_loss(logps, None, ref, adv, mask, **kw)
+    assert unclamped > loss, "without the clamp the KL of the far tokens is larger"
+    torch.testing.assert_close(train.per_token_kl(logps, ref, clamp=0.0), train.per_token_kl(logps, ref))
+
+
+def test_lr_factor_linear_and_cosine_match_transformers():
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    warmup, total = 3, 20
+    for kind, hf_schedule in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = hf_schedule(opt, warmup, total)
+        ours = [train.lr_factor(u, warmup_steps=warmup, total_updates=total, scheduler=kind) for u in range(total + 1)]
+        expected = [hf.lr_lambdas[0](u) for u in range(total + 1)]
+        # warmup: ours reaches the peak on the last warmup update ((u + 1) / w), transformers' one later (u / w)
+        assert ours[:warmup] == [(u + 1) / warmup for u in range(warmup)]
+        assert ours[warmup:] == pytest.approx(expected[warmup:], abs=1e-12), kind
 
 
 def test_selective_log_softmax_matches_log_softmax():
@@ -412,6 +510,22 @@ def test_greedy_with_penalty_matches_generate_on_the_padded_batch(tiny_setup, tm
     assert ours.tolist() == ref[:, :ours.size(1)].tolist()
     plain = sample_completions(model, batch, **kw)  # penalty 1.0: the rollout's decoding, a different output here
     assert plain.tolist() != ours.tolist()
+def test_rollout_with_per_prompt_counts_equals_separate_rollouts(tiny_setup):
+    # T-GRPO's rollout: B prompts with G completions each, then the same B prompts on shuffled videos with G~ each,
+    # in one call; greedy, so each row must equal the row of a separate rollout of its own prompt and video
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    torch.manual_seed(1)
+    batch = dict(batch, pixel_values_videos_shuffled=torch.randn_like(batch["pixel_values_videos"]))
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
+              pad_token_id=tokenizer.pad_token_id, greedy=True)
+    both = sample_completions(model, data.shuffled_copy(batch), num_generations=[3, 3, 2, 2], **kw)  # (10, C)
+    normal = sample_completions(model, batch, num_generations=3, **kw)                                 # (6, C1)
+    shuffled = sample_completions(model, dict(batch, pixel_values_videos=batch["pixel_values_videos_shuffled"]),
+                                  num_generations=2, **kw)                                             # (4, C2)
+    assert both.size(0) == 10
+    for part, rows in ((both[:6], normal), (both[6:], shuffled)):
+        C = rows.size(1)
+        assert torch.equal(part[:, :C], rows) and part[:, C:].eq(tokenizer.pad_token_id).all()
 
 
 def test_rollout_never_samples_vision_tokens(tiny_setup):
@@ -510,3 +624,33 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     assert final.lm_head.weight.shape == base.lm_head.weight.shape  # the full weights, gathered from the shards
     for name in ("tokenizer.json", "preprocessor_config.json"):
         assert (out / "final" / name).exists()
+
+
+def test_tgrpo_and_length_reward_run_and_log_their_metrics(tiny_data):
+    root, model_dir, train_path = tiny_data
+    out = root / "tgrpo"
+    run([sys.executable, "train.py", "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
+         "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0",
+         "--num_generations", "4", "--prompts_per_device", "2", "--max_completion_length", "16",
+         "--temporal_contrast", "--length_reward", "--length_window", "2,16", "--importance_sampling_level", "sequence",
+         "--kl_clamp", "10", "--lr_scheduler", "cosine"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("temporal_rewards", "length_rewards", "all_correct", "all_wrong"):
+            assert 0 <= row[key] <= 1, (key, row)
+        assert row["all_correct"] + row["all_wrong"] <= 1
+    assert json.load(open(out / "run_config.json"))["temporal_contrast"] is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--importance_sampling_level", "seq"], "--importance_sampling_level 'seq'"),
+    (["--length_window", "512,320"], "--length_window '512,320'"),
+    (["--length_window", "320"], "--length_window '320'"),
+    (["--lr_scheduler", "constant"], "--lr_scheduler must be linear or cosine"),
+    (["--kl_clamp", "-1"], "--kl_clamp"),
+])
+def test_new_flags_are_validated(flags, message, tmp_path):
+    cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(train.ConfigError, match=re.escape(message)):
+        train.validate_config(cfg)

@@ -242,3 +242,95 @@ def test_seed_format(completion, seed, ours):
 
 def test_seed_rules_registered():
     assert {"seed_accuracy", "seed_format"} <= set(REWARD_FUNCS)
+# ----------------------------------------------------------------------------------------------------------------
+# the seed's newer bonuses (T-GRPO, length control) and the learning-signal metrics, against naive transcriptions
+# of its code, one group at a time, on hand-made groups
+
+import torch  # noqa: E402
+
+from rewards import length_bonus, signal_groups, temporal_bonus  # noqa: E402
+
+
+def naive_temporal_bonus(acc, shuffled_acc, has_video, G, Gs, alpha, mu):
+    bonus, given = [], []
+    for b in range(len(has_video)):
+        normal, shuffled = acc[b * G:(b + 1) * G], shuffled_acc[b * Gs:(b + 1) * Gs]
+        ok = has_video[b] and sum(normal) / G >= mu * (sum(shuffled) / Gs)
+        given.append(ok)
+        bonus += [alpha if ok and a > 0.1 else 0.0 for a in normal]
+    return bonus, given
+
+
+def naive_length_bonus(acc, lengths, G, lo, hi, bonus):
+    out = []
+    for b in range(0, len(acc), G):
+        correct = [i for i in range(b, b + G) if acc[i] > 0.1]
+        out += [bonus if len(correct) > 1 and i in correct and lo <= lengths[i] <= hi else 0.0 for i in range(b, b + G)]
+    return out
+
+
+def test_temporal_bonus_matches_naive_on_hand_made_groups():
+    G, Gs = 4, 2
+    groups = [  # (normal accuracies, shuffled accuracies, has video)
+        ([1, 1, 0, 0], [1, 0], True),    # p 0.5 >= 0.8 * 0.5: the two correct ones get the bonus
+        ([1, 0, 0, 0], [1, 1], True),    # p 0.25 < 0.8 * 1: shuffled frames do better, no bonus
+        ([1, 1, 1, 1], [1, 1], True),    # p 1 >= 0.8: all four
+        ([0, 0, 0, 0], [0, 0], True),    # 0 >= 0: given, but no completion is correct
+        ([1, 1, 0, 0], [0, 0], False),   # no video: never
+        ([1, 0.05, 0, 1], [0.5, 0.5], True),  # an accuracy of 0.05 is not > 0.1
+    ]
+    acc = [a for g in groups for a in g[0]]
+    shuffled = [a for g in groups for a in g[1]]
+    has_video = [g[2] for g in groups]
+    bonus, given = temporal_bonus(torch.tensor(acc), torch.tensor(shuffled), torch.tensor(has_video), G, Gs, alpha=0.3, mu=0.8)
+    ref_bonus, ref_given = naive_temporal_bonus(acc, shuffled, has_video, G, Gs, 0.3, 0.8)
+    torch.testing.assert_close(bonus, torch.tensor(ref_bonus))
+    assert given.tolist() == ref_given == [True, False, True, True, False, True]
+    assert bonus.view(-1, G).gt(0).sum(1).tolist() == [2, 0, 4, 0, 0, 2]
+
+
+def test_temporal_bonus_random_groups_match_naive():
+    torch.manual_seed(0)
+    for _ in range(20):
+        B, G, Gs = 3, 6, 3
+        acc, shuffled = torch.randint(0, 2, (B * G,)).float(), torch.randint(0, 2, (B * Gs,)).float()
+        has_video = torch.rand(B) > 0.2
+        mu, alpha = float(torch.rand(1)), 0.3
+        bonus, given = temporal_bonus(acc, shuffled, has_video, G, Gs, alpha=alpha, mu=mu)
+        ref_bonus, ref_given = naive_temporal_bonus(acc.tolist(), shuffled.tolist(), has_video.tolist(), G, Gs, alpha, mu)
+        torch.testing.assert_close(bonus, torch.tensor(ref_bonus))
+        assert given.tolist() == ref_given
+
+
+def test_length_bonus_matches_naive_on_hand_made_groups():
+    G = 4
+    acc = [1, 1, 0, 1,       # three correct: the two inside [320, 512] get it (the window's ends included)
+           1, 0, 0, 0,       # one correct: never, however long
+           0, 0, 0, 0,       # none correct
+           1, 1, 1, 1]       # all correct, lengths outside the window on both sides
+    lengths = [320, 512, 400, 513,
+               400, 400, 400, 400,
+               400, 400, 400, 400,
+               319, 600, 100, 400]
+    out = length_bonus(torch.tensor(acc, dtype=torch.float32), torch.tensor(lengths, dtype=torch.float32), G,
+                       window=(320, 512), bonus=0.2)
+    ref = naive_length_bonus(acc, lengths, G, 320, 512, 0.2)
+    torch.testing.assert_close(out, torch.tensor(ref))
+    assert out.gt(0).tolist() == [True, True, False, False] + [False] * 8 + [False, False, False, True]
+
+
+def test_length_bonus_random_groups_match_naive():
+    torch.manual_seed(1)
+    for _ in range(20):
+        acc = torch.randint(0, 2, (12,)).float()
+        lengths = torch.randint(0, 60, (12,)).float()
+        out = length_bonus(acc, lengths, 3, window=(8, 48), bonus=0.5)
+        torch.testing.assert_close(out, torch.tensor(naive_length_bonus(acc.tolist(), lengths.tolist(), 3, 8, 48, 0.5)))
+
+
+def test_signal_groups_count_all_correct_and_all_wrong_groups():
+    acc = torch.tensor([1, 1, 1,  0, 0, 0,  1, 0, 1,  0, 0, 0,  1, 1, 1.])
+    all_correct, all_wrong = signal_groups(acc, 3)
+    groups = [acc[i:i + 3].tolist() for i in range(0, 15, 3)]
+    assert all_correct == pytest.approx(sum(all(a == 1 for a in g) for g in groups) / 5) and all_correct > 0
+    assert all_wrong == pytest.approx(sum(all(a == 0 for a in g) for g in groups) / 5) and all_wrong > 0

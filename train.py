@@ -34,10 +34,15 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 12. Log-softmax in fp32 (the seed's ran in bf16).
 13. The per-token KL is not clamped (the seed clamped k3 to [-100, 100]: k3 >= 0, so only the top binds, and there
     it zeroes the KL's gradient on exactly the tokens that drifted furthest; fp32 log-probs do not overflow).
+    --kl_clamp 10 clamps the log-ratio instead, as the seed's newer trainer does.
 14. Rank r seeds with seed + r (the seed: one seed on every rank).
 15. Steps per epoch = floor(examples / (ranks x prompts)) (the HF Trainer counts the last, partial batch too).
 16. --loss_type dapo divides by the token count of the whole step, all ranks (the seed had only grpo).
 17. Metrics: ours plus the seed's, under seed/ (README, What a run writes).
+18. T-GRPO (--temporal_contrast) decides p and p~ per prompt (the seed: per GPU, one prompt each); the shuffled videos
+    are sampled in the same batched rollout as the normal ones (the seed: a second generate), in a frame order fixed
+    per example by --seed (the seed drew a new one each step). all_correct/all_wrong read the accuracy reward (the
+    seed: the total reward >= 2 / <= 1, i.e. accuracy + format).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed.
@@ -91,8 +96,19 @@ class Config:
     loss_type: str = field(default="grpo", metadata={"help": "grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (N * max_len))"})
     num_iterations: int = field(default=1, metadata={"help": "mu: optimizer updates per rollout"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions that never emitted EOS from the loss"})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion, exp of its mean token log-ratio; the GSPO paper clips it at --epsilon_low 3e-4 --epsilon_high 4e-4)"})
+    kl_clamp: float = field(default=0.0, metadata={"help": "clamp the per-token log-ratio (ref - policy) to [-c, c] before the k3 KL (the seed's newer trainer: 10); 0 = off"})
+    # the seed's newer trainer (Video-R1-260k): T-GRPO and the length reward, both scored with the accuracy reward
+    temporal_contrast: bool = field(default=False, metadata={"help": "T-GRPO: also sample completions on the video with frames shuffled; +alpha to correct ones if p >= mu * p_shuffled"})
+    temporal_alpha: float = field(default=0.3, metadata={"help": "T-GRPO: the bonus added to a correct completion's reward"})
+    temporal_mu: float = field(default=0.8, metadata={"help": "T-GRPO: the bonus is given when p >= mu * p_shuffled (mean accuracies, per prompt)"})
+    shuffled_generations: int = field(default=0, metadata={"help": "T-GRPO: completions per prompt on the shuffled video (0: G // 2)"})
+    length_reward: bool = field(default=False, metadata={"help": "in a group with more than one correct completion, +length_bonus to correct ones whose length is in --length_window"})
+    length_window: str = field(default="320,512", metadata={"help": "lo,hi: completion lengths (tokens, EOS included) that earn the length bonus"})
+    length_bonus: float = field(default=0.2, metadata={"help": "the length reward's bonus"})
     # optimisation
-    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, decayed linearly to 0"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, decayed to 0 by --lr_scheduler"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "linear or cosine decay to 0 after the warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=20.0, metadata={"help": "gradient clipping norm"})
@@ -172,6 +188,12 @@ def validate_config(cfg):
         raise ConfigError(f"--scale_rewards {cfg.scale_rewards!r}: choose 'group' or 'none'")
     if cfg.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
         raise ConfigError(f"--attn_implementation {cfg.attn_implementation!r}: choose auto, sdpa, eager or flash_attention_2")
+    if cfg.importance_sampling_level not in ("token", "sequence"):
+        raise ConfigError(f"--importance_sampling_level {cfg.importance_sampling_level!r}: choose token or sequence")
+    if cfg.lr_scheduler not in ("linear", "cosine") or cfg.kl_clamp < 0 or cfg.shuffled_generations < 0:
+        raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
+    if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
+        raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
     if not os.path.isfile(cfg.deepspeed):
@@ -211,9 +233,12 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return centered.view(-1)                                        # (B*G,)
 
 
-def per_token_kl(logps, ref_logps):
-    """k3 estimator of KL(policy || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0. (N, T) -> (N, T)"""
+def per_token_kl(logps, ref_logps, clamp=0.0):
+    """k3 estimator of KL(policy || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0. (N, T) -> (N, T)
+    clamp > 0 clips ref - logp to [-clamp, clamp] first (the seed's newer trainer: 10), so exp cannot overflow."""
     delta = ref_logps - logps
+    if clamp > 0:
+        delta = delta.clamp(-clamp, clamp)
     return torch.exp(delta) - delta - 1
 
 
@@ -232,25 +257,38 @@ def completion_mask(completion_ids, eos_token_ids):
     return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
 
 
+def split_rollout(completion_ids, num_normal, eos_token_ids):
+    """T-GRPO's rollout rows: the first num_normal (those of the loss) cut to their longest completion (the shuffled
+    rows may have run longer), contiguous for the packed pass; and the rest. (N, C) -> (num_normal, C'), (N - num_normal, C)"""
+    normal, shuffled = completion_ids[:num_normal], completion_ids[num_normal:]
+    return normal[:, :completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
-              max_completion_length, dapo_tokens=None):
+              max_completion_length, importance_sampling_level="token", kl_clamp=0.0, dapo_tokens=None):
     """
     logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T).
     old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
-    when beta == 0. dapo_tokens: what dapo divides this rank's token sum by (None: this batch's own count; train()
-    passes all ranks' count / world size, so the averaged gradients are one token mean over the step).
+    when beta == 0. importance_sampling_level "sequence" is GSPO: one ratio per completion, clipped as a whole.
+    dapo_tokens: what dapo divides this rank's token sum by (None: this batch's own count; train() passes all ranks'
+    count / world size, so the averaged gradients are one token mean over the step).
     Returns (scalar loss, dict of detached stats).
     """
     mask = mask.to(logps.dtype)
     # ratio is 1 when on-policy; kept so the clipped form works for num_iterations > 1
     old_logps = logps.detach() if old_logps is None else old_logps
-    ratio = torch.exp(logps - old_logps)                                       # (N, T)
+    log_ratio = logps - old_logps                                              # (N, T)
+    if importance_sampling_level == "sequence":  # GSPO: exp of the mean log-ratio of the completion's tokens
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]  # (N, 1), broadcast over T
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)                                               # (N, T) or (N, 1)
     adv = advantages[:, None]                                                  # (N, 1)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)                         # (N, T)
     kl = None
     if beta != 0.0:
-        kl = per_token_kl(logps, ref_logps)                                    # (N, T)
+        kl = per_token_kl(logps, ref_logps, clamp=kl_clamp)                    # (N, T)
         per_token = per_token + beta * kl
     if loss_type == "grpo":      # mean over each completion's tokens, then over completions; empty rows give 0
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -274,6 +312,13 @@ def dapo_divisor(mask, world):
     n = mask.sum().to(torch.float64)
     torch.distributed.all_reduce(n)
     return max(n.item(), 1.0) / world
+def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
+    """The learning rate's multiplier at optimizer update `update` (0-based): linear warmup, then linear or cosine
+    (transformers' get_cosine_schedule_with_warmup) decay to 0 at total_updates."""
+    if update < warmup_steps:
+        return (update + 1) / warmup_steps
+    left = max(0.0, (total_updates - update) / max(1, total_updates - warmup_steps))  # 1 -> 0 after the warmup
+    return left if scheduler == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
 def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size):
@@ -386,6 +431,8 @@ def train(cfg):
     reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
     reward_funcs = [rewards.REWARD_FUNCS[n] for n in reward_names]
     G, B_max = cfg.num_generations, cfg.prompts_per_device
+    G_shuffled = cfg.shuffled_generations or G // 2  # T-GRPO's completions per prompt on the shuffled video
+    length_window = tuple(int(n) for n in cfg.length_window.split(","))
 
     # --- data
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
@@ -403,7 +450,8 @@ def train(cfg):
         examples = data.load_examples(cfg.data, video_root=cfg.video_root or None, verbose=rank == 0)
     except ValueError as e:  # no usable row: a data problem, reported like a wrong flag
         raise ConfigError(str(e)) from e
-    dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length)
+    dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
+                                      shuffled_frames=cfg.temporal_contrast, shuffle_seed=cfg.seed)
     steps_per_epoch = len(dataset) // (world * B_max)
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
@@ -416,11 +464,7 @@ def train(cfg):
     ds_config = build_ds_config(cfg)
     updates = total_steps * cfg.num_iterations
 
-    def lr_lambda(update):  # linear warmup, then linear decay to 0
-        if update < cfg.warmup_steps:
-            return (update + 1) / cfg.warmup_steps
-        return max(0.0, (updates - update) / max(1, updates - cfg.warmup_steps))
-
+    lr_lambda = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy_model, model_parameters=[p for p in policy_model.parameters() if p.requires_grad], config=ds_config,
         optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
@@ -480,10 +524,15 @@ def train(cfg):
         # rollout: G completions per prompt, with the policy's current weights
         t_rollout = time.time()
         policy.eval()
+        B = len(batch["solution"])
+        # T-GRPO: the shuffled videos ride in the same rollout, B more prompts (same length) with G_shuffled each
+        rollout_batch, counts = (data.shuffled_copy(batch), [G] * B + [G_shuffled] * B) if cfg.temporal_contrast else (batch, G)
         with model.gathered_params(engine):
             completion_ids = model.sample_completions(
-                policy, batch, num_generations=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
+        if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
+            completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, eos_token_ids)  # (B*G, C'), (B*G~, C)
         rollout_time = time.time() - t_rollout
         # a vision token in a completion would break the video-token count of every later pass
         assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
@@ -496,6 +545,18 @@ def train(cfg):
 
         # rewards: completion i belongs to prompt i // G
         per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
+        accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G)[1]  # (B*G,)
+        extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
+        if cfg.temporal_contrast:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
+            shuffled = model.decode_completions(tokenizer, shuffled_ids, completion_mask(shuffled_ids, eos_token_ids))
+            shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], G_shuffled)[1]
+            has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
+            bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, G_shuffled,
+                                                  alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
+            reward, extra["temporal_rewards"] = reward + bonus, given.float().mean().item()
+        if cfg.length_reward:
+            bonus = rewards.length_bonus(accuracy, lengths.cpu(), G, window=length_window, bonus=cfg.length_bonus)  # (B*G,)
+            reward, extra["length_rewards"] = reward + bonus, (bonus > 0).float().mean().item()
         advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(device)           # (B*G,)
 
         # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
@@ -516,6 +577,7 @@ def train(cfg):
             loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
                                          epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                          loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                         importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
                                          dapo_tokens=dapo_tokens)
             finite = torch.tensor(float(torch.isfinite(loss)), device=device)
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -541,7 +603,7 @@ def train(cfg):
                  **{f"rewards/{n}": r.mean().item() for n, r in zip(reward_names, per_reward)},
                  "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
                  "truncated_ratio": truncated.float().mean().item(),
-                 "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
+                 "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
                  "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
                  "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
                  **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
