@@ -195,7 +195,6 @@ def temporal_bonus(accuracy, shuffled_accuracy, has_video, group_size, shuffled_
     """T-GRPO, decided per prompt: p = mean accuracy of its G normal completions, p~ = of its G~ completions on the
     shuffled video. If p >= mu * p~ (and the prompt has a video), each normal completion with accuracy > 0.1 gets
     +alpha. accuracy (B*G,), shuffled_accuracy (B*G~,), has_video (B,) -> (bonus (B*G,), given (B,) bool)"""
-    import torch
     acc = accuracy.view(-1, group_size)                                        # (B, G)
     shuffled = shuffled_accuracy.view(-1, shuffled_group_size)                 # (B, G~)
     assert acc.size(0) == shuffled.size(0) == has_video.numel(), "one group of each per prompt"
