@@ -56,8 +56,10 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     skipped = []
     ex = data.load_examples(path, skipped=skipped)
     assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>", "index": 1},
-        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>", "index": 7},
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>",
+         "problem_type": "numerical", "options": [], "index": 1},
+        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>",
+         "problem_type": "numerical", "options": [], "index": 7},
     ]
     assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
     assert "invalid JSON" in skipped[0]["reason"] and "not found" in skipped[2]["reason"]
@@ -360,7 +362,9 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert batch["solution"] == [examples[0]["solution"], examples[2]["solution"]]
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]
     empty = data.collate([items[1]], pad_token_id=pad_id)
-    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "skipped": [items[1]]}
+    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "problem_type": [], "options": [],
+                     "skipped": [items[1]]}
+    assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
 
 
 def test_overlong_prompt_is_skipped_not_truncated(synthetic, tokenizer):

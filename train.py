@@ -3,6 +3,7 @@ GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written o
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
+    python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
 
@@ -41,6 +42,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,7 +165,8 @@ def validate_config(cfg):
     if not os.path.isfile(cfg.deepspeed):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
     build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
-    generated = cfg.tiny and cfg.data == TINY["data"]  # the synthetic set is made on first use
+    # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
+    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
     if not generated and not os.path.isfile(cfg.data):
         raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
@@ -244,13 +247,37 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_lo
     return loss, stats
 
 
-def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size):
+def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size, **columns):
     """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
-    Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
+    that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    import rewards
     assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
     per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
-    per_reward = torch.tensor([fn(completions, per_prompt) for fn in reward_funcs], dtype=torch.float32)  # (R, B*G)
+    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
+    per_reward = torch.tensor([rewards.call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
+                              dtype=torch.float32)  # (R, B*G)
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
+
+
+def seed_findings(completions, batch, tokenizer, group_size):
+    """The seed's measures of thinking (rewards.py): mean thinking length in tokens, share of blank thoughts, and how
+    varied the answers within a group are (entropy in nats, share of the most common answer)."""
+    import rewards
+    thinking_length, empty_ratio = rewards.thinking_stats(
+        completions, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    keys = [rewards.answer_key(c, batch["problem_type"][i // group_size], batch["options"][i // group_size])
+            for i, c in enumerate(completions)]
+    entropy, mode_share = rewards.answer_diversity(keys, group_size)
+    return {"thinking_length": thinking_length, "empty_thinking_ratio": empty_ratio, "answer_entropy": entropy,
+            "answer_mode_share": mode_share}
+
+
+def eta(elapsed, steps_done, steps_left):
+    """Time left at the mean step time so far, as 9h12m / 4m05s / 12s."""
+    left = round(elapsed / max(steps_done, 1) * steps_left)
+    h, m, s = left // 3600, left % 3600 // 60, left % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,6 +374,9 @@ def train(cfg):
     import rewards
 
     rank, world, device = init_distributed()
+    # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                            r"deprecated", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -430,6 +460,7 @@ def train(cfg):
         checkpoint.set_rng_state(rng)
 
     # --- the loop
+    t_start = time.time()
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.time()
         failed, tried = 0, 0
@@ -463,7 +494,8 @@ def train(cfg):
             mask = mask * (~truncated)[:, None].int()
 
         # rewards: completion i belongs to prompt i // G
-        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
+        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G,  # (R, B*G), (B*G,)
+                                             problem_type=batch["problem_type"], options=batch["options"])
         advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(device)           # (B*G,)
 
         # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
@@ -508,7 +540,7 @@ def train(cfg):
                  "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
                  "truncated_ratio": truncated.float().mean().item(),
                  "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
-                 "rollout_time": rollout_time}
+                 "rollout_time": rollout_time, **seed_findings(completions, batch, tokenizer, G)}
         totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
         summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
@@ -522,7 +554,7 @@ def train(cfg):
         print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
                + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in reward_names)
                + f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
-               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s")
+               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s | eta {eta(time.time() - t_start, step - start_step, total_steps - step)}")
         recent_failures = (recent_failures + [(failed, tried)])[-cfg.skip_window:]
         window_failed, window_tried = map(sum, zip(*recent_failures))
         if window_failed > cfg.max_skip_fraction * window_tried and window_tried >= cfg.skip_window * B_max * world / 2:
