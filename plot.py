@@ -78,15 +78,15 @@ def plot_runs(run_dirs, output=None, smoothing=0.8):
             steps, values = zip(*points)
             color = f"C{k % 10}"
             ax.plot(steps, values, lw=0.7, alpha=0.35, color=color)
-            ax.plot(steps, ema(values, smoothing), lw=2.0, color=color,
-                    label=name if len(runs) > 1 else f"EMA {smoothing} (thin: raw)")
+            ax.plot(steps, ema(values, smoothing), lw=2.0, color=color, label=name)
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, f"n/a\n(no {key} in metrics.jsonl)", ha="center", va="center", transform=ax.transAxes)
             continue
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if len(runs) > 1:
+            ax.legend(fontsize="small")
     fig.suptitle(" vs ".join(name for name, _ in runs) + f"  (thick: EMA {smoothing}, thin: raw)")
     fig.tight_layout()
     png = output or os.path.join(run_dirs[0], "curves.png")

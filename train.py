@@ -30,6 +30,9 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
  9. Accuracy needs the <answer> tag, exactly as eval.py scores it (the seed's training reward also took a bare
     number).
 10. Log-probs are of temperature-scaled logits, the distribution that was sampled (the same at temperature 1.0).
+11. Each completion is scored by its own row's problem_type, a multiple-choice answer by its option letter ("B.", "(B)"
+    are B), free-form by normalised exact match (Video-R1's later trainer took the first row's type for the whole
+    batch, compared multiple-choice answers as strings and gave free-form answers ROUGE credit).
 """
 import argparse
 import dataclasses
