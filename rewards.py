@@ -247,6 +247,20 @@ def thinking_stats(completions, count_tokens):
     return sum(lengths) / max(len(lengths), 1), empty / max(len(lengths), 1)
 
 
+def seed_metrics(completions, group_size, count_tokens, problem_type=None, options=None):
+    """The per-step measures of the seed's findings, for B*G completions ordered prompt by prompt: thinking_length,
+    empty_thinking_ratio (thinking_stats), answer_entropy and answer_mode_share (answer_diversity of answer_key).
+    problem_type and options are per prompt (B,), as in a batch; count_tokens(text) -> int."""
+    n_prompts = len(completions) // group_size
+    problem_type = problem_type if problem_type is not None else ["numerical"] * n_prompts
+    options = options if options is not None else [None] * n_prompts
+    thinking_length, empty_ratio = thinking_stats(completions, count_tokens)
+    keys = [answer_key(c, problem_type[i // group_size], options[i // group_size]) for i, c in enumerate(completions)]
+    entropy, mode_share = answer_diversity(keys, group_size)
+    return {"thinking_length": thinking_length, "empty_thinking_ratio": empty_ratio, "answer_entropy": entropy,
+            "answer_mode_share": mode_share}
+
+
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,

@@ -15,6 +15,7 @@ from rewards import (
     format_reward,
     option_letter,
     parse_options,
+    seed_metrics,
     thinking_stats,
     thinking_text,
 )
@@ -328,3 +329,16 @@ def test_thinking_stats():
     length, empty = thinking_stats(comps, lambda text: len(text.split()))
     assert length == pytest.approx((3 + 0 + 0 + 0) / 4) and empty == pytest.approx(1 / 4)
     assert thinking_stats([], len) == (0.0, 0.0)
+
+
+def test_seed_metrics_group_by_prompt_and_type():
+    # two prompts x G=2: a numerical group that agrees, a multiple-choice group that does not
+    completions = ["<think>a b</think><answer>3</answer>", "<think></think><answer>3.0</answer>",
+                   "<think>c</think><answer>(B)</answer>", "<think>d e f</think><answer>B. red cube</answer>"]
+    m = seed_metrics(completions, 2, lambda text: len(text.split()), problem_type=["numerical", "multiple choice"],
+                     options=[[], OPTIONS])
+    assert m["thinking_length"] == pytest.approx((2 + 0 + 1 + 3) / 4) and m["empty_thinking_ratio"] == 0.25
+    # group 1: {3, 3} -> 0 nats; group 2: {B, none} -> log 2 (the letter with another option's text is no answer)
+    assert m["answer_entropy"] == pytest.approx(math.log(2) / 2) and m["answer_mode_share"] == 0.75
+    plain = seed_metrics(completions, 2, lambda text: len(text.split()))  # all numerical: "(B)" and "B. red cube" differ
+    assert plain["answer_entropy"] == pytest.approx(math.log(2) / 2)

@@ -263,19 +263,6 @@ def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
 
 
-def seed_findings(completions, batch, tokenizer, group_size):
-    """The seed's measures of thinking (rewards.py): mean thinking length in tokens, share of blank thoughts, and how
-    varied the answers within a group are (entropy in nats, share of the most common answer)."""
-    import rewards
-    thinking_length, empty_ratio = rewards.thinking_stats(
-        completions, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    keys = [rewards.answer_key(c, batch["problem_type"][i // group_size], batch["options"][i // group_size])
-            for i, c in enumerate(completions)]
-    entropy, mode_share = rewards.answer_diversity(keys, group_size)
-    return {"thinking_length": thinking_length, "empty_thinking_ratio": empty_ratio, "answer_entropy": entropy,
-            "answer_mode_share": mode_share}
-
-
 def eta(elapsed, steps_done, steps_left):
     """Time left at the mean step time so far, as 9h12m / 4m05s / 12s."""
     left = round(elapsed / max(steps_done, 1) * steps_left)
@@ -543,7 +530,9 @@ def train(cfg):
                  "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
                  "truncated_ratio": truncated.float().mean().item(),
                  "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(),
-                 "rollout_time": rollout_time, **seed_findings(completions, batch, tokenizer, G)}
+                 "rollout_time": rollout_time, **rewards.seed_metrics(  # thinking length, empty thoughts, answer variety
+                     completions, G, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                     problem_type=batch["problem_type"], options=batch["options"])}
         totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
         summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
