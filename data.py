@@ -2,7 +2,8 @@
 Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing, prompts, batching.
 
 The pipeline, per example:
-    load_examples(jsonl)   -> {"video", "problem", "solution"} dicts
+    load_examples(jsonl)   -> {"video", "problem", "solution", "problem_type", "options"} dicts (DVD-counting or
+                              Video-R1-260k rows)
     read_video(path)       -> uint8 frames (T, H, W, 3), sampled and resized exactly like qwen-vl-utils' fetch_video
     video_to_patches()     -> pixel_values_videos (N, 1176), video_grid_thw (1, 3), as transformers' Qwen2-VL processor
     build_prompt_text() / encode_prompt() -> input_ids with the video placeholder expanded, mm_token_type_ids
@@ -13,7 +14,8 @@ No torchvision: frames are decoded with decord and resized with the very torch c
 resize(BICUBIC, antialias=True) makes on uint8 tensors (float32 bicubic interpolate, clamp, round). PIL's bicubic is
 not used: it rounds to uint8 between its two passes, which moves up to ~20% of pixels by up to ~10 levels.
 
-    python data.py --synthetic data/synthetic   # writes a small counting dataset of moving shapes
+    python data.py --synthetic data/synthetic   # a small dataset of moving shapes: counting (train/test.jsonl)
+                                                # and multiple choice (train_mc/test_mc.jsonl) about the same clips
 """
 import argparse
 import json
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rewards
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The seed's own copy of qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py): frames come in pairs;
@@ -35,6 +39,15 @@ VIDEO_MAX_PIXELS = 128 * 28 * 28
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # its default VIDEO_MAX_PIXELS env var: a 128K-token budget
 PROMPT_TEMPLATE = ("{problem}  Output the thinking process in <think> </think> and final answer (number) "
                    "in <answer> </answer> tags.")
+# one template per rewards.PROBLEM_TYPES entry, shared by train and eval; numerical is the seed's exact text
+PROMPT_TEMPLATES = {
+    "numerical": PROMPT_TEMPLATE,
+    "multiple choice": ("{problem}\nOptions:\n{options}\nOutput the thinking process in <think> </think> and final "
+                        "answer (the option letter only, e.g. A) in <answer> </answer> tags."),
+    "free-form": ("{problem}  Output the thinking process in <think> </think> and final answer (a short text) "
+                  "in <answer> </answer> tags."),
+}
+assert set(PROMPT_TEMPLATES) == set(rewards.PROBLEM_TYPES)
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
@@ -46,8 +59,11 @@ class VideoError(ValueError):
 
 def load_examples(path, video_root=None, skipped=None, verbose=True):
     """
-    Read DVD-counting rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution", "index"}], index
-    being the row's line (JSONL) or record (JSON list) number. Bad rows are reported and dropped; when `skipped` is
+    Read rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution", "problem_type", "options",
+    "index"}], index being the row's line (JSONL) or record (JSON list) number. Two layouts: DVD-counting
+    (video_filename, problem, solution) and Video-R1-260k (path, data_type, problem_type, problem, options, solution).
+    problem_type defaults to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown
+    problem_type or a data_type other than "video" is bad. Bad rows are reported and dropped; when `skipped` is
     a list, each is also appended to it as {"index", "video" (None if unknown), "reason"}.
     """
     path = Path(path)
@@ -74,11 +90,14 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
         video = None
         if err is None and not isinstance(row, dict):
             err = f"expected an object, got {type(row).__name__}"
-        for key in ("video_filename", "problem", "solution"):
+        video_key = "path" if err is None and "video_filename" not in row and "path" in row else "video_filename"
+        for key in (video_key, "problem", "solution"):
             if err is None and not isinstance(row.get(key), str):
                 err = f"field {key!r} missing or not a string"
         if err is None:
-            video = os.path.abspath(root / os.path.expanduser(row["video_filename"]))  # absolute paths stay as is
+            err = _answer_type_error(row)
+        if err is None:
+            video = os.path.abspath(root / os.path.expanduser(row[video_key]))  # absolute paths stay as is
             if not os.path.isfile(video):
                 err = f"video file not found: {video}"
         if err is not None:
@@ -87,13 +106,30 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
             if skipped is not None:
                 skipped.append({"index": i, "video": video, "reason": err})
             continue
-        examples.append({"video": video, "problem": row["problem"], "solution": row["solution"], "index": i})
+        examples.append({"video": video, "problem": row["problem"], "solution": row["solution"],
+                         "problem_type": row.get("problem_type", "numerical"), "options": row.get("options") or [],
+                         "index": i})
     if verbose:
         print(f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
               file=sys.stderr)
     if not examples:
         raise ValueError(f"load_examples: no usable row in {path} (video_root={root})")
     return examples
+
+
+def _answer_type_error(row):
+    """Why a row's data_type / problem_type / options cannot be used, else None."""
+    if row.get("data_type", "video") != "video":
+        return f"data_type {row['data_type']!r} is not video"
+    problem_type = row.get("problem_type", "numerical")
+    if problem_type not in rewards.PROBLEM_TYPES:
+        return f"problem_type {problem_type!r} unknown; known: {list(rewards.PROBLEM_TYPES)}"
+    options = row.get("options")
+    if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+        return "field 'options' is not a list of strings"
+    if problem_type == "multiple choice" and not options:
+        return "a multiple choice row needs a non-empty 'options' list"
+    return None
 
 
 # ----------------------------------------------------------------------------- video
@@ -214,12 +250,25 @@ def video_settings_from_pretrained(model_dir, **overrides):
 
 # ----------------------------------------------------------------------------- prompts
 
-def build_prompt_text(tokenizer, problem, template=PROMPT_TEMPLATE):
+def format_question(problem, problem_type="numerical", options=None, template=None):
+    """The question text for one row: its type's template (or `template`: eval's seed protocol asks with the seed eval
+    script's words); multiple choice lists the options, one a line."""
+    # options that carry no letter get their place's letter, as rewards.parse_options reads them
+    lettered = [o.strip() if _has_letter(o) else f"{chr(ord('A') + i)}. {o.strip()}" for i, o in enumerate(options or [])]
+    return (template or PROMPT_TEMPLATES[problem_type]).format(problem=problem, options="\n".join(lettered))
+
+
+def _has_letter(option):
+    m = rewards._OPTION.fullmatch(option.strip())
+    return m is not None and m.group(2) is not None
+
+
+def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None, template=None):
     """The chat-formatted prompt (one video, then the question), ending with the assistant turn opener."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"build_prompt_text: tokenizer {type(tokenizer).__name__} has no chat template")
-    messages = [{"role": "user", "content": [{"type": "video"},
-                                             {"type": "text", "text": template.format(problem=problem)}]}]
+    question = format_question(problem, problem_type, options, template)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if text.count(VIDEO_PLACEHOLDER) != 1:
         raise ValueError(f"build_prompt_text: chat template must render exactly one {VIDEO_PLACEHOLDER}, got: {text!r}")
@@ -267,10 +316,10 @@ class VideoPromptDataset(torch.utils.data.Dataset):
     (With temporal_patch_size 2 a patch holds two frames, so shuffling frames is not a permutation of patch rows.)
     The order comes from (shuffle_seed, example index): the same for a video in every epoch, and on resume."""
 
-    def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=PROMPT_TEMPLATE,
+    def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=None,
                  shuffled_frames=False, shuffle_seed=0):
         self.examples, self.tokenizer, self.s, self.max_prompt_length = examples, tokenizer, settings, max_prompt_length
-        self.template = template  # eval's seed protocol asks with the seed eval script's words
+        self.template = template  # None: each row's problem_type's; eval's seed protocol: the seed eval script's words
         self.shuffled_frames, self.shuffle_seed = shuffled_frames, shuffle_seed
 
     def __len__(self):
@@ -278,14 +327,15 @@ class VideoPromptDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         ex, s = self.examples[i], self.s
-        meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i}
+        meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i,
+                "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or []}
         try:
             frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
         except VideoError as e:
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
                                                   s.image_mean, s.image_std)
-        text = build_prompt_text(self.tokenizer, ex["problem"], self.template)
+        text = build_prompt_text(self.tokenizer, ex["problem"], meta["problem_type"], meta["options"], self.template)
         input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size)
         if self.max_prompt_length is not None and len(input_ids) > self.max_prompt_length:
             # never truncate: cutting into the video tokens would break the model
@@ -304,6 +354,8 @@ def collate(items, pad_token_id):
     """Left-pad the good items into a batch (generation appends on the right); error items go to batch["skipped"]."""
     good = [it for it in items if "error" not in it]
     batch = {key: [it[key] for it in good] for key in ("problem", "solution", "video", "index")}
+    for key in ("problem_type", "options"):  # extra columns the rewards get as keyword arguments
+        batch[key] = [it.get(key, "numerical" if key == "problem_type" else []) for it in good]
     batch["skipped"] = [it for it in items if "error" in it]
     if not good:
         return batch  # B = 0: the trainer decides what to do
@@ -417,28 +469,53 @@ def _make_example(rng, name, size, num_frames, fps, out_dir):
                   ("How many objects are moving?", sum(o["moving"] for o in objects)),
                   ("How many objects are there in total?", len(objects))][int(rng.integers(4))]
     _write_clip(out_dir / "videos" / f"{name}.mp4", objects, positions, size, fps)
-    return {"video_filename": f"./videos/{name}.mp4", "problem": problem, "solution": f"<answer>{n}</answer>"}
+    return {"video_filename": f"./videos/{name}.mp4", "problem": problem, "solution": f"<answer>{n}</answer>"}, objects
+
+
+def _make_mc_example(rng, video_filename, objects):
+    """A 4-option multiple-choice question about a clip's objects: the total count, or the shape of a colour that
+    only one object has. The right option's letter is uniform over A-D."""
+    colors = [o["color"] for o in objects]
+    unique = [o for o in objects if colors.count(o["color"]) == 1]
+    if unique and rng.random() < 0.5:
+        pick = unique[int(rng.integers(len(unique)))]
+        problem, right, wrong = (f"What shape is the {pick['color']} object?", pick["shape"],
+                                 [s for s in ("square", "circle", "triangle", "star") if s != pick["shape"]])
+    else:
+        problem, right = "How many objects are there in total?", str(len(objects))
+        wrong = [str(k) for k in range(0, 8) if k != len(objects)]
+    choices = [right] + [str(w) for w in rng.choice(wrong, size=3, replace=False)]
+    order = rng.permutation(4)
+    options = [f"{'ABCD'[k]}. {choices[j]}" for k, j in enumerate(order)]
+    letter = "ABCD"[int(np.flatnonzero(order == 0)[0])]
+    return {"video_filename": video_filename, "problem": problem, "problem_type": "multiple choice",
+            "options": options, "solution": f"<answer>{letter}</answer>"}
 
 
 def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 112), num_frames=16, fps=8):
-    """Write videos/*.mp4 and DVD-counting-style train.jsonl / test.jsonl under out_dir. size is (H, W)."""
+    """Write videos/*.mp4, DVD-counting-style train.jsonl / test.jsonl and, about the same clips, multiple-choice
+    train_mc.jsonl / test_mc.jsonl under out_dir. size is (H, W). Returns the two counting paths."""
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    mc_rng = np.random.default_rng([seed, 1])  # its own stream: the counting split is the same with or without it
     paths = []
     for split, n in (("train", n_train), ("test", n_test)):
-        rows = [_make_example(rng, f"{split}_{i:05d}", size, num_frames, fps, out_dir) for i in range(n)]
+        made = [_make_example(rng, f"{split}_{i:05d}", size, num_frames, fps, out_dir) for i in range(n)]
         paths.append(out_dir / f"{split}.jsonl")
-        paths[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths[-1].write_text("".join(json.dumps(row) + "\n" for row, _ in made))
+        mc = [_make_mc_example(mc_rng, row["video_filename"], objects) for row, objects in made]
+        (out_dir / f"{split}_mc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mc))
     return tuple(paths)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", metavar="DIR", required=True, help="write a synthetic counting dataset to DIR")
+    ap.add_argument("--synthetic", metavar="DIR", required=True, help="write a synthetic dataset (counting + multiple choice) to DIR")
     ap.add_argument("--n_train", type=int, default=64)
     ap.add_argument("--n_test", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     train_path, test_path = make_synthetic_dataset(args.synthetic, args.n_train, args.n_test, args.seed)
-    print(f"wrote {train_path} ({args.n_train} rows) and {test_path} ({args.n_test} rows)")
+    print(f"wrote {train_path} ({args.n_train} rows) and {test_path} ({args.n_test} rows), and the multiple-choice "
+          f"{train_path.with_name('train_mc.jsonl')} and {test_path.with_name('test_mc.jsonl')} about the same clips")

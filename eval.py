@@ -5,21 +5,24 @@ Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as tra
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
+    python eval.py --tiny --data data/synthetic/test_mc.jsonl   # the same on the multiple-choice split
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
 
 What is shared with train.py, so that "correct in eval" means "accuracy reward 1.0 in training" and nothing else:
-the prompt template, video decoding and settings (data.VideoPromptDataset / collate), the sampler
+the prompt template of each problem_type, video decoding and settings (data.VideoPromptDataset / collate), the sampler
 (sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
 (rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
 --protocol seed instead decodes and scores as the seed's eval script did, so a number can be set beside its table:
 its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser (SEED_PROMPT_TEMPLATE, seed_number).
 
 Output, one JSON file per model (fractions in [0, 1]; the printed table shows percent):
-    {"model", "data", "protocol", "repetition_penalty", "accuracy", "format_rate", "mean_completion_length",
-     "mean_thinking_length", "n", "skipped",
-     "results": [{"index", "video", "problem", "solution", "output", "answer", "correct", "format",
+    {"model", "data", "protocol", "repetition_penalty", "accuracy", "accuracy_by_type", "format_rate",
+     "mean_completion_length", "mean_thinking_length", "n", "skipped",
+     "results": [{"index", "video", "problem", "problem_type", "solution", "output", "answer", "correct", "format",
                   "completion_length", "thinking_length"}, ...]}
   answer            --protocol train: the text of the last <answer>; seed: the int the seed's parser read, or null
+  accuracy_by_type  {problem_type: accuracy} over the rows of each type present ("numerical", "multiple choice",
+                    "free-form"; rows without a problem_type are numerical)
   index             the row's number in the data file (its line for JSONL, its record for a JSON list), 1-based;
                     results and skipped are sorted by it
   completion_length tokens up to and including the first EOS (training's completion_length metric)
@@ -142,15 +145,17 @@ def key(record):
 # ----------------------------------------------------------------------------------------------------------------
 # scoring: the training rewards, on greedy completions
 
-def score(output, solution, completion_length, tokenizer, protocol="train"):
-    """One completion's fields: correct/format are exactly the training rewards being 1.0; with protocol "seed",
-    answer and correct are the seed eval script's (its number parser on both sides, an int compare)."""
+def score(output, solution, completion_length, tokenizer, protocol="train", problem_type="numerical", options=None):
+    """One completion's fields: correct/format are exactly the training rewards being 1.0 (accuracy by the row's
+    problem_type); with protocol "seed", answer and correct are the seed eval script's (its number parser on both
+    sides, an int compare)."""
     thought = rewards.thinking_text(output)
     if protocol == "seed":
         answer = seed_number(output)
         correct = answer is not None and answer == seed_number(solution)
     else:
-        answer, correct = rewards.extract_answer(output), rewards.accuracy_reward([output], [solution])[0] == 1.0
+        answer = rewards.extract_answer(output)
+        correct = rewards.accuracy_reward([output], [solution], problem_type=[problem_type], options=[options])[0] == 1.0
     return {"output": output, "answer": answer, "correct": correct,
             "format": rewards.format_reward([output])[0] == 1.0,
             "completion_length": int(completion_length),
@@ -166,8 +171,12 @@ def summarize(model, data_path, records, protocol="train", repetition_penalty=1.
     def mean(name):  # None when nothing was evaluated: 0% would claim a result
         return sum(float(r[name]) for r in results) / len(results) if results else None
 
+    by_type = {}
+    for r in results:
+        by_type.setdefault(r.get("problem_type", "numerical"), []).append(float(r["correct"]))
     return {"model": model, "data": data_path, "protocol": protocol, "repetition_penalty": repetition_penalty,
-            "accuracy": mean("correct"), "format_rate": mean("format"),
+            "accuracy": mean("correct"), "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+            "format_rate": mean("format"),
             "mean_completion_length": mean("completion_length"), "mean_thinking_length": mean("thinking_length"),
             "n": len(results), "skipped": skipped, "results": results}
 
@@ -255,9 +264,9 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
             # EOS and suppressed tokens exactly as train.train() builds them
             eos_token_ids, suppress = special_token_ids(tokenizer)
-            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution")} for r in mine],
-                                              tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
-                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else data.PROMPT_TEMPLATE)
+            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution", "problem_type", "options")}
+                                               for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
+                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                                  collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
             bar = tqdm(total=todo, unit="ex", desc=os.path.basename(os.path.normpath(model_name)), disable=rank != 0, file=sys.stderr)
@@ -275,7 +284,9 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                     for b, out in enumerate(outputs):
                         row = mine[batch["index"][b]]
                         records.append({"index": row["index"], "video": row["video"], "problem": row["problem"],
-                                        "solution": row["solution"], **score(out, row["solution"], mask[b].sum(), tokenizer, cfg.protocol)})
+                                        "problem_type": row["problem_type"], "solution": row["solution"],
+                                        **score(out, row["solution"], mask[b].sum(), tokenizer, cfg.protocol,
+                                                row["problem_type"], row["options"])})
                 records = [r for r in records if key(r) not in done]  # rows of a re-run half-done batch are kept as first written
                 write(records)
                 bar.update(len(records))
@@ -309,9 +320,11 @@ def format_table(summaries):
     def num(x):
         return "n/a" if x is None else f"{x:.1f}"
 
+    types = sorted({t for s in summaries for t in s.get("accuracy_by_type", {})})
     lines = [("model", [s["model"] for s in summaries]),
              ("protocol", [f"{s.get('protocol', 'train')} (penalty {s.get('repetition_penalty', 1.0):g})" for s in summaries]),
              ("accuracy (%)", [pct(s["accuracy"]) for s in summaries]),
+             *[(f"  {t} (%)", [pct(s.get("accuracy_by_type", {}).get(t)) for s in summaries]) for t in types],
              ("format rate (%)", [pct(s["format_rate"]) for s in summaries]),
              ("mean completion length (tokens)", [num(s["mean_completion_length"]) for s in summaries]),
              ("mean thinking length (tokens)", [num(s["mean_thinking_length"]) for s in summaries]),

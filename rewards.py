@@ -1,8 +1,11 @@
 """Rule-based rewards for GRPO on video QA (Video-R1 style).
 
-Every reward function has the signature `fn(completions, solutions) -> list[float]`
+Every reward function has the signature `fn(completions, solutions, **kwargs) -> list[float]`
 and returns one float per completion. Add a reward by writing one function and
 adding it to REWARD_FUNCS; the trainer looks names up there (`--rewards accuracy,format`).
+The trainer passes the rows' extra columns, one value per completion, as keyword arguments:
+problem_type=[...] and options=[...]. call_reward passes a function only the ones its signature
+names (all of them to a **kwargs), so a plain `fn(completions, solutions)` keeps working.
 
 Rules
 -----
@@ -17,9 +20,17 @@ accuracy 1.0 iff the completion's answer equals the truth.
                   it, stripped. No such pair, or a blank answer, scores 0.0, so a
                   bare "3" or a "3" that only appears inside <think> earns nothing.
          truth  = the solution's answer, or the stripped solution if it has no tags.
-         If both sides look like numbers ([+-]digits[.digits]) they are compared
-         by exact decimal value (3 == 3.0 == 3. == +3 == 03, -0 == 0); otherwise
-         case-insensitively with runs of whitespace folded to one space.
+         By the row's problem_type (PROBLEM_TYPES; "numerical" when not given):
+         numerical, free-form: if both sides look like numbers ([+-]digits[.digits])
+             they are compared by exact decimal value (3 == 3.0 == 3. == +3 == 03,
+             -0 == 0); otherwise case-insensitively with runs of whitespace folded
+             to one space (free-form: a normalised exact match, no ROUGE).
+         multiple choice: the option letters must be equal (option_letter): "B",
+             "B.", "(B)", "B)", "B: text" and "B. text" all give B. The text after
+             the letter must be that option's text (when the options are known) and
+             must not name another capital letter; two letters, a lowercase letter,
+             an option's text without its letter, or a letter outside the options
+             are wrong.
 
 seed_accuracy, seed_format: the seed's two rules, exactly (see their docstrings); they let through what the rules
          above refuse (a bare "3", an empty answer, a second answer block) and refuse "3.0" for "3".
@@ -30,7 +41,10 @@ anchored regex without nested quantifiers, so a 200k-char completion or thousand
 of repeated tags cost milliseconds.
 """
 
+import inspect
+import math
 import re
+from collections import Counter
 from decimal import Decimal
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -40,6 +54,10 @@ TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 # Optional sign, digits, optional "." and digits. ASCII only, no exponent.
 # No nested quantifiers, so matching is linear.
 _NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")
+PROBLEM_TYPES = ("numerical", "multiple choice", "free-form")
+# An option letter: "B", "(B)", then optionally ". text", ") text", ": text". Linear: no nested quantifiers.
+_OPTION = re.compile(r"\(?([A-Z])\)?(?:[.:)]\s*(.*))?", re.DOTALL)
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z])")
 
 
 def _has_tag(text):
@@ -97,7 +115,7 @@ def _format_ok(text):
     return answer.strip() != ""
 
 
-def format_reward(completions, solutions=None):
+def format_reward(completions, solutions=None, **kwargs):
     """1.0 per completion that is exactly <think>..</think><answer>..</answer>."""
     return [1.0 if _format_ok(c) else 0.0 for c in completions]
 
@@ -120,22 +138,130 @@ def _truth(solution):
     return tagged if tagged is not None else solution.strip()
 
 
-def _accuracy_one(completion, solution):
+def parse_options(options):
+    """{letter: normalised text} of a multiple-choice row's options ("A. red cube" -> A: "red cube"); an option
+    without a letter of its own gets its place's letter (A, B, ...)."""
+    parsed = {}
+    for i, option in enumerate(options or []):
+        m = _OPTION.fullmatch(str(option).strip())
+        if m and m.group(2) is not None:
+            parsed[m.group(1)] = _normalize_option_text(m.group(2))
+        else:
+            parsed[chr(ord("A") + i)] = _normalize_option_text(str(option))
+    return parsed
+
+
+def _normalize_option_text(text):
+    return _normalize_text(text).rstrip(".")
+
+
+def option_letter(answer, options=None):
+    """The one option letter an answer names, else None. "B", "B.", "(B)", "B. blue sphere" -> "B".
+    None for: no letter, a lowercase letter, two letters ("A and B", "B. C"), an option's text without its letter,
+    a letter that is not one of the options, or text after the letter that is not that option's text."""
+    if not isinstance(answer, str):
+        return None
+    m = _OPTION.fullmatch(answer.strip())
+    if m is None:
+        return None
+    letter, rest = m.group(1), (m.group(2) or "").strip()
+    parsed = parse_options(options)
+    if parsed and letter not in parsed:
+        return None
+    if rest:
+        if _LONE_CAPITAL.search(rest):
+            return None  # "B. C" or "B) or A": two letters
+        if parsed and _normalize_option_text(rest) != parsed[letter]:
+            return None  # "B. red cube" when B is "blue sphere": a letter and another option's text
+    return letter
+
+
+def _accuracy_one(completion, solution, problem_type="numerical", options=None):
     pred = extract_answer(completion)
     truth = _truth(solution)
     if not pred or not truth:
         return 0.0  # blank answers never match, even a blank truth
+    if problem_type == "multiple choice":
+        letter = option_letter(pred, options)
+        return 1.0 if letter is not None and letter == option_letter(truth, options) else 0.0
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"accuracy_reward: unknown problem_type {problem_type!r}; known: {PROBLEM_TYPES}")
     return 1.0 if _answers_match(pred, truth) else 0.0
 
 
-def accuracy_reward(completions, solutions):
-    """1.0 per completion whose <answer> equals the solution (numeric or normalized text)."""
+def accuracy_reward(completions, solutions, problem_type=None, options=None, **kwargs):
+    """1.0 per completion whose <answer> equals the solution, by its problem_type (default: numerical)."""
     completions, solutions = list(completions), list(solutions)
     if len(completions) != len(solutions):
         raise ValueError(
             f"accuracy_reward: got {len(completions)} completions but {len(solutions)} solutions"
         )
-    return [_accuracy_one(c, s) for c, s in zip(completions, solutions)]
+    types = list(problem_type) if problem_type is not None else ["numerical"] * len(completions)
+    options = list(options) if options is not None else [None] * len(completions)
+    if not len(types) == len(options) == len(completions):
+        raise ValueError(f"accuracy_reward: {len(completions)} completions, {len(types)} problem types, "
+                         f"{len(options)} options")
+    return [_accuracy_one(c, s, t, o) for c, s, t, o in zip(completions, solutions, types, options)]
+
+
+def call_reward(fn, completions, solutions, **columns):
+    """fn(completions, solutions, ...) with only the columns its signature takes (all of them for **kwargs)."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        columns = {k: v for k, v in columns.items() if k in params}
+    return fn(completions, solutions, **columns)
+
+
+# ----------------------------------------------------------------------------- metrics of the seed's findings
+
+def answer_key(completion, problem_type="numerical", options=None):
+    """What counts as "the same answer" within a group, parsed as accuracy does: the option letter (multiple
+    choice), the decimal value of a number, else the normalised text; "none" when there is no usable answer."""
+    pred = extract_answer(completion)
+    if not pred:
+        return "none"
+    if problem_type == "multiple choice":
+        return option_letter(pred, options) or "none"
+    if _NUMBER.fullmatch(pred):
+        return str(Decimal(pred).normalize() + 0)  # 3 == 3.0 == 03; "+ 0" turns -0 into 0
+    return _normalize_text(pred)
+
+
+def answer_diversity(keys, group_size):
+    """keys (B*G,) from answer_key, group by group -> (mean entropy in nats of each group's answers, mean share of
+    each group's most common answer). All G answers equal: (0.0, 1.0); all different: (log G, 1/G)."""
+    assert len(keys) % group_size == 0, f"{len(keys)} answers do not split into groups of {group_size}"
+    entropies, modes = [], []
+    for g in range(0, len(keys), group_size):
+        counts = Counter(keys[g:g + group_size]).values()
+        entropies.append(-sum(c / group_size * math.log(c / group_size) for c in counts))
+        modes.append(max(counts) / group_size)
+    return sum(entropies) / len(entropies), sum(modes) / len(modes)
+
+
+def thinking_stats(completions, count_tokens):
+    """(mean tokens inside <think>...</think>, 0 without one; share of completions whose thought is present but
+    blank, the 2B collapse `<think>\n</think>`). count_tokens(text) -> int, e.g. the tokenizer's length."""
+    lengths, empty = [], 0
+    for c in completions:
+        thought = thinking_text(c)
+        lengths.append(0 if thought is None else count_tokens(thought))
+        empty += thought is not None and not thought.strip()
+    return sum(lengths) / max(len(lengths), 1), empty / max(len(lengths), 1)
+
+
+def findings_metrics(completions, group_size, count_tokens, problem_type=None, options=None):
+    """The per-step measures of the seed's findings, for B*G completions ordered prompt by prompt: thinking_length,
+    empty_thinking_ratio (thinking_stats), answer_entropy and answer_mode_share (answer_diversity of answer_key).
+    problem_type and options are per prompt (B,), as in a batch; count_tokens(text) -> int."""
+    n_prompts = len(completions) // group_size
+    problem_type = problem_type if problem_type is not None else ["numerical"] * n_prompts
+    options = options if options is not None else [None] * n_prompts
+    thinking_length, empty_ratio = thinking_stats(completions, count_tokens)
+    keys = [answer_key(c, problem_type[i // group_size], options[i // group_size]) for i, c in enumerate(completions)]
+    entropy, mode_share = answer_diversity(keys, group_size)
+    return {"thinking_length": thinking_length, "empty_thinking_ratio": empty_ratio, "answer_entropy": entropy,
+            "answer_mode_share": mode_share}
 
 
 # ----------------------------------------------------------------------------- the seed's rules, exactly

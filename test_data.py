@@ -56,8 +56,10 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     skipped = []
     ex = data.load_examples(path, skipped=skipped)
     assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>", "index": 1},
-        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>", "index": 7},
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>",
+         "problem_type": "numerical", "options": [], "index": 1},
+        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>",
+         "problem_type": "numerical", "options": [], "index": 7},
     ]
     assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
     assert "invalid JSON" in skipped[0]["reason"] and "not found" in skipped[2]["reason"]
@@ -98,6 +100,40 @@ def test_load_examples_errors_name_the_file(tmp_path):
     broken.write_text("[{")
     with pytest.raises(ValueError, match="broken.json"):
         data.load_examples(broken)
+
+
+def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
+    _touch(tmp_path / "LLaVA-Video" / "a.mp4")
+    rows = [
+        {"problem_id": 1, "problem": "What colour?", "data_type": "video", "problem_type": "multiple choice",
+         "options": ["A. red", "B. blue"], "solution": "<answer>B</answer>", "path": "./LLaVA-Video/a.mp4"},
+        {"problem": "How many?", "data_type": "video", "problem_type": "numerical", "options": [],
+         "solution": "<answer>2</answer>", "path": "./LLaVA-Video/a.mp4"},
+        {"problem": "Describe", "data_type": "video", "problem_type": "free-form", "solution": "<answer>a cat</answer>",
+         "path": "./LLaVA-Video/a.mp4"},
+        {"problem": "What?", "data_type": "image", "problem_type": "numerical", "solution": "<answer>1</answer>",
+         "path": "./LLaVA-Video/a.mp4"},                                                       # 4: an image row
+        {"problem": "Read it", "data_type": "video", "problem_type": "OCR", "solution": "<answer>x</answer>",
+         "path": "./LLaVA-Video/a.mp4"},                                                       # 5: unknown type
+        {"problem": "Pick", "data_type": "video", "problem_type": "multiple choice", "options": [],
+         "solution": "<answer>A</answer>", "path": "./LLaVA-Video/a.mp4"},                     # 6: no options
+        {"problem": "Pick", "data_type": "video", "problem_type": "multiple choice", "options": "A. x",
+         "solution": "<answer>A</answer>", "path": "./LLaVA-Video/a.mp4"},                     # 7: options not a list
+        {"problem": "Q", "data_type": "video", "solution": "<answer>1</answer>"},              # 8: no path
+    ]
+    path = tmp_path / "Video-R1-260k.json"
+    path.write_text(json.dumps(rows))
+    skipped = []
+    ex = data.load_examples(path, skipped=skipped)
+    video = str(tmp_path / "LLaVA-Video" / "a.mp4")
+    assert [(e["index"], e["video"], e["problem_type"], e["options"]) for e in ex] == [
+        (1, video, "multiple choice", ["A. red", "B. blue"]), (2, video, "numerical", []), (3, video, "free-form", [])]
+    reasons = {s["index"]: s["reason"] for s in skipped}
+    assert sorted(reasons) == [4, 5, 6, 7, 8]
+    assert "data_type 'image'" in reasons[4] and "'OCR'" in reasons[5] and "options" in reasons[6]
+    assert "options" in reasons[7] and "'video_filename'" in reasons[8]
+    err = capsys.readouterr().err
+    assert f"{path}:5: skipped:" in err and "loaded 3 of 8 rows" in err
 
 
 # ----------------------------------------------------------------------------- smart_resize
@@ -370,6 +406,22 @@ def test_build_prompt_text(tokenizer):
         data.build_prompt_text(tokenizer_text_only, "Q")
 
 
+def test_prompt_per_problem_type(tokenizer):
+    # numerical stays the seed's exact text; every type asks for the tags; multiple choice lists lettered options
+    assert data.PROMPT_TEMPLATE == ("{problem}  Output the thinking process in <think> </think> and final answer "
+                                    "(number) in <answer> </answer> tags.")
+    assert data.format_question("How many?") == data.PROMPT_TEMPLATE.format(problem="How many?")
+    assert set(data.PROMPT_TEMPLATES) == {"numerical", "multiple choice", "free-form"}
+    mc = data.format_question("What shape?", "multiple choice", ["A. square", "B. circle", "triangle"])
+    assert mc.startswith("What shape?\nOptions:\nA. square\nB. circle\nC. triangle\n") and "option letter" in mc
+    free = data.format_question("Describe it.", "free-form")
+    assert free.startswith("Describe it.") and "(number)" not in free
+    for q in (mc, free):
+        assert "<think> </think>" in q and "<answer> </answer>" in q
+    text = data.build_prompt_text(tokenizer, "What shape?", "multiple choice", ["A. square", "B. circle"])
+    assert "A. square\nB. circle" in text and text.count(data.VIDEO_PLACEHOLDER) == 1
+
+
 def test_encode_prompt_expands_video_pad(tokenizer):
     text = data.build_prompt_text(tokenizer, "How many objects are moving?")
     pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -416,7 +468,9 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert batch["solution"] == [examples[0]["solution"], examples[2]["solution"]]
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]
     empty = data.collate([items[1]], pad_token_id=pad_id)
-    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "skipped": [items[1]]}
+    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "problem_type": [], "options": [],
+                     "skipped": [items[1]]}
+    assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
 
 
 def test_overlong_prompt_is_skipped_not_truncated(synthetic, tokenizer):
@@ -496,3 +550,24 @@ def test_shuffled_frames_are_patched_after_shuffling(synthetic, tokenizer):
         assert torch.equal(doubled[key], torch.cat([batch[key], batch[key]])), key
     assert torch.equal(doubled["pixel_values_videos"], torch.cat([batch["pixel_values_videos"],
                                                                   batch["pixel_values_videos_shuffled"]]))
+def test_synthetic_multiple_choice_split(synthetic, tokenizer):
+    out, train, test = synthetic
+    for split, counting in (("train", train), ("test", test)):
+        mc = [json.loads(line) for line in (out / f"{split}_mc.jsonl").read_text().splitlines()]
+        count_rows = [json.loads(line) for line in counting.read_text().splitlines()]
+        assert [r["video_filename"] for r in mc] == [r["video_filename"] for r in count_rows]  # the same clips
+        for row in mc:
+            assert row["problem_type"] == "multiple choice" and [o[:3] for o in row["options"]] == ["A. ", "B. ", "C. ", "D. "]
+            texts = [o[3:] for o in row["options"]]
+            assert len(set(texts)) == 4, row
+            letter = row["solution"].removeprefix("<answer>").removesuffix("</answer>")
+            assert letter in "ABCD"
+            right = texts["ABCD".index(letter)]
+            if row["problem"] == "How many objects are there in total?":
+                assert 1 <= int(right) <= 5
+            else:
+                assert row["problem"].startswith("What shape is the ") and right in ("square", "circle")
+    examples = data.load_examples(out / "train_mc.jsonl")
+    assert all(e["problem_type"] == "multiple choice" for e in examples)
+    item = data.VideoPromptDataset(examples[:1], tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56))[0]
+    assert item["problem_type"] == "multiple choice" and item["options"] == examples[0]["options"]

@@ -137,6 +137,33 @@ def test_bad_rows_and_videos_are_skipped_with_reasons(setup, tmp_path):
     assert "row 6" in ev.format_table([summary])
 
 
+def test_accuracy_per_problem_type(setup, tmp_path):
+    # a mixed file: 3 counting rows and 3 multiple-choice rows about the same clips
+    folder = Path(setup["data"]).parent
+    mixed = tmp_path / "mixed.jsonl"
+    lines = (folder / "test.jsonl").read_text().splitlines()[:3] + (folder / "test_mc.jsonl").read_text().splitlines()[:3]
+    mixed.write_text("\n".join(lines) + "\n")
+    summary = run_eval(make_cfg(setup, data_path=str(mixed), video_root=str(folder)), tmp_path / "mixed.json")
+    assert summary["n"] == 6 and [r["problem_type"] for r in summary["results"]] == ["numerical"] * 3 + ["multiple choice"] * 3
+    options = [json.loads(line).get("options") for line in lines]
+    for r, opts in zip(summary["results"], options):  # each row scored by its own type and options
+        assert r["correct"] == (rewards.accuracy_reward([r["output"]], [r["solution"]], problem_type=[r["problem_type"]],
+                                                        options=[opts])[0] == 1.0)
+    for t in ("numerical", "multiple choice"):
+        of_type = [r["correct"] for r in summary["results"] if r["problem_type"] == t]
+        assert summary["accuracy_by_type"][t] == pytest.approx(sum(of_type) / 3)
+    # per-type means from records alone (the tiny model answers numbers, so its multiple-choice accuracy is 0)
+    records = [{"index": i, "video": "v", "problem_type": t, "correct": c, "format": True, "completion_length": 1,
+                "thinking_length": 0} for i, (t, c) in enumerate([("multiple choice", True), ("multiple choice", False),
+                                                                   ("free-form", True), ("numerical", False)])]
+    fake = ev.summarize("m", "d", records)
+    assert fake["accuracy"] == 0.5 and fake["accuracy_by_type"] == {"free-form": 1.0, "multiple choice": 0.5, "numerical": 0.0}
+    table = ev.format_table([fake, summary]).splitlines()
+    row = next(line for line in table if line.strip().startswith("multiple choice (%)"))
+    assert row.split()[-2:] == ["50.0", f"{100 * summary['accuracy_by_type']['multiple choice']:.1f}"]
+    assert next(line for line in table if line.strip().startswith("free-form (%)")).split()[-1] == "n/a"
+
+
 def test_plot_writes_png(tmp_path):
     rows = [{"step": s, "reward": 0.1 * s, "reward_std": 0.2, "rewards/accuracy": 0.05 * s, "kl": 0.001 * s,
              "completion_length": 100 + 5 * s, "grad_norm": float("nan")} for s in range(1, 9)]  # no rewards/format
@@ -145,6 +172,22 @@ def test_plot_writes_png(tmp_path):
     assert png == str(tmp_path / "curves.png")
     content = Path(png).read_bytes()
     assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 5000
+
+
+def test_plot_overlays_runs(tmp_path):
+    for name, scale in (("7b", 1.0), ("2b", 0.5)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "rewards/accuracy": 0.05 * s * scale, "thinking_length": 30 * s * scale,
+                 "empty_thinking_ratio": 1 - scale, "answer_entropy": 0.3} for s in range(1, 9)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot.plot_runs([str(tmp_path / "7b"), str(tmp_path / "2b")])
+    assert png == str(tmp_path / "7b" / "curves.png") and Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert [key for key, _ in plot.PANELS[:4]] == ["rewards/accuracy", "rewards/format", "completion_length", "thinking_length"]
+    assert {"empty_thinking_ratio", "answer_entropy"} <= {key for key, _ in plot.PANELS}
+    proc = subprocess.run([sys.executable, str(REPO / "plot.py"), str(tmp_path / "7b"), str(tmp_path / "2b"),
+                           "--output", str(tmp_path / "both.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG" and "both.png" in proc.stdout
 
 
 def test_cli_tiny_smoke(setup, tmp_path):
@@ -199,7 +242,7 @@ def test_seed_protocol_prompt_byte_for_byte(setup):
     assert ev.SEED_PROMPT_TEMPLATE.format(problem=problem).encode() == seed_template.format(Question=problem).encode()
     assert data.PROMPT_TEMPLATE.format(problem=problem) != seed_template.format(Question=problem)
     tok = AutoTokenizer.from_pretrained(setup["model"])
-    text = data.build_prompt_text(tok, problem, ev.SEED_PROMPT_TEMPLATE)
+    text = data.build_prompt_text(tok, problem, template=ev.SEED_PROMPT_TEMPLATE)
     assert seed_template.format(Question=problem) in text and data.build_prompt_text(tok, problem) != text
 
 

@@ -332,6 +332,30 @@ def test_rewards_follow_their_own_prompt():
     assert swapped.tolist() == [0.0] * 6
 
 
+def test_compute_rewards_gives_each_completion_its_prompts_columns():
+    import rewards
+    completions = ["<think></think><answer>B</answer>"] * 2 + ["<think></think><answer>2</answer>"] * 2
+    seen = {}
+
+    def spy(completions, solutions, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(completions)
+
+    per_reward, _ = train.compute_rewards(
+        [rewards.accuracy_reward, lambda completions, solutions: [1.0] * len(completions), spy], [1.0, 1.0, 1.0],
+        completions, ["<answer>B</answer>", "<answer>2</answer>"], 2,
+        problem_type=["multiple choice", "numerical"], options=[["A. x", "B. y"], []])
+    assert per_reward.tolist() == [[1.0] * 4, [1.0] * 4, [0.0] * 4]
+    assert seen == {"problem_type": ["multiple choice"] * 2 + ["numerical"] * 2, "options": [["A. x", "B. y"]] * 2 + [[]] * 2}
+    # the same letter scored as a number: a multiple-choice row must reach the reward as one
+    wrong_type, _ = train.compute_rewards([rewards.accuracy_reward], [1.0], completions[:2], ["<answer>B. y</answer>"], 2)
+    assert wrong_type.tolist() == [[0.0, 0.0]]
+
+
+def test_eta_formats():
+    assert [train.eta(10.0, 1, n) for n in (0, 5, 30, 3312, 40000)] == ["0s", "50s", "5m00s", "9h12m", "111h06m"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the model passes, on the tiny model and two prompts of different lengths (left padding)
 
@@ -654,3 +678,45 @@ def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])
     with pytest.raises(train.ConfigError, match=re.escape(message)):
         train.validate_config(cfg)
+# the rewards a multiple-choice run must hand its columns to: one with the plain (completions, solutions)
+# signature of a DVD-counting reward, one that names the columns it wants
+MC_SCRIPT = """
+import sys, rewards, train
+rewards.REWARD_FUNCS["plain"] = lambda completions, solutions: [0.0 for _ in completions]
+rewards.REWARD_FUNCS["mc_seen"] = lambda completions, solutions, problem_type, options: [
+    float(t == "multiple choice" and len(o) == 4) for t, o in zip(problem_type, options)]
+train.main(sys.argv[1:])
+"""
+SEED_METRICS = ("thinking_length", "empty_thinking_ratio", "answer_entropy", "answer_mode_share")
+
+
+def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys):
+    import eval as ev
+    model_dir = tiny.save_tiny_model(str(tmp_path / "model"))  # warm-started: it writes thoughts and answers
+    data.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)
+    out, steps = tmp_path / "mc", 3
+    proc = run([sys.executable, "-c", MC_SCRIPT, "--tiny", "--model_name_or_path", model_dir,
+                "--data", str(tmp_path / "synthetic" / "train_mc.jsonl"), "--output_dir", str(out),
+                "--max_steps", str(steps), "--save_steps", "0", "--num_workers", "0", "--num_generations", "4",
+                "--prompts_per_device", "2", "--rewards", "accuracy,format,plain,mc_seen", "--reward_weights", "1,1,0,0"])
+    # between the start line and the end line: exactly one line per step, ending in its time and an ETA
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if " examples, 1 ranks x 2 prompts x 4 completions" in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("done: "))
+    assert len(lines[start + 1:end]) == steps, lines[start + 1:end]
+    for k, line in enumerate(lines[start + 1:end], 1):
+        assert re.fullmatch(rf"step {k}/{steps} \| .* \| [0-9.]+s \| eta [0-9hms]+", line), line
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        assert set(SEED_METRICS) <= set(r), r
+        assert r["rewards/mc_seen"] == 1.0 and r["rewards/plain"] == 0.0  # columns reached the rewards that take them
+        assert 0.0 <= r["empty_thinking_ratio"] <= 1.0 and r["thinking_length"] >= 0.0
+        assert 0.0 <= r["answer_entropy"] <= math.log(4) + 1e-9 and 0.25 <= r["answer_mode_share"] <= 1.0
+    assert max(r["thinking_length"] for r in rows) > 0  # the warm-started model thinks
+    # eval on the multiple-choice test split: the per-type table
+    summaries = ev.main(["--tiny", "--model", str(out / "final"), "--data", str(tmp_path / "synthetic" / "test_mc.jsonl"),
+                         "--max_new_tokens", "16", "--num_workers", "0", "--output", str(tmp_path / "mc.json")])
+    assert summaries[0]["n"] == 4 and set(summaries[0]["accuracy_by_type"]) == {"multiple choice"}
+    assert "multiple choice (%)" in capsys.readouterr().out

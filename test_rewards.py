@@ -1,5 +1,6 @@
 """Table-driven tests for rewards.py, including known reward hacks and timing bounds."""
 
+import math
 import time
 
 import pytest
@@ -7,8 +8,15 @@ import pytest
 from rewards import (
     REWARD_FUNCS,
     accuracy_reward,
+    answer_diversity,
+    answer_key,
+    call_reward,
     extract_answer,
     format_reward,
+    option_letter,
+    parse_options,
+    findings_metrics,
+    thinking_stats,
     thinking_text,
 )
 
@@ -334,3 +342,141 @@ def test_signal_groups_count_all_correct_and_all_wrong_groups():
     groups = [acc[i:i + 3].tolist() for i in range(0, 15, 3)]
     assert all_correct == pytest.approx(sum(all(a == 1 for a in g) for g in groups) / 5) and all_correct > 0
     assert all_wrong == pytest.approx(sum(all(a == 0 for a in g) for g in groups) / 5) and all_wrong > 0
+# ---------------------------------------------------------------------------------------------------------------
+# answer types: multiple choice, numerical, free-form
+
+OPTIONS = ["A. red cube", "B. blue sphere", "C. green cylinder", "D. yellow cone"]
+
+
+def _ans(text, thought="let me look"):
+    return f"<think>{thought}</think><answer>{text}</answer>"
+
+
+# (completion, solution, problem_type, options, expected accuracy reward, id)
+TYPED_CASES = [
+    (_ans("B"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter"),
+    (_ans("B."), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter-dot"),
+    (_ans("(B)"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter-parens"),
+    (_ans("B)"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter-paren"),
+    (_ans("B. blue sphere"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter-and-text"),
+    (_ans("B. Blue  Sphere."), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter-and-text-case"),
+    (_ans(" B "), "B", "multiple choice", OPTIONS, 1.0, "mc-untagged-truth"),
+    (_ans("B"), "<answer>B. blue sphere</answer>", "multiple choice", OPTIONS, 1.0, "mc-truth-with-text"),
+    (_ans("C"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "mc-wrong-letter"),
+    (_ans("b"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "mc-lowercase-letter"),
+    (_ans("A and B"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-two-letters"),
+    (_ans("B, C"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-two-letters-comma"),
+    (_ans("B. C"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-then-letter"),
+    (_ans("B) or A)"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-or-letter"),
+    (_ans("AB"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-glued-letters"),
+    (_ans("blue sphere"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-text-without-letter"),
+    (_ans("B. red cube"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-other-text"),
+    (_ans("E"), "<answer>E</answer>", "multiple choice", OPTIONS, 0.0, "mc-letter-not-an-option"),
+    (_ans(""), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "mc-blank"),
+    (_ans("none", thought="B"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-only-in-think"),
+    ("<think>B</think>", "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-think-only"),
+    ("B", "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-bare-letter"),
+    (_ans("A"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "mc-first-letter-wrong"),
+    (_ans("B"), "<answer>B</answer>", "multiple choice", None, 1.0, "mc-options-unknown"),
+    (_ans("B. anything"), "<answer>B</answer>", "multiple choice", None, 1.0, "mc-options-unknown-text"),
+    (_ans("B"), "<answer>B</answer>", "multiple choice", ["red cube", "blue sphere"], 1.0, "mc-unlettered-options"),
+    (_ans("B. blue sphere"), "<answer>B</answer>", "multiple choice", ["red cube", "blue sphere"], 1.0,
+     "mc-unlettered-options-text"),
+    (_ans("3.0"), "<answer>3</answer>", "numerical", None, 1.0, "num-as-today"),
+    (_ans("three"), "<answer>3</answer>", "numerical", None, 0.0, "num-word"),
+    (_ans("Two  Red Cars"), "<answer>two red cars</answer>", "free-form", None, 1.0, "free-normalised-exact"),
+    (_ans("two red cars!"), "<answer>two red cars</answer>", "free-form", None, 0.0, "free-no-partial-credit"),
+    (_ans("red cars"), "<answer>two red cars</answer>", "free-form", None, 0.0, "free-no-rouge"),
+    (_ans("the answer", thought="two red cars"), "two red cars", "free-form", None, 0.0, "hack-free-only-in-think"),
+    (_ans("B"), "<answer>b</answer>", "free-form", None, 1.0, "free-case-folded"),
+]
+
+
+@pytest.mark.parametrize("completion,solution,problem_type,options,expected", [c[:5] for c in TYPED_CASES],
+                         ids=[c[5] for c in TYPED_CASES])
+def test_accuracy_by_problem_type(completion, solution, problem_type, options, expected):
+    assert accuracy_reward([completion], [solution], problem_type=[problem_type], options=[options]) == [expected]
+
+
+def test_accuracy_default_type_is_numerical_and_unknown_type_raises():
+    comps, sols = [_ans("3"), _ans("B")], ["3", "B"]
+    assert accuracy_reward(comps, sols) == accuracy_reward(comps, sols, problem_type=["numerical"] * 2) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="OCR"):
+        accuracy_reward(comps[:1], sols[:1], problem_type=["OCR"])
+    with pytest.raises(ValueError, match="problem types"):
+        accuracy_reward(comps, sols, problem_type=["numerical"])
+
+
+def test_option_letter_and_parse_options():
+    assert parse_options(OPTIONS) == {"A": "red cube", "B": "blue sphere", "C": "green cylinder", "D": "yellow cone"}
+    assert parse_options(["x", "(B) y", "z"]) == {"A": "x", "B": "y", "C": "z"}
+    assert [option_letter(a) for a in ("D", "D: yellow cone", "(D)", "", None, "D E", "d", "D. E", "(D) or (A)")] == \
+        ["D", "D", "D", None, None, None, None, None, None]
+
+
+def test_call_reward_passes_only_what_a_reward_takes():
+    seen = {}
+
+    def plain(completions, solutions):
+        return [0.5] * len(completions)
+
+    def typed(completions, solutions, problem_type):
+        seen["typed"] = problem_type
+        return [1.0] * len(completions)
+
+    def everything(completions, solutions, **kwargs):
+        seen["everything"] = kwargs
+        return [2.0] * len(completions)
+
+    columns = dict(problem_type=["multiple choice"], options=[OPTIONS])
+    assert call_reward(plain, ["c"], ["s"], **columns) == [0.5]
+    assert call_reward(typed, ["c"], ["s"], **columns) == [1.0] and seen["typed"] == ["multiple choice"]
+    assert call_reward(everything, ["c"], ["s"], **columns) == [2.0] and seen["everything"] == columns
+    assert call_reward(lambda completions, solutions=None: [3.0], ["c"], ["s"], **columns) == [3.0]
+    assert call_reward(format_reward, [_ans("B")], ["s"], **columns) == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the seed's measures: thinking length, empty thoughts, answer variety within a group
+
+def test_answer_key_parses_as_accuracy_does():
+    assert [answer_key(_ans(a)) for a in ("3", "3.0", "03", "+3", "-0", "Two  Cars", "")] == \
+        ["3", "3", "3", "3", "0", "two cars", "none"]
+    assert answer_key("3") == "none" and answer_key(None) == "none"
+    mc = [answer_key(_ans(a), "multiple choice", OPTIONS) for a in ("B", "(B)", "B. blue sphere", "A and B", "E")]
+    assert mc == ["B", "B", "B", "none", "none"]
+
+
+def test_answer_diversity_entropy_in_nats():
+    prior = ["1"] * 8  # the tiny run's "answer 1 to everything": no variety
+    assert answer_diversity(prior, 8) == (0.0, 1.0)
+    spread = [str(k) for k in range(8)]
+    entropy, mode = answer_diversity(spread, 8)
+    assert entropy == pytest.approx(math.log(8)) and mode == pytest.approx(1 / 8)
+    half = ["1", "1", "2", "2"]
+    assert answer_diversity(half, 4) == (pytest.approx(math.log(2)), 0.5)
+    # the mean over groups, each group on its own: [one answer] + [two halves]
+    assert answer_diversity(["7"] * 4 + half, 4) == (pytest.approx(math.log(2) / 2), 0.75)
+    with pytest.raises(AssertionError, match="groups of 4"):
+        answer_diversity(["1"] * 6, 4)
+
+
+def test_thinking_stats():
+    comps = ["<think>one two three</think><answer>3</answer>", "<think>\n</think><answer>2</answer>",
+             "<answer>1</answer>", None]
+    length, empty = thinking_stats(comps, lambda text: len(text.split()))
+    assert length == pytest.approx((3 + 0 + 0 + 0) / 4) and empty == pytest.approx(1 / 4)
+    assert thinking_stats([], len) == (0.0, 0.0)
+
+
+def test_findings_metrics_group_by_prompt_and_type():
+    # two prompts x G=2: a numerical group that agrees, a multiple-choice group that does not
+    completions = ["<think>a b</think><answer>3</answer>", "<think></think><answer>3.0</answer>",
+                   "<think>c</think><answer>(B)</answer>", "<think>d e f</think><answer>B. red cube</answer>"]
+    m = findings_metrics(completions, 2, lambda text: len(text.split()), problem_type=["numerical", "multiple choice"],
+                     options=[[], OPTIONS])
+    assert m["thinking_length"] == pytest.approx((2 + 0 + 1 + 3) / 4) and m["empty_thinking_ratio"] == 0.25
+    # group 1: {3, 3} -> 0 nats; group 2: {B, none} -> log 2 (the letter with another option's text is no answer)
+    assert m["answer_entropy"] == pytest.approx(math.log(2) / 2) and m["answer_mode_share"] == 0.75
+    plain = findings_metrics(completions, 2, lambda text: len(text.split()))  # all numerical: "(B)" and "B. red cube" differ
+    assert plain["answer_entropy"] == pytest.approx(math.log(2) / 2)

@@ -3,6 +3,7 @@ GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written o
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
+    python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
 
@@ -43,6 +44,9 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
     are sampled in the same batched rollout as the normal ones (the seed: a second generate), in a frame order fixed
     per example by --seed (the seed drew a new one each step). all_correct/all_wrong read the accuracy reward (the
     seed: the total reward >= 2 / <= 1, i.e. accuracy + format).
+19. Each completion is scored by its own row's problem_type, a multiple-choice answer by its option letter ("B.", "(B)"
+    are B), free-form by normalised exact match (Video-R1's later trainer took the first row's type for the whole
+    batch, compared multiple-choice answers as strings and gave free-form answers ROUGE credit).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed.
@@ -58,6 +62,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,7 +204,8 @@ def validate_config(cfg):
     if not os.path.isfile(cfg.deepspeed):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
     build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
-    generated = cfg.tiny and cfg.data == TINY["data"]  # the synthetic set is made on first use
+    # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
+    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
     if not generated and not os.path.isfile(cfg.data):
         raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
@@ -312,6 +318,8 @@ def dapo_divisor(mask, world):
     n = mask.sum().to(torch.float64)
     torch.distributed.all_reduce(n)
     return max(n.item(), 1.0) / world
+
+
 def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
     """The learning rate's multiplier at optimizer update `update` (0-based): linear warmup, then linear or cosine
     (transformers' get_cosine_schedule_with_warmup) decay to 0 at total_updates."""
@@ -321,13 +329,24 @@ def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
     return left if scheduler == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
-def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size):
+def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size, **columns):
     """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
-    Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
+    that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    import rewards
     assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
     per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
-    per_reward = torch.tensor([fn(completions, per_prompt) for fn in reward_funcs], dtype=torch.float32)  # (R, B*G)
+    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
+    per_reward = torch.tensor([rewards.call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
+                              dtype=torch.float32)  # (R, B*G)
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
+
+
+def eta(elapsed, steps_done, steps_left):
+    """Time left at the mean step time so far, as 9h12m / 4m05s / 12s."""
+    left = round(elapsed / max(steps_done, 1) * steps_left)
+    h, m, s = left // 3600, left % 3600 // 60, left % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +443,9 @@ def train(cfg):
     import rewards
 
     rank, world, device = init_distributed()
+    # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                            r"deprecated", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -506,6 +528,7 @@ def train(cfg):
         checkpoint.set_rng_state(rng)
 
     # --- the loop
+    t_start = time.time()
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.time()
         failed, tried = 0, 0
@@ -544,12 +567,14 @@ def train(cfg):
             mask = mask * (~truncated)[:, None].int()
 
         # rewards: completion i belongs to prompt i // G
-        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G)  # (R, B*G), (B*G,)
-        accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G)[1]  # (B*G,)
+        columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
+        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
+        accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
         extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
         if cfg.temporal_contrast:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
             shuffled = model.decode_completions(tokenizer, shuffled_ids, completion_mask(shuffled_ids, eos_token_ids))
-            shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], G_shuffled)[1]
+            shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], G_shuffled,
+                                                **columns)[1]
             has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
             bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, G_shuffled,
                                                   alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
@@ -606,6 +631,8 @@ def train(cfg):
                  "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
                  "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
                  "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
+                 **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
+                     completions, G, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
                  **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
         totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
         summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
@@ -620,7 +647,7 @@ def train(cfg):
         print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
                + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in reward_names)
                + f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
-               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s")
+               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s | eta {eta(time.time() - t_start, step - start_step, total_steps - step)}")
         recent_failures = (recent_failures + [(failed, tried)])[-cfg.skip_window:]
         window_failed, window_tried = map(sum, zip(*recent_failures))
         if window_failed > cfg.max_skip_fraction * window_tried and window_tried >= cfg.skip_window * B_max * world / 2:
