@@ -202,7 +202,7 @@ def test_unpadded_batch_logps_equal_the_padded_path(tiny_setup):  # noqa: F811
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("realrun")
-    tiny.save_tiny_model(str(root / "model"), warm_start=False)
+    tiny.save_tiny_model(str(root / "model"))  # warm-started: the format reward varies within a group, advantages != 0
     train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
     return root, str(root / "model"), str(train_path)
 
