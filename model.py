@@ -5,7 +5,7 @@ differences), the special tokens, the vision pass, the rollout, the log-prob pas
     load_model(dir)                        -> the policy, the language model on packed_attention
     sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once
     completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
-    completion_logps_shared_prompt(...)    -> the same without grad (reference, old policy: on the prompt's KV cache)
+    completion_logps_shared_prompt(...)    -> the same without grad (reference: on the prompt's KV cache)
 
 train.py keeps the config, the rewards-to-loss math and the loop; this file knows nothing of GRPO.
 """
@@ -214,7 +214,7 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
 @torch.no_grad()
 def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generations, temperature):
     """
-    completion_logps for the passes without grad (reference, old policy), cheaper still: the prompt runs once per prompt
+    completion_logps for the reference pass (no grad), cheaper still: the prompt runs once per prompt
     and the G completions attend to its repeated KV cache, so no attention is spent on masked-out pairs. (The policy
     pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.) Call with the
     model in eval mode.
