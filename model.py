@@ -150,7 +150,8 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
     """The language model's attention: transformers' sdpa, except in the policy pass, which passes `packed` (the masks of
     packed_masks) for rows [prompt | completion 1 | ... | completion G]. Then two sdpa calls: the prompt on itself, and
     the G completions, batched, each on its prompt and itself; no score is computed for a pair a dense (L, L) mask would
-    throw away. Without left padding `packed` is just (P, C) and both calls are causal, with no boolean mask. query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
+    throw away. Without left padding `packed` is just (P, C) and both calls are causal, with no boolean mask.
+    query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

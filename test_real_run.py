@@ -231,14 +231,28 @@ def metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+# train.main, with the rollout's sampling settings printed (to check that the flags reach it)
+SPY_SCRIPT = """
+import sys, model, train
+sample = model.sample_completions
+def spy(*args, **kwargs):
+    print("rollout top_k", kwargs["top_k"], "top_p", kwargs["top_p"], flush=True)
+    return sample(*args, **kwargs)
+model.sample_completions = spy
+train.main(sys.argv[1:])
+"""
+
+
 def test_first_inner_update_has_no_clipping(setup):
     # num_iterations 2 at learning rate 0: both inner updates see the old policy's weights, so every ratio must be
     # exactly 1; clip ranges of 1e-9 turn any rounding difference between the old and the policy pass into clipping
     out = setup[0] / "mu2"
-    run([sys.executable, "train.py", *common(setup, out, "--num_iterations", "2", "--learning_rate", "0", "--beta", "0",
-                                             "--epsilon_low", "1e-9", "--epsilon_high", "1e-9", "--max_steps", "2",
-                                             "--save_steps", "0", "--num_workers", "0", "--prompts_per_device", "2")])
+    proc = run([sys.executable, "-c", SPY_SCRIPT, *common(
+        setup, out, "--num_iterations", "2", "--learning_rate", "0", "--beta", "0", "--epsilon_low", "1e-9",
+        "--epsilon_high", "1e-9", "--max_steps", "2", "--save_steps", "0", "--num_workers", "0", "--prompts_per_device", "2",
+        "--top_k", "40", "--top_p", "0.95")])
     assert [r["clip_ratio"] for r in metrics(out)] == [0.0, 0.0]
+    assert proc.stdout.count("rollout top_k 40 top_p 0.95") == 2
 
 
 def test_reference_gathered_once_gives_the_same_kl(setup):

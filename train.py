@@ -29,9 +29,10 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
  9. Accuracy needs the <answer> tag, exactly as eval.py scores it (the seed's training reward also took a bare
     number).
 10. Log-probs are of temperature-scaled logits, the distribution that was sampled (the same at temperature 1.0).
-11. The rollout samples from the top_k / top_p filtered distribution (the seed's top_k 50), the log-prob passes score
-    the unfiltered temperature-scaled one, as TRL does: the old and reference log-probs are of a slightly different
-    distribution than the one sampled (the ratio is still exactly 1 at the first update, see 12).
+11. The rollout samples from the top_k / top_p filtered distribution (the seed's top_k 50); the log-prob passes score
+    the unfiltered temperature-scaled one, as TRL does. So the ratio pi / pi_old (and the KL) compare unfiltered
+    distributions while the tokens came from the filtered one: a small off-policy bias (tokens outside the top k are
+    never sampled, but keep their probability in the log-softmax), accepted by TRL and the seed alike.
 12. For num_iterations > 1 the old-policy log-probs come from the policy pass itself (packed, train mode, no grad), so
     the first ratio is exactly 1, not 1 up to rounding of another code path (spurious clipping).
 13. Completions never sample the untrained embedding rows past the tokenizer (Qwen2-VL: ~400 of them).
@@ -97,7 +98,7 @@ class Config:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if importable on CUDA, else sdpa (the language model: packed_attention)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if it imports, on CUDA, in bf16, else sdpa (the language model: packed_attention)"})
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
     gather_reference: bool = field(default=True, metadata={"help": "ZeRO-3: gather the full reference weights once for its pass (--no-gather_reference: layer by layer, less memory)"})
     seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
@@ -474,7 +475,7 @@ def train(cfg):
                 top_k=cfg.top_k, top_p=cfg.top_p)                                               # (B*G, C)
         rollout_time = time.time() - t_rollout
         # a vision token in a completion would break the video-token count of every later pass
-        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
+        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a suppressed token was sampled"
         mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
         completions = model.decode_completions(tokenizer, completion_ids, mask)
         lengths = mask.sum(1).float()                                                           # (B*G,)
