@@ -122,7 +122,7 @@ class Config:
 TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.jsonl", output_dir="runs/tiny",
             max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
             max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
-            log_samples_steps=10, num_workers=1)
+            log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
