@@ -9,7 +9,8 @@ saves every --save_steps and reads back with --resume_from.
         trainer_state.json                   {"step": ...}, written last: a checkpoint without it is incomplete
 
 Only the newest --save_total_limit training states are kept (they hold the optimizer: ~12 bytes per parameter);
-the HF model folders stay.
+the HF model files of only the newest --save_model_limit checkpoint folders (0: all). At 7B a training state is
+~100 GB (fp32 master weights and two Adam moments, in ZeRO shards), a model folder 16.6 GB (bf16).
 """
 import glob
 import json
@@ -50,7 +51,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, checkpoint_dir, step, position, rank, save_total_limit):
+def save(engine, checkpoint_dir, step, position, rank, save_total_limit, save_model_limit=0):
     """Collective: every rank writes its ZeRO shards and its own position and RNG; rank 0 marks it complete."""
     state_dir = os.path.join(checkpoint_dir, STATE)
     engine.save_checkpoint(state_dir, tag="deepspeed")
@@ -59,9 +60,27 @@ def save(engine, checkpoint_dir, step, position, rank, save_total_limit):
     if rank == 0:
         with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "world_size": torch.distributed.get_world_size()}, f)
-        for old in complete_checkpoints(os.path.dirname(checkpoint_dir))[:-save_total_limit or None]:
+        assert save_total_limit >= 1, "keep at least the newest training state (train.py refuses --save_total_limit 0)"
+        for old in complete_checkpoints(os.path.dirname(checkpoint_dir))[:-save_total_limit]:
             shutil.rmtree(os.path.join(old, STATE), ignore_errors=True)
+        rotate_models(os.path.dirname(checkpoint_dir), save_model_limit)
     torch.distributed.barrier()
+
+
+def rotate_models(output_dir, keep):
+    """Delete the HF model files of all but the newest `keep` checkpoint-<step> folders (0: keep all). A training
+    state inside stays (a resume reads only that); a folder left empty goes."""
+    if keep <= 0:
+        return
+    steps = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))))
+    for _, path in steps[:-keep]:
+        for name in os.listdir(path):
+            if name != STATE:
+                target = os.path.join(path, name)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        if not os.listdir(path):
+            os.rmdir(path)
 
 
 def complete_checkpoints(output_dir):

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -383,6 +384,12 @@ def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
     return order[:len(order) // per_step * per_step][rank::world]
 
 
+def ignore_sigterm(worker_id):
+    """DataLoader workers outlive a SIGTERM: a launcher or scheduler signals the whole process tree, and a worker
+    killed by it makes its rank raise before the rank can finish the step and save (the rank itself stops them)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batches_from(dataset, position, loader_kwargs, **order_kwargs):
     """(epoch, batch index, batch) from position = (epoch, batch index) on, epoch after epoch; a resumed run
     starts mid-epoch without decoding the videos before it."""
@@ -392,7 +399,7 @@ def batches_from(dataset, position, loader_kwargs, **order_kwargs):
         order = epoch_order(len(dataset), epoch, **order_kwargs)[start * batch_size:]
         # the loader's own generator: creating an iterator must not draw from the global RNG the rollout samples with
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, generator=torch.Generator(),
-                                             **loader_kwargs)
+                                             worker_init_fn=ignore_sigterm, **loader_kwargs)
         for i, batch in enumerate(loader, start):
             yield epoch, i, batch
         epoch, start = epoch + 1, 0

@@ -5,13 +5,12 @@ differences), the special tokens, the vision pass, the rollout, the log-prob pas
     load_model(dir)                        -> the policy, the language model on packed_attention
     sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once
     completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
-    completion_logps_shared_prompt(...)    -> the same without grad (reference, old policy: on the prompt's KV cache)
+    completion_logps_shared_prompt(...)    -> the same without grad (reference: on the prompt's KV cache)
 
 train.py keeps the config, the rewards-to-loss math and the loop; this file knows nothing of GRPO.
 """
 import contextlib
 import functools
-import importlib.util
 import os
 
 import torch
@@ -37,11 +36,30 @@ def selective_log_softmax(logits, index, temperature=1.0):
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def special_token_ids(tokenizer):
-    """(EOS ids that end a completion, vision token ids that must never be sampled), for training and eval alike."""
+def special_token_ids(tokenizer, vocab_size=None):
+    """(EOS ids that end a completion, ids that must never be sampled), for training and eval alike. Never sampled: the
+    vision tokens, and with the model's `vocab_size` every row past the tokenizer (Qwen2-VL: 152,064 embedding rows,
+    ~151,657 tokenizer ids; the rest are untrained padding)."""
     eos = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id})
     vision = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    return [i for i in eos if i is not None], [i for i in vision if i is not None and i != tokenizer.unk_token_id]
+    untrained = list(range(len(tokenizer), vocab_size or 0))
+    return [i for i in eos if i is not None], [i for i in vision if i is not None and i != tokenizer.unk_token_id] + untrained
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """HF's top-k then top-p (TopKLogitsWarper, TopPLogitsWarper) on already temperature-scaled logits: top-k keeps
+    the k largest (0: off); top-p the smallest set of most likely tokens whose probability reaches p (1.0: off), at
+    least one token. Others become -inf. (N, V) -> (N, V)"""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)                              # ascending, (N, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)                                     # (N, V)
+        drop = cum <= 1 - top_p  # the least likely tokens whose mass stays within 1 - p
+        drop[:, -1] = False      # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return logits
 
 
 def decode_completions(tokenizer, completion_ids, mask):
@@ -104,14 +122,15 @@ def generation_repetition_penalty(model_dir):
 
 @torch.no_grad()
 def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
-                       suppress_token_ids, pad_token_id, greedy=False, repetition_penalty=1.0):
+                       suppress_token_ids, pad_token_id, greedy=False, top_k=0, top_p=1.0, repetition_penalty=1.0):
     """
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
     gradient checkpointing does not switch the cache off. num_generations may be a count per prompt (a list of B):
     then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
-    trainer did) penalises ids of the padded prompt and the completion so far.
+    trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
+    temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     logits = logits.float()
@@ -128,7 +147,8 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         if greedy:
             token = logits.argmax(-1)                                                 # (B*G,)
         else:
-            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)  # (B*G, V)
+            token = torch.multinomial(probs, 1).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
@@ -162,12 +182,14 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
     """The language model's attention: transformers' sdpa, except in the policy pass, which passes `packed` (the masks of
     packed_masks) for rows [prompt | completion 1 | ... | completion G]. Then two sdpa calls: the prompt on itself, and
     the G completions, batched, each on its prompt and itself; no score is computed for a pair a dense (L, L) mask would
-    throw away. query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
+    throw away. Without left padding `packed` is just (P, C) and both calls are causal, with no boolean mask.
+    query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     prompt_mask, completion_mask = packed                                              # (B, 1, P, P), (B*G, 1, C, P+C)
-    (B, H, L, _), P, C = query.shape, prompt_mask.size(-1), completion_mask.size(-2)
+    causal = not torch.is_tensor(prompt_mask)  # no left padding: packed = (P, C), causal calls the flash kernel takes
+    (B, H, L, _), P, C = query.shape, *(packed if causal else (prompt_mask.size(-1), completion_mask.size(-2)))
     G = (L - P) // C
     key, value = repeat_kv(key, H // key.size(1)), repeat_kv(value, H // value.size(1))  # (B, H, L, d)
 
@@ -178,7 +200,10 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
         return torch.cat([t[:, :, :P].repeat_interleave(G, dim=0), completions(t)], dim=2)
 
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling, dropout_p=dropout)
-    prompt_out = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=prompt_mask)              # (B, H, P, d)
+    if causal:  # the completion block is causal aligned bottom-right: query i sees the prompt and its own first i+1
+        from torch.nn.attention.bias import causal_lower_right
+        prompt_mask, completion_mask = None, causal_lower_right(C, P + C)
+    prompt_out = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=prompt_mask, is_causal=causal)  # (B, H, P, d)
     completion_out = sdpa(completions(query), after_prompt(key), after_prompt(value), attn_mask=completion_mask)  # (B*G, H, C, d)
     completion_out = completion_out.unflatten(0, (B, G)).transpose(1, 2).flatten(2, 3)                      # (B, H, G*C, d)
     return torch.cat([prompt_out, completion_out], dim=2).transpose(1, 2).contiguous(), None
@@ -211,8 +236,10 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
     # the positions whose logits predict each completion token: the prompt's last for its first, then its own tokens
     keep = P - 1 + torch.arange(G, device=input_ids.device)[:, None] * C + torch.arange(C, device=input_ids.device)  # (G, C)
     keep[:, 0] = P - 1
+    padded = not bool(batch["attention_mask"].all())  # one prompt per GPU: never padded, causal calls (packed_attention)
     out = model(input_ids=input_ids, position_ids=positions, mm_encoder_outputs=video_features(model, batch),
-                packed=packed_masks(batch["attention_mask"], G, C), use_cache=False, logits_to_keep=keep.flatten())
+                packed=packed_masks(batch["attention_mask"], G, C) if padded else (P, C), use_cache=False,
+                logits_to_keep=keep.flatten())
     logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
     return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
 
@@ -220,7 +247,7 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
 @torch.no_grad()
 def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generations, temperature):
     """
-    completion_logps for the passes without grad (reference, old policy), cheaper still: the prompt runs once per prompt
+    completion_logps for the reference pass (no grad), cheaper still: the prompt runs once per prompt
     and the G completions attend to its repeated KV cache, so no attention is spent on masked-out pairs. (The policy
     pass cannot do this: with gradient checkpointing, transformers keeps no KV cache in training mode.) Call with the
     model in eval mode.
@@ -253,19 +280,37 @@ def resolve_model_dir(name):
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
     """Qwen2-VL from a local folder. The vision tower runs `attn_implementation` ('auto' = flash_attention_2 when
-    importable on CUDA, else sdpa); the language model runs packed_attention (sdpa, split for the packed policy pass)."""
+    importable on CUDA in bf16, else sdpa); the language model runs packed_attention (sdpa, split for the packed policy pass)."""
     from transformers import Qwen2VLForConditionalGeneration
     dtype = torch.bfloat16 if bf16 else torch.float32
     return use_packed_attention(Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
-        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)}))
+        "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device, bf16=bf16)}))
 
 
-def vision_attention(attn_implementation, device):
-    """'auto' -> flash_attention_2 when flash-attn is importable and the device is CUDA, else sdpa; others unchanged."""
+def flash_attn_error():
+    """None when flash_attn imports, else why not: found on disk is not enough (a wheel built for another torch or
+    CUDA fails only when imported, with an ImportError or OSError of an undefined symbol)."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, OSError (.so), RuntimeError (CUDA): every one means "cannot use it"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def vision_attention(attn_implementation, device, bf16=True):
+    """'auto' -> flash_attention_2 when flash_attn imports, the device is CUDA and the weights are bf16 (flash-attn has
+    no fp32 kernel), else sdpa. An explicit flash_attention_2 that cannot run is a ModelError naming the fix."""
+    if attn_implementation == "flash_attention_2":
+        if not bf16:
+            raise ModelError("--attn_implementation flash_attention_2 needs bf16 (flash-attn has no fp32 kernel): drop --no-bf16, or use sdpa")
+        error = flash_attn_error()
+        if error:
+            raise ModelError(f"--attn_implementation flash_attention_2: flash_attn does not import ({error}); install a build "
+                             f"for this torch (pip install -r requirements-gpu.txt --no-build-isolation) or use --attn_implementation sdpa")
     if attn_implementation != "auto":
         return attn_implementation
     cuda = device is not None and torch.device(device).type == "cuda"
-    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    return "flash_attention_2" if cuda and bf16 and flash_attn_error() is None else "sdpa"
 
 
 def gathered_params(engine):

@@ -47,11 +47,19 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 19. Each completion is scored by its own row's problem_type, a multiple-choice answer by its option letter ("B.", "(B)"
     are B), free-form by normalised exact match (Video-R1's later trainer took the first row's type for the whole
     batch, compared multiple-choice answers as strings and gave free-form answers ROUGE credit).
+20. The rollout samples from the top_k / top_p filtered distribution (the seed's top_k 50); the log-prob passes score
+    the unfiltered temperature-scaled one, as TRL does. So the ratio pi / pi_old (and the KL) compare unfiltered
+    distributions while the tokens came from the filtered one: a small off-policy bias (tokens outside the top k are
+    never sampled, but keep their probability in the log-softmax), accepted by TRL and the seed alike.
+21. For num_iterations > 1 the old-policy log-probs come from the policy pass itself (packed, train mode, no grad), so
+    the first ratio is exactly 1, not 1 up to rounding of another code path (spurious clipping).
+22. Completions never sample the untrained embedding rows past the tokenizer (Qwen2-VL: ~400 of them).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -92,6 +100,8 @@ class Config:
     prompts_per_device: int = field(default=1, metadata={"help": "prompts per rank per step (each gets G completions)"})
     max_completion_length: int = field(default=512, metadata={"help": "most new tokens per completion"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (the seed's 50; 0: off)"})
+    top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
     rewards: str = field(default="accuracy,format", metadata={"help": "comma-separated names from rewards.REWARD_FUNCS"})
     reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
     scale_rewards: str = field(default="group", metadata={"help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
@@ -121,12 +131,14 @@ class Config:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if importable on CUDA, else sdpa (the language model: packed_attention)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if it imports, on CUDA, in bf16, else sdpa (the language model: packed_attention)"})
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
+    gather_reference: bool = field(default=True, metadata={"help": "ZeRO-3: gather the full reference weights once for its pass (--no-gather_reference: layer by layer, less memory)"})
     seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
     # logging and saving
     save_steps: int = field(default=100, metadata={"help": "save a checkpoint (HF model + training state) every this many steps (0: only final)"})
-    save_total_limit: int = field(default=2, metadata={"help": "keep the training state (optimizer etc.) of only the newest N checkpoints"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep the training state (optimizer etc.) of only the newest N checkpoints (>= 1)"})
+    save_model_limit: int = field(default=0, metadata={"help": "keep the HF model files of only the newest N checkpoint-* folders (0: all)"})
     resume_from: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or 'latest' (the newest in output_dir)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting a new run in an output_dir that holds one"})
     max_skip_fraction: float = field(default=0.5, metadata={"help": "stop if more than this share of the examples of the last skip_window steps failed"})
@@ -143,7 +155,7 @@ class Config:
 TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.jsonl", output_dir="runs/tiny",
             max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
             max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
-            log_samples_steps=10, num_workers=1)
+            log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
@@ -199,6 +211,14 @@ def validate_config(cfg):
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
+    if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
+        raise ConfigError("--attn_implementation flash_attention_2 with --no-bf16: flash-attn has no fp32 kernel; use sdpa or bf16")
+    model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
+    if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--top_k {cfg.top_k} --top_p {cfg.top_p}: top_k >= 0 (0: off), 0 < top_p <= 1")
+    if cfg.save_total_limit < 1 or cfg.save_model_limit < 0:
+        raise ConfigError(f"--save_total_limit {cfg.save_total_limit}: keep at least 1 training state (the newest, that "
+                          f"--resume_from needs); --save_model_limit {cfg.save_model_limit} must be >= 0 (0: keep all)")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
     if not os.path.isfile(cfg.deepspeed):
@@ -497,7 +517,7 @@ def train(cfg):
         ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
     policy = engine.module
-    eos_token_ids, suppress = model.special_token_ids(tokenizer)
+    eos_token_ids, suppress = model.special_token_ids(tokenizer, policy.config.text_config.vocab_size)
 
     # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
     start_step, position, rng = 0, (0, 0), None
@@ -553,12 +573,13 @@ def train(cfg):
         with model.gathered_params(engine):
             completion_ids = model.sample_completions(
                 policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id)  # (B*G, C)
+                eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
+                top_k=cfg.top_k, top_p=cfg.top_p)                                               # (B*G, C)
         if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
             completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, eos_token_ids)  # (B*G, C'), (B*G~, C)
         rollout_time = time.time() - t_rollout
         # a vision token in a completion would break the video-token count of every later pass
-        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a vision token was sampled"
+        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a suppressed token was sampled"
         mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
         completions = model.decode_completions(tokenizer, completion_ids, mask)
         lengths = mask.sum(1).float()                                                           # (B*G,)
@@ -586,15 +607,17 @@ def train(cfg):
 
         # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
         ref_logps = old_logps = None
-        if ref_engine is not None:
-            ref_logps = model.completion_logps_shared_prompt(ref_engine.module, batch, completion_ids, num_generations=G,
-                                                       temperature=cfg.temperature)              # (B*G, C)
-        if cfg.num_iterations > 1:  # the policy is still in eval mode from the rollout
-            old_logps = model.completion_logps_shared_prompt(policy, batch, completion_ids, num_generations=G,
-                                                       temperature=cfg.temperature)              # (B*G, C)
+        if ref_engine is not None:  # under ZeRO-3 the weights are gathered once for the pass, not layer by layer
+            with model.gathered_params(ref_engine) if cfg.gather_reference else contextlib.nullcontext():
+                ref_logps = model.completion_logps_shared_prompt(ref_engine.module, batch, completion_ids,
+                                                                 num_generations=G, temperature=cfg.temperature)  # (B*G, C)
 
         # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
         policy.train()
+        if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
+            with torch.no_grad():
+                old_logps = model.completion_logps(policy, batch, completion_ids, num_generations=G,
+                                                   temperature=cfg.temperature)                 # (B*G, C)
         skipped_update = False
         dapo_tokens = dapo_divisor(mask, world) if cfg.loss_type == "dapo" else None
         for _ in range(cfg.num_iterations):
@@ -664,7 +687,7 @@ def train(cfg):
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
-            checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit)
+            checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
         if preempt:
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
             logger.close()
