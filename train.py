@@ -347,6 +347,10 @@ def train(cfg):
     import rewards
 
     rank, world, device = init_distributed()
+    try:  # before any model loads: a missing checkpoint or one saved by another number of ranks is one line
+        resume_dir = checkpoint.find(cfg.output_dir, cfg.resume_from, world) if cfg.resume_from else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -404,9 +408,8 @@ def train(cfg):
     # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
     start_step, position, rng = 0, (0, 0), None
     if cfg.resume_from:
-        ckpt = checkpoint.find(cfg.output_dir, cfg.resume_from)
-        start_step, position, rng = checkpoint.load(engine, ckpt, rank)
-        print0(f"resumed from {ckpt}: step {start_step}, epoch {position[0]}, batch {position[1]}")
+        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
+        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
