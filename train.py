@@ -532,13 +532,16 @@ def train(cfg):
             raise RuntimeError(f"step {step}: {window_failed:.0f} of the last {window_tried:.0f} examples failed to load "
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
-        if rank == 0 and cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:
-            with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
-                for i, completion in enumerate(completions):
-                    f.write(json.dumps({"step": step, "video": batch["video"][i // G], "question": batch["problem"][i // G],
-                                        "solution": batch["solution"][i // G], "completion": completion,
-                                        "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
-                                        "advantage": advantages[i].item()}) + "\n")
+        if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
+            samples = [{"step": step, "rank": rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
+                        "question": batch["problem"][i // G], "solution": batch["solution"][i // G],
+                        "completion": completion, "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
+                        "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, samples)
+            if rank == 0:
+                with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
