@@ -5,6 +5,7 @@ GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written o
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py  # on each node
 
 One step, per rank: take `prompts_per_device` (video, question) examples; sample G completions for each in one
 batched generation; score them with the rule rewards; standardise the rewards within each group of G into
