@@ -93,16 +93,26 @@ def complete_checkpoints(output_dir):
     return [path for _, path in sorted(found)]
 
 
-def find(output_dir, resume_from):
-    """The checkpoint folder that --resume_from names ('latest': the newest complete one in output_dir)."""
+def find(output_dir, resume_from, world=None):
+    """The checkpoint folder that --resume_from names ('latest': the newest complete one in output_dir). With `world`,
+    a checkpoint saved by another number of ranks is refused (ValueError): ZeRO-3 keeps each rank's slice of the
+    weights and optimizer in that rank's files, which DeepSpeed does not re-split (only after its separate
+    universal-checkpoint conversion), and each rank's RNG stream cannot be restored on another layout."""
     if resume_from == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume_from latest: no complete checkpoint in {output_dir}")
-        return found[-1]
-    if not os.path.exists(os.path.join(resume_from, STATE, "trainer_state.json")):
+        resume_from = found[-1]
+    elif not os.path.exists(os.path.join(resume_from, STATE, "trainer_state.json")):
         raise FileNotFoundError(f"--resume_from {resume_from}: no {STATE}/trainer_state.json there (incomplete, "
                                 f"rotated away by --save_total_limit, or not a checkpoint folder)")
+    if world is not None:
+        with open(os.path.join(resume_from, STATE, "trainer_state.json")) as f:
+            saved = json.load(f)["world_size"]
+        if saved != world:
+            raise ValueError(f"--resume_from {resume_from}: saved by {saved} ranks, this run has {world}; ZeRO-3's "
+                             f"optimizer shards and each rank's RNG belong to one rank count: resume with {saved} "
+                             f"ranks, or start a new run from its weights with --model_name_or_path {resume_from}")
     return resume_from
 
 

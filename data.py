@@ -16,6 +16,7 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
 
     python data.py --synthetic data/synthetic   # a small dataset of moving shapes: counting (train/test.jsonl)
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
+    python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
 """
 import argparse
 import json
@@ -516,13 +517,88 @@ def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 11
     return tuple(paths)
 
 
+# ----------------------------------------------------------------------------- checking a dataset without training
+
+def check_dataset(path, video_root=None, settings=None, progress=True):
+    """Read every row and decode every video as training would. Returns {"rows", "bad": [{"index", "video",
+    "reason"}], "clips": [{"index", "frames", "size": (h, w), "grid": (t, h, w), "video_tokens"}]}."""
+    from tqdm import tqdm
+
+    s = settings or VideoSettings()
+    bad = []
+    try:
+        examples = load_examples(path, video_root, skipped=bad, verbose=False)
+    except ValueError:  # no usable row at all: every row is in `bad` already (or the file is not JSON)
+        if not bad:
+            raise
+        examples = []
+    rows, clips = len(examples) + len(bad), []
+    for ex in tqdm(examples, desc=f"decoding {Path(path).name}", unit="video", disable=not progress, file=sys.stderr):
+        try:
+            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
+        except VideoError as e:
+            bad.append({"index": ex["index"], "video": ex["video"], "reason": str(e)})
+            continue
+        T, H, W = frames.shape[:3]
+        grid = (-(-T // s.temporal_patch_size), H // s.patch_size, W // s.patch_size)  # as video_to_patches pads time
+        clips.append({"index": ex["index"], "frames": T, "size": (H, W), "grid": grid,
+                      "video_tokens": grid[0] * grid[1] * grid[2] // s.merge_size ** 2})
+    return {"rows": rows, "bad": sorted(bad, key=lambda b: b["index"]), "clips": clips}
+
+
+def format_report(path, report):
+    """The --check report: bad rows as FILE:LINE: reason, then frame/size/grid/token statistics of the good clips."""
+    from collections import Counter
+
+    lines = [f"{path}:{b['index']}: bad: {b['reason']}" for b in report["bad"]]
+    clips = report["clips"]
+    lines.append(f"{path}: {report['rows']} rows, {len(clips)} good, {len(report['bad'])} bad")
+    if clips:
+        def stats(key):
+            v = [c[key] for c in clips]
+            return f"min {min(v)} mean {sum(v) / len(v):.1f} max {max(v)}"
+
+        def counts(key, fmt):
+            return ", ".join(f"{fmt(k)}: {n}" for k, n in sorted(Counter(c[key] for c in clips).items()))
+
+        lines += [f"frames per clip: {stats('frames')}",
+                  f"frame size (HxW): {counts('size', lambda k: f'{k[0]}x{k[1]}')}",
+                  f"grid (t, h, w): {counts('grid', lambda k: f'{k[0]}x{k[1]}x{k[2]}')}",
+                  f"video tokens per clip: {stats('video_tokens')}",
+                  f"video tokens histogram: {counts('video_tokens', str)}"]
+    return "\n".join(lines)
+
+
+def check_main(args):
+    """python data.py --check FILE: exit 0 when every row is usable, 1 when any is bad, 2 when FILE is not there."""
+    if not os.path.isfile(args.check):
+        print(f"error: --check {args.check}: no such file", file=sys.stderr)
+        return 2
+    if args.video_root is not None and not os.path.isdir(args.video_root):
+        print(f"error: --video_root {args.video_root}: no such folder", file=sys.stderr)
+        return 2
+    video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
+    report = check_dataset(args.check, args.video_root, video_settings_from_pretrained(args.model_name_or_path, **video))
+    print(format_report(args.check, report))
+    return 1 if report["bad"] else 0
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", metavar="DIR", required=True, help="write a synthetic dataset (counting + multiple choice) to DIR")
+    ap.add_argument("--synthetic", metavar="DIR", help="write a synthetic dataset (counting + multiple choice) to DIR")
     ap.add_argument("--n_train", type=int, default=64)
     ap.add_argument("--n_test", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", metavar="FILE", help="read every row of FILE and decode every video; no training")
+    ap.add_argument("--video_root", default=None, help="--check: folder relative video paths start from (default: FILE's)")
+    ap.add_argument("--model_name_or_path", default=None, help="--check: model folder whose preprocessor config sets the patch layout")
+    for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check: as in train.py")
     args = ap.parse_args()
+    if args.check:
+        sys.exit(check_main(args))
+    if not args.synthetic:
+        ap.error("give --synthetic DIR or --check FILE")
     train_path, test_path = make_synthetic_dataset(args.synthetic, args.n_train, args.n_test, args.seed)
     print(f"wrote {train_path} ({args.n_train} rows) and {test_path} ({args.n_test} rows), and the multiple-choice "
           f"{train_path.with_name('train_mc.jsonl')} and {test_path.with_name('test_mc.jsonl')} about the same clips")

@@ -571,3 +571,40 @@ def test_synthetic_multiple_choice_split(synthetic, tokenizer):
     assert all(e["problem_type"] == "multiple choice" for e in examples)
     item = data.VideoPromptDataset(examples[:1], tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56))[0]
     assert item["problem_type"] == "multiple choice" and item["options"] == examples[0]["options"]
+def test_check_reports_bad_rows_and_statistics_without_training(synthetic, tmp_path):
+    """python data.py --check: the synthetic set checks clean (exit 0), then a copy with three kinds of
+    bad row (exit 1, each named by file and line), then a missing file (exit 2)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    _, train, _ = synthetic
+    cmd = [sys.executable, "data.py", "--max_frames", "4", "--min_pixels", str(112 * 112), "--max_pixels", str(112 * 112)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([*cmd, "--check", str(train)], cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    frames = [data.read_video(ex["video"], max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112)[0]
+              for ex in data.load_examples(train, verbose=False)]
+    tokens = [int(data.video_to_patches(f)[1].prod()) // 4 for f in frames]
+    assert f"{train}: 6 rows, 6 good, 0 bad" in proc.stdout
+    assert f"video tokens per clip: min {min(tokens)} mean {sum(tokens) / 6:.1f} max {max(tokens)}" in proc.stdout
+    assert f"frame size (HxW): {frames[0].shape[1]}x{frames[0].shape[2]}: 6" in proc.stdout
+    assert "decoding train.jsonl" in proc.stderr and "100%" in proc.stderr  # the progress bar
+
+    rows = Path(train).read_text().splitlines()
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"not a video")
+    bad_rows = [json.dumps({**json.loads(rows[1]), "video_filename": str(tmp_path / "videos" / "broken.mp4")}),  # line 2
+                "{not json",                                                                # line 3
+                json.dumps({"video_filename": "./videos/none.mp4", "problem": "?", "solution": "1"})]  # line 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([rows[0], *bad_rows, rows[2]]) + "\n")
+    proc = subprocess.run([*cmd, "--check", str(bad), "--video_root", str(Path(train).parent)], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{bad}: 5 rows, 2 good, 3 bad" in proc.stdout
+    assert f"{bad}:2: bad: read_video: cannot open" in proc.stdout
+    assert f"{bad}:3: bad: invalid JSON" in proc.stdout
+    assert f"{bad}:4: bad: video file not found" in proc.stdout
+    proc = subprocess.run([*cmd, "--check", str(tmp_path / "missing.jsonl")], cwd=here, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "error: --check" in proc.stderr and "missing.jsonl" in proc.stderr

@@ -110,6 +110,18 @@ def test_an_existing_run_is_not_overwritten(setup):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
 
 
+def test_resume_on_another_number_of_ranks_is_refused_in_one_line(setup):
+    # a checkpoint saved by 2 ranks, resumed by 1: refused before any model loads (the real 2-rank checkpoint is
+    # refused the same way in test_multinode.py)
+    out = setup[0] / "two_ranks"
+    (out / "checkpoint-4" / "training_state").mkdir(parents=True)
+    (out / "checkpoint-4" / "training_state" / "trainer_state.json").write_text('{"step": 4, "world_size": 2}')
+    proc = run(args(setup, out, "--resume_from", "latest"), expect=2)
+    assert proc.stderr.startswith("error: --resume_from") and "saved by 2 ranks, this run has 1" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "resumed from" not in proc.stdout
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_corrupt_video_mid_run_is_skipped_and_counted(setup):
     root, model_dir, train_path = setup
     rows = [json.loads(line) for line in open(train_path)]

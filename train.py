@@ -6,6 +6,7 @@ GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written o
     python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py  # on each node
 
 One step, per rank: take `prompts_per_device` (video, question) examples; sample G completions for each in one
 batched generation; score them with the rule rewards; standardise the rewards within each group of G into
@@ -466,6 +467,10 @@ def train(cfg):
     # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
                             r"deprecated", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    try:  # before any model loads: a missing checkpoint or one saved by another number of ranks is one line
+        resume_dir = checkpoint.find(cfg.output_dir, cfg.resume_from, world) if cfg.resume_from else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     torch.manual_seed(cfg.seed + rank)  # per rank: ranks sample different completions
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -522,9 +527,8 @@ def train(cfg):
     # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
     start_step, position, rng = 0, (0, 0), None
     if cfg.resume_from:
-        ckpt = checkpoint.find(cfg.output_dir, cfg.resume_from)
-        start_step, position, rng = checkpoint.load(engine, ckpt, rank)
-        print0(f"resumed from {ckpt}: step {start_step}, epoch {position[0]}, batch {position[1]}")
+        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
+        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -677,13 +681,16 @@ def train(cfg):
             raise RuntimeError(f"step {step}: {window_failed:.0f} of the last {window_tried:.0f} examples failed to load "
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
-        if rank == 0 and cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:
-            with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
-                for i, completion in enumerate(completions):
-                    f.write(json.dumps({"step": step, "video": batch["video"][i // G], "question": batch["problem"][i // G],
-                                        "solution": batch["solution"][i // G], "completion": completion,
-                                        "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
-                                        "advantage": advantages[i].item()}) + "\n")
+        if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
+            samples = [{"step": step, "rank": rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
+                        "question": batch["problem"][i // G], "solution": batch["solution"][i // G],
+                        "completion": completion, "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
+                        "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, samples)
+            if rank == 0:
+                with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
