@@ -19,8 +19,10 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
 """
 import argparse
+import atexit
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -387,8 +389,18 @@ def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
 
 def ignore_sigterm(worker_id):
     """DataLoader workers outlive a SIGTERM: a launcher or scheduler signals the whole process tree, and a worker
-    killed by it makes its rank raise before the rank can finish the step and save (the rank itself stops them)."""
+    killed by it makes its rank raise before the rank can finish the step and save. The rank stops them itself
+    (kill_workers, at exit)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def kill_workers():
+    """At the rank's exit, SIGKILL the loader workers still alive. They ignore SIGTERM, and one blocked writing a batch
+    to a pipe the rank no longer reads would otherwise hang the exit: multiprocessing joins its children after a
+    SIGTERM that no longer ends them. Registered with atexit after multiprocessing's own handler, so it runs first."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
 
 
 def batches_from(dataset, position, loader_kwargs, **order_kwargs):
@@ -396,6 +408,9 @@ def batches_from(dataset, position, loader_kwargs, **order_kwargs):
     starts mid-epoch without decoding the videos before it."""
     epoch, start = position
     batch_size = order_kwargs["batch_size"]
+    if loader_kwargs.get("num_workers", 0) > 0:
+        atexit.unregister(kill_workers)  # once, however many runs this process makes
+        atexit.register(kill_workers)
     while True:
         order = epoch_order(len(dataset), epoch, **order_kwargs)[start * batch_size:]
         # the loader's own generator: creating an iterator must not draw from the global RNG the rollout samples with

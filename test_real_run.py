@@ -270,6 +270,26 @@ def test_reference_gathered_once_gives_the_same_kl(setup):
         assert (a["kl"], a["loss"], a["reward"]) == (b["kl"], b["loss"], b["reward"]), (a, b)
 
 
+# a rank that exits while a worker is blocked writing a batch it will never read (the loader not shut down first)
+STUCK_WORKER_SCRIPT = """
+import torch, data
+class Big(torch.utils.data.Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.zeros(512, 1024)  # 2 MB a sample: more than a pipe holds
+batches = data.batches_from(Big(), (0, 0), dict(num_workers=1), seed=0, rank=0, world=1, batch_size=2)
+next(batches)
+cycle = [batches]; cycle.append(cycle)  # nothing frees the loader before the interpreter exits
+"""
+
+
+def test_rank_exits_although_its_workers_ignore_sigterm():
+    # multiprocessing ends its children at exit with SIGTERM, then joins them: a worker that ignores SIGTERM hung the
+    # rank forever (seen in the SIGTERM test below); data.kill_workers SIGKILLs them first
+    proc = subprocess.run([sys.executable, "-c", STUCK_WORKER_SCRIPT], cwd=HERE, env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_sigterm_to_the_deepspeed_launcher_saves_and_resumes(setup):
     # the scheduler's way: SIGTERM to the launcher's whole process group (launcher, ranks and DataLoader workers).
     # The workers ignore it, the ranks finish the step, save and exit; --resume_from latest continues
