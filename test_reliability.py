@@ -160,12 +160,18 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--deepspeed", "missing_ds.json"], "missing_ds.json: no such file"),
     (["--reward_weights", "1,2,3"], "one weight per reward"),
     (["--deepspeed", "ds_with_batch.json"], "sets ['train_batch_size']; these come from train.py's flags"),
+    (["--model_name_or_path", "qwen2-text"], "model_type 'qwen2' is not supported; supported: qwen2_vl, qwen2_5_vl"),
+    (["--model_name_or_path", "llava"], "model_type 'llava' is not supported; supported: qwen2_vl, qwen2_5_vl"),
+    (["--tiny_model", "qwen3-vl"], "--tiny_model 'qwen3-vl': choose one of qwen2-vl, qwen2.5-vl"),
 ])
 def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):
     # in-process: validation runs before anything distributed or any model is touched
     import train
     (setup[0] / "ds_with_batch.json").write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 3}}')
-    flags = [str(setup[0] / f) if f == "ds_with_batch.json" else f for f in flags]
+    for name, model_type in (("qwen2-text", "qwen2"), ("llava", "llava")):  # model folders of other families
+        (setup[0] / name).mkdir(exist_ok=True)
+        (setup[0] / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+    flags = [str(setup[0] / f) if f in ("ds_with_batch.json", "qwen2-text", "llava") else f for f in flags]
     out = setup[0] / "never"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(setup, out, "--rewards", "accuracy,format", *flags)[3:])
