@@ -270,6 +270,18 @@ def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
         "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device)}))
 
 
+_ZERO3_LOAD_CONFIG = None  # transformers holds only a weak reference to it
+
+
+def partition_at_load(ds_config):
+    """Under ZeRO-3, have transformers build every model from_pretrained loads from now on inside deepspeed.zero.Init
+    (its HfDeepSpeedConfig): each rank materialises only its shard of the weights, never a whole copy per rank."""
+    global _ZERO3_LOAD_CONFIG
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        _ZERO3_LOAD_CONFIG = HfDeepSpeedConfig(ds_config)
+
+
 def vision_attention(attn_implementation, device):
     """'auto' -> flash_attention_2 when flash-attn is importable and the device is CUDA, else sdpa; others unchanged."""
     if attn_implementation != "auto":
