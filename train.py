@@ -1,8 +1,9 @@
 """
-GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written out by hand.
+GRPO on a video vision-language model (Qwen2-VL or Qwen2.5-VL), the Video-R1 recipe, written out by hand.
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
+    python train.py --tiny --tiny_model qwen2.5-vl  # the same on a tiny Qwen2.5-VL; --lora_rank 8: LoRA (peft)
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
 
