@@ -8,6 +8,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
     python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
+    python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
@@ -91,6 +92,8 @@ class Args:
     attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
+    memory: int = field(default=0, metadata={"help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
+    lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
 
 
@@ -202,6 +205,33 @@ def forward_flops(counts, d_model, vocab, *, B, G, P, C, n_patches):
     decoder body at all B*G*(P+C) positions, LM head at the C completion positions (ours takes C+1 logits)."""
     return 2 * (counts["vision"] * n_patches + counts["merger"] * n_patches // 4
                 + counts["body"] * B * G * (P + C) + d_model * vocab * B * G * C)
+
+
+def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
+    """GiB per GPU of a train.py step under ZeRO-3 on `world` GPUs, bf16, computed from the shapes (model may be on the
+    meta device): sharded weights (policy, and the reference unless LoRA), gradients and fp32 AdamW states (master,
+    m, v) of what trains, the full weights gathered for the rollout, the rollout's KV cache for B*G rows of P+C tokens,
+    the policy pass's logits at the B*G*C completion positions (bf16, plus one fp32 row), and its activations under
+    gradient checkpointing (each layer's input over B*(P+G*C) packed positions, plus one layer recomputed)."""
+    text = model.config.text_config
+    N = sum(p.numel() for p in model.parameters())
+    d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    kv = text.num_key_value_heads * (d // text.num_attention_heads)
+    # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
+    adapter = lora_rank * layers * ((d + d) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
+    trained = adapter or N
+    gib = lambda x: x / 2**30
+    positions = B * (P + G * C)
+    return {
+        "weights (policy + reference), sharded": gib(bytes_per * (N * (1 if lora_rank else 2) + adapter) / world),
+        "gradients, sharded": gib(bytes_per * trained / world),
+        "AdamW fp32 master + m + v, sharded": gib(12 * trained / world),
+        "weights gathered for the rollout": gib(bytes_per * (N + adapter)),
+        "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
+        "logits (policy pass)": gib(B * G * C * V * bytes_per + C * V * 4),
+        "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
+        "trainable parameters": trained,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +454,21 @@ def print_sweep(rows):
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    if args.memory:  # the table only: shapes on the meta device, nothing allocated
+        model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
+        text = data.build_prompt_text(tiny.build_tiny_tokenizer(), "How many red objects are in the video?")
+        grid = torch.tensor([[args.frames // 2, 20, 28]])  # the seed's 280x392 frames
+        P = len(data.encode_prompt(tiny.build_tiny_tokenizer(), text, grid)[0])
+        kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
+        full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
+        print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
+              f"+ completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
+        for key in full:
+            print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
+                  f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
+        total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
+        print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
+        return {"full": full, "lora": lora}
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
     device = torch.device(args.device)

@@ -94,3 +94,19 @@ def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
     assert len(thin.model.language_model.layers) == len(thin.model.visual.blocks) == 2
     assert thin.config.text_config.hidden_size == model.config.text_config.hidden_size
     assert thin.model.language_model.config._attn_implementation == "packed_sdpa"
+
+
+def test_memory_estimate_counts_what_trains():
+    # the LoRA column's trainable parameters against peft's own count on the same model (2B widths, 2 layers); the
+    # sharded terms against the parameter count
+    from model import add_lora
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = bench.build_model("2b", tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
+    N = sum(p.numel() for p in model.parameters())
+    kw = dict(world=4, B=1, G=8, P=1179, C=512)
+    full, lora = bench.memory_per_gpu(model, lora_rank=0, **kw), bench.memory_per_gpu(model, lora_rank=16, **kw)
+    peft_model = add_lora(model, rank=16, alpha=32.0, target_modules="")
+    assert lora["trainable parameters"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert full["trainable parameters"] == N
+    assert full["AdamW fp32 master + m + v, sharded"] * 2**30 == 12 * N / 4
+    assert full["weights (policy + reference), sharded"] == pytest.approx(2 * lora["weights (policy + reference), sharded"], rel=0.01)
