@@ -7,11 +7,14 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2b --device cuda                  # Qwen2-VL-2B-Instruct's architecture, random weights, bf16
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
     python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
+    python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
+    python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
-of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights; the tokenizer is tiny.py's (only token ids
+of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights, `--shape 2.5-3b|2.5-7b` likewise
+Qwen2_5_VLForConditionalGeneration from Qwen2.5-VL-3B/7B-Instruct's (the video at 2 fps: second_per_grid_ts 1.0); the tokenizer is tiny.py's (only token ids
 matter: the special ids it gives are set in the model config and lie inside the real vocabulary). `--layers N` keeps
 the first N decoder layers and N vision blocks at full width: where a whole 2B model is too slow (a CPU), per-layer
 costs and the balance of attention against matrix products stay those of the real shape. The video is the
@@ -70,14 +73,14 @@ import torch
 import data
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, prompt_positions,
+from model import (completion_logps, completion_logps_shared_prompt, position_inputs, prompt_positions,
                    sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
                    video_features, vision_attention)
 
 
 @dataclass
 class Args:
-    shape: str = field(default="tiny", metadata={"help": "tiny, 2b or 7b (Qwen2-VL-2B/7B-Instruct's architecture, random weights)"})
+    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b or 2.5-7b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-Instruct's architecture, random weights)"})
     frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
     completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
@@ -88,11 +91,13 @@ class Args:
     sweep: bool = field(default=False, metadata={"help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
     gradient_checkpointing: str = field(default="auto", metadata={"help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
     optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
-    layers: int = field(default=0, metadata={"help": "2b/7b: keep the first N decoder layers and N vision blocks (0: all)"})
+    layers: int = field(default=0, metadata={"help": "non-tiny shapes: keep the first N decoder layers and N vision blocks (0: all)"})
     policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
     attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
+    memory: int = field(default=0, metadata={"help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
+    lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
 
@@ -102,12 +107,12 @@ def parse_args(argv=None):
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")
-    assert args.shape in ("tiny", "2b", "7b"), f"--shape {args.shape}: choose tiny, 2b or 7b"
+    assert args.shape in ("tiny", *QWEN2_VL_TEXT), f"--shape {args.shape}: choose tiny, {', '.join(QWEN2_VL_TEXT)}"
     assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
     assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
     assert args.policy_pass in ("packed", "per_completion"), f"--policy_pass {args.policy_pass}: choose packed or per_completion"
-    assert args.layers >= 0 and (args.layers == 0 or args.shape != "tiny"), "--layers N: N >= 0, for --shape 2b or 7b"
+    assert args.layers >= 0 and (args.layers == 0 or args.shape != "tiny"), "--layers N: N >= 0, for a non-tiny --shape"
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
@@ -126,6 +131,11 @@ QWEN2_VL_TEXT = {
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),  # 7B's vocabulary is the larger one
+    # Qwen2.5-VL-3B/7B-Instruct (../shared/qwen/Qwen2.5-VL-*/config.json); 7B's language model is Qwen2-VL-7B's
+    "2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 QWEN2_VL_TEXT_COMMON = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                             rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, use_sliding_window=False,
@@ -133,23 +143,36 @@ QWEN2_VL_TEXT_COMMON = dict(hidden_act="silu", max_position_embeddings=32768, rm
 # the vision tower is the same for both: a 32-block ViT, 665M (2B) or 676M (7B) parameters with its merger into the LLM
 QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu", in_channels=3,
                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+# Qwen2.5-VL's vision tower (3B and 7B alike): RMSNorm, SwiGLU MLP, window attention (112 px windows) except in 4 blocks
+QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                         in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                         fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 # dense bf16 peak TFLOP/s by device name (first match wins); other GPUs: --peak_tflops
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 def qwen2_vl_config(shape, tokenizer, layers=0):
-    """Qwen2VLConfig of Qwen2-VL-2B/7B-Instruct, its special ids replaced by the tokenizer's (all inside the vocabulary);
-    layers > 0 keeps that many decoder layers and vision blocks."""
-    from transformers import Qwen2VLConfig
+    """Qwen2VLConfig of Qwen2-VL-2B/7B-Instruct (Qwen2_5_VLConfig of Qwen2.5-VL-3B/7B-Instruct for shape 2.5-*), its
+    special ids replaced by the tokenizer's (all inside the vocabulary); layers > 0 keeps that many decoder layers and
+    vision blocks (Qwen2.5-VL: the last kept block with full attention, the others windowed)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
     text = dict(QWEN2_VL_TEXT[shape], **QWEN2_VL_TEXT_COMMON, bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])
+    if shape.startswith("2.5-"):
+        config_class = Qwen2_5_VLConfig
+        vision = dict(QWEN2_5_VL_VISION, out_hidden_size=text["hidden_size"])
+        text.update(max_position_embeddings=128000)
+    else:
+        config_class = Qwen2VLConfig
+        vision = dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])
     if layers:
         text.update(num_hidden_layers=layers, max_window_layers=layers)
         vision.update(depth=layers)
+        if "fullatt_block_indexes" in vision:
+            vision.update(fullatt_block_indexes=[i for i in vision["fullatt_block_indexes"] if i < layers] or [layers - 1])
     assert max(ids.values()) < text["vocab_size"], "special token ids must lie inside the model's vocabulary"
-    return Qwen2VLConfig(text_config=text, vision_config=vision,
+    return config_class(text_config=text, vision_config=vision,
                          image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                          tie_word_embeddings=text["tie_word_embeddings"])
@@ -190,6 +213,33 @@ def forward_flops(counts, d_model, vocab, *, B, G, P, C, n_patches):
                 + counts["body"] * B * G * (P + C) + d_model * vocab * B * G * C)
 
 
+def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
+    """GiB per GPU of a train.py step under ZeRO-3 on `world` GPUs, bf16, computed from the shapes (model may be on the
+    meta device): sharded weights (policy, and the reference unless LoRA), gradients and fp32 AdamW states (master,
+    m, v) of what trains, the full weights gathered for the rollout, the rollout's KV cache for B*G rows of P+C tokens,
+    the policy pass's logits at the B*G*C completion positions (bf16, plus one fp32 row), and its activations under
+    gradient checkpointing (each layer's input over B*(P+G*C) packed positions, plus one layer recomputed)."""
+    text = model.config.text_config
+    N = sum(p.numel() for p in model.parameters())
+    d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    kv = text.num_key_value_heads * (d // text.num_attention_heads)
+    # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
+    adapter = lora_rank * layers * ((d + d) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
+    trained = adapter or N
+    gib = lambda x: x / 2**30
+    positions = B * (P + G * C)
+    return {
+        "weights (policy + reference), sharded": gib(bytes_per * (N * (1 if lora_rank else 2) + adapter) / world),
+        "gradients, sharded": gib(bytes_per * trained / world),
+        "AdamW fp32 master + m + v, sharded": gib(12 * trained / world),
+        "weights gathered for the rollout": gib(bytes_per * (N + adapter)),
+        "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
+        "logits (policy pass)": gib(B * G * C * V * bytes_per + C * V * 4),
+        "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
+        "trainable parameters": trained,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the inputs: B prompts with a random video at the seed's size
 
@@ -205,7 +255,8 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
         pixel_values, grid = data.video_to_patches(video)                     # (t*h*w patches, 1176), (1, 3)
         input_ids, types = data.encode_prompt(tokenizer, text, grid)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,
-                      "video_grid_thw": grid, "problem": "", "solution": "", "video": f"random{i}", "index": i})
+                      "video_grid_thw": grid, "second_per_grid_ts": torch.tensor([1.0]),  # 2 frames per patch at 2 fps
+                      "problem": "", "solution": "", "video": f"random{i}", "index": i})
         if shuffled:
             items[-1]["pixel_values_videos_shuffled"] = data.video_to_patches(video[data.frame_permutation(frames, seed + i).numpy()])[0]
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
@@ -223,7 +274,7 @@ def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token
     P = batch["input_ids"].size(1)
     runs = [model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
-                           video_grid_thw=batch["video_grid_thw"], do_sample=True, temperature=1.0,
+                           video_grid_thw=batch["video_grid_thw"], **position_inputs(model, batch), do_sample=True, temperature=1.0,
                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, suppress_tokens=suppress_token_ids,
                            eos_token_id=eos_token_ids, pad_token_id=pad_token_id)[:, P:]
             for _ in range(num_generations)]                                          # G x (B, C)
@@ -240,7 +291,8 @@ def baseline_logps(model, batch, completion_ids, *, num_generations):
                 attention_mask=torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1),
                 pixel_values_videos=torch.cat([v for v in videos for _ in range(G)]),               # (B*G*n, 1176)
-                video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0), use_cache=False)
+                video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0), use_cache=False,
+                **{k: v.repeat_interleave(G, 0) for k, v in position_inputs(model, batch).items()})
     logits, targets = out.logits[:, :-1], input_ids[:, 1:]                                           # (B*G, P+C-1, V)
     logps = torch.stack([row.float().log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1) for row, ids in zip(logits, targets)])
     return logps[:, -C:]                                                                             # (B*G, C)
@@ -419,6 +471,21 @@ def print_sweep(rows):
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    if args.memory:  # the table only: shapes on the meta device, nothing allocated
+        model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
+        text = data.build_prompt_text(tiny.build_tiny_tokenizer(), "How many red objects are in the video?")
+        grid = torch.tensor([[args.frames // 2, 20, 28]])  # the seed's 280x392 frames
+        P = len(data.encode_prompt(tiny.build_tiny_tokenizer(), text, grid)[0])
+        kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
+        full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
+        print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
+              f"+ completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
+        for key in full:
+            print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
+                  f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
+        total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
+        print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
+        return {"full": full, "lora": lora}
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
     device = torch.device(args.device)
@@ -429,7 +496,7 @@ def main(argv=None):
 
     # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
     bytes_per = torch.finfo(dtype).bits // 8
-    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9}[args.shape]
+    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9}[args.shape]
     free = available_memory_bytes(device)
     assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
                                                     f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
@@ -466,7 +533,7 @@ def main(argv=None):
              "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
              "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
              "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
-    print(f"Qwen2-VL {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
+    print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
           f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
           f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
           f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")

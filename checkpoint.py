@@ -2,7 +2,9 @@
 Checkpoints: the HF model folders train.py writes (save_model), and the training state for exact resume that it
 saves every --save_steps and reads back with --resume_from.
 
-    OUTPUT_DIR/checkpoint-<step>/            an HF model folder (weights, tokenizer, preprocessor config), kept
+    OUTPUT_DIR/checkpoint-<step>/            an HF model folder (weights, tokenizer, preprocessor config), kept;
+                                             with LoRA the adapter in peft's format instead of the weights
+    OUTPUT_DIR/final/                        the same; with LoRA the merged HF model, its adapter in final/adapter/
     OUTPUT_DIR/checkpoint-<step>/training_state/
         deepspeed/                           the DeepSpeed engine checkpoint: ZeRO shards, optimizer, LR scheduler
         rank<r>.pt                           rank r's position in its data order and its python/numpy/torch RNG states
@@ -25,15 +27,39 @@ import torch
 STATE = "training_state"
 
 
-def save_model(engine, tokenizer, model_dir, out_dir, rank):
-    """An HF model folder (16-bit weights gathered under ZeRO-3) + tokenizer + preprocessor config."""
+def save_model(engine, tokenizer, model_dir, out_dir, rank, merge_lora=False):
+    """An HF model folder (16-bit weights gathered under ZeRO-3) + tokenizer + preprocessor config. A LoRA policy (peft)
+    saves its adapter (peft's format); with merge_lora, out_dir gets the merged HF model and the adapter out_dir/adapter."""
     state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
     if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        module = engine.module
+        if hasattr(module, "peft_config"):
+            module.save_pretrained(os.path.join(out_dir, "adapter") if merge_lora else out_dir, state_dict=state_dict)
+            if merge_lora:
+                lora = module.peft_config["default"]
+                module.get_base_model().save_pretrained(out_dir, state_dict=merged_lora_state_dict(state_dict, lora.lora_alpha / lora.r))
+        else:
+            module.save_pretrained(out_dir, state_dict=state_dict)
         tokenizer.save_pretrained(out_dir)
         for name in ("preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json"):
             if os.path.exists(os.path.join(model_dir, name)):
                 shutil.copy(os.path.join(model_dir, name), out_dir)
+
+
+def merged_lora_state_dict(state_dict, scaling):
+    """A peft LoRA model's state dict -> the plain HF model's, each adapted weight W replaced by W + scaling * B @ A
+    (computed in float32, stored in W's dtype)."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if key.endswith(".base_layer.weight"):
+            module = key[:-len(".base_layer.weight")]
+            A, B = state_dict[f"{module}.lora_A.default.weight"], state_dict[f"{module}.lora_B.default.weight"]  # (r, in), (out, r)
+            value = (value.float() + scaling * (B.float() @ A.float())).to(value.dtype)  # (out, in)
+        merged[name] = value
+    return merged
 
 
 def rng_state():

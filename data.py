@@ -334,7 +334,7 @@ class VideoPromptDataset(torch.utils.data.Dataset):
         meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i,
                 "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or []}
         try:
-            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
+            frames, sample_fps = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
         except VideoError as e:
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
@@ -345,8 +345,10 @@ class VideoPromptDataset(torch.utils.data.Dataset):
             # never truncate: cutting into the video tokens would break the model
             return {"error": f"{ex['video']}: prompt has {len(input_ids)} tokens > max_prompt_length "
                              f"{self.max_prompt_length}", **meta}
+        # seconds per temporal patch: Qwen2.5-VL's temporal positions count time (its processor's formula)
+        second_per_grid_ts = torch.tensor([s.temporal_patch_size / sample_fps])
         item = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values_videos": pixel_values,
-                "video_grid_thw": grid_thw, **meta}
+                "video_grid_thw": grid_thw, "second_per_grid_ts": second_per_grid_ts, **meta}
         if self.shuffled_frames:
             perm = frame_permutation(len(frames), self.shuffle_seed * 1_000_003 + i)
             item["pixel_values_videos_shuffled"] = video_to_patches(frames[perm.numpy()], s.patch_size, s.temporal_patch_size,
@@ -376,6 +378,8 @@ def collate(items, pad_token_id):
     batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in good])  # (B, 3)
     if "pixel_values_videos_shuffled" in good[0]:
         batch["pixel_values_videos_shuffled"] = torch.cat([it["pixel_values_videos_shuffled"] for it in good])
+    if all("second_per_grid_ts" in it for it in good):  # items built by hand may leave it out (Qwen2-VL needs none)
+        batch["second_per_grid_ts"] = torch.cat([it["second_per_grid_ts"] for it in good])  # (B,)
     return batch
 
 

@@ -3,6 +3,7 @@ The network: everything about the model that train.py, eval.py and bench.py shar
 differences), the special tokens, the vision pass, the rollout, the log-prob passes and the attention they run on.
 
     load_model(dir)                        -> the policy, the language model on packed_attention
+    add_lora(model, ...)                   -> the policy with LoRA adapters (peft); reference(...) = adapters off
     sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once
     completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
     completion_logps_shared_prompt(...)    -> the same without grad (reference: on the prompt's KV cache)
@@ -11,6 +12,7 @@ train.py keeps the config, the rewards-to-loss math and the loop; this file know
 """
 import contextlib
 import functools
+import json
 import os
 
 import torch
@@ -71,17 +73,32 @@ def decode_completions(tokenizer, completion_ids, mask):
 # ----------------------------------------------------------------------------------------------------------------
 # the passes: video features once per prompt, rollout, log-probs
 
+def hf_model(model):
+    """The transformers model inside a peft wrapper (LoRA), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def video_features(model, batch):
     """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    feats = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
+    feats = hf_model(model).model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
     return {"video": BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output))}
+
+
+def position_inputs(model, batch):
+    """The batch entries the family's M-RoPE needs besides the grid (Qwen2.5-VL: second_per_grid_ts (B,)), as keywords
+    for get_rope_index and the model's forward."""
+    keys = FAMILIES[model.config.model_type][1]
+    missing = [k for k in keys if k not in batch]
+    assert not missing, f"{model.config.model_type} needs batch{missing} (data.collate makes it from each video's sample fps)"
+    return {k: batch[k] for k in keys}
 
 
 def prompt_positions(model, batch):
     """M-RoPE positions of the left-padded prompts (3, B, P) and the position of the first new token (B,)."""
-    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                              video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"])
+    positions, _ = hf_model(model).model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                              video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
+                                              **position_inputs(model, batch))
     return positions, positions.amax(dim=(0, 2)) + 1
 
 
@@ -265,6 +282,29 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 
+# The families this trainer runs, by config.json's model_type: (transformers class, batch entries its M-RoPE needs).
+# Everything else that differs is inside transformers: Qwen2.5-VL's vision tower has window attention (full attention
+# in a few blocks), RMSNorm and a SwiGLU MLP; its video positions count time, not frames: a temporal patch advances the
+# position by tokens_per_second * second_per_grid_ts (= temporal_patch_size / sample fps, made per video by data.py).
+# The video processor settings (patch 14, merge 2, CLIP mean/std) are the same in both published checkpoints.
+FAMILIES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", ()),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",)),
+}
+
+
+def model_family(model_dir):
+    """config.json's model_type, if this trainer runs it; else ModelError naming what was found (no weights read)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ModelError(f"{model_dir}: no config.json, not a Hugging Face model folder")
+    with open(path) as f:
+        found = json.load(f).get("model_type")
+    if found not in FAMILIES:
+        raise ModelError(f"{path}: model_type {found!r} is not supported; supported: {', '.join(FAMILIES)} "
+                         f"(Qwen2-VL, Qwen2.5-VL)")
+    return found
+
 def resolve_model_dir(name):
     """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk)."""
     if os.path.isdir(name):
@@ -279,12 +319,26 @@ def resolve_model_dir(name):
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
-    """Qwen2-VL from a local folder. The vision tower runs `attn_implementation` ('auto' = flash_attention_2 when
-    importable on CUDA in bf16, else sdpa); the language model runs packed_attention (sdpa, split for the packed policy pass)."""
-    from transformers import Qwen2VLForConditionalGeneration
+    """Qwen2-VL or Qwen2.5-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
+    flash_attention_2 when it imports, on CUDA, in bf16, else sdpa); the language model runs packed_attention (sdpa,
+    split for the packed policy pass)."""
+    import transformers
+    model_class = getattr(transformers, FAMILIES[model_family(model_dir)][0])
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return use_packed_attention(Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation={
+    return use_packed_attention(model_class.from_pretrained(model_dir, dtype=dtype, attn_implementation={
         "text_config": "sdpa", "vision_config": vision_attention(attn_implementation, device, bf16=bf16)}))
+
+
+_ZERO3_LOAD_CONFIG = None  # transformers holds only a weak reference to it
+
+
+def partition_at_load(ds_config):
+    """Under ZeRO-3, have transformers build every model from_pretrained loads from now on inside deepspeed.zero.Init
+    (its HfDeepSpeedConfig): each rank materialises only its shard of the weights, never a whole copy per rank."""
+    global _ZERO3_LOAD_CONFIG
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        _ZERO3_LOAD_CONFIG = HfDeepSpeedConfig(ds_config)
 
 
 def flash_attn_error():
@@ -311,6 +365,59 @@ def vision_attention(attn_implementation, device, bf16=True):
         return attn_implementation
     cuda = device is not None and torch.device(device).type == "cuda"
     return "flash_attention_2" if cuda and bf16 and flash_attn_error() is None else "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+# the language model's attention and MLP projections, as module-name suffixes (Qwen2-VL and Qwen2.5-VL alike)
+LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def lora_targets(model, target_modules):
+    """Full names of the Linear modules LoRA adapts: each comma-separated name of `target_modules` matches the language
+    model's modules ending in it; a name starting with "visual." matches in the vision tower instead (frozen unless
+    asked: Qwen2.5-VL's vision MLP has gate/up/down_proj too). A name matching nothing: ModelError listing the names."""
+    linear = [n for n, m in hf_model(model).named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
+    names, unknown = [], []
+    for target in [t.strip() for t in (target_modules or LORA_DEFAULT_TARGETS).split(",") if t.strip()]:
+        where, suffix = ("visual.", target[len("visual."):]) if target.startswith("visual.") else ("language_model.", target)
+        found = [n for n in linear if where in n and n.endswith("." + suffix)]
+        names += found
+        unknown += [] if found else [target]
+    if unknown:
+        known = lambda part: sorted({n.rsplit(".", 1)[-1] for n in linear if part in n})
+        raise ModelError(f"--lora_target_modules: {unknown} match no Linear module; the language model has "
+                         f"{known('language_model.')}, the vision tower (prefix 'visual.') {known('visual.')}")
+    return names
+
+
+def check_lora_targets(model_dir, target_modules):
+    """lora_targets on the folder's architecture built on the meta device: the error comes before any weights load."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = getattr(transformers, FAMILIES[model_family(model_dir)][0])._from_config(config)
+    return lora_targets(skeleton, target_modules)
+
+
+def add_lora(model, *, rank, alpha, target_modules):
+    """Wrap the policy in peft LoRA adapters of rank `rank` on lora_targets; only the adapters train. The reference is
+    then the same weights with the adapters off (`reference`), no second model."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model, target_modules))
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def reference(policy, ref_engine):
+    """The reference model for the KL: the frozen copy's engine if there is one, else (LoRA) the policy with its
+    adapters disabled, i.e. the base weights exactly."""
+    if ref_engine is not None:
+        yield ref_engine.module
+    else:
+        with policy.disable_adapter():
+            yield policy
 
 
 def gathered_params(engine):

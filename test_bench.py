@@ -1,7 +1,7 @@
 """
 Tests of bench.py, offline on CPU: the CLI smoke run (every phase of both ways timed, one JSON line, under 20 s), the
 seed's log-prob pass and the pre-packing ablation against train.py's on the same completions (so the ways compare
-equal work), the fixed completion length of both rollouts, and the 2B/7B shapes against their published sizes.
+equal work), the fixed completion length of both rollouts, and the 2B/7B and Qwen2.5-VL 3B/7B shapes against their published sizes.
 """
 import json
 import os
@@ -77,14 +77,16 @@ def test_both_rollouts_give_exactly_the_asked_length(tiny_setup):
         assert not torch.isin(ids, torch.tensor(never)).any()
 
 
-@pytest.mark.parametrize("shape, billions, vocab, tied", [("2b", 2.21, 151936, True), ("7b", 8.29, 152064, False)])
+@pytest.mark.parametrize("shape, billions, vocab, tied", [("2b", 2.21, 151936, True), ("7b", 8.29, 152064, False),
+                                                         ("2.5-3b", 3.75, 151936, True), ("2.5-7b", 8.29, 152064, False)])
 def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
     # built on the meta device: the shapes without the memory; the model cards give 2.21B and 8.29B parameters
     tokenizer = tiny.build_tiny_tokenizer()
     model = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa")
     counts = bench.parameter_counts(model)
     assert round(counts["total"] / 1e9, 2) == billions
-    assert round((counts["vision"] + counts["merger"]) / 1e6) in (665, 676)  # the same ViT; its merger maps to 1536 or 3584
+    # the same ViT per family (Qwen2.5-VL's: SwiGLU, RMSNorm); its merger maps to the language model's width
+    assert round((counts["vision"] + counts["merger"]) / 1e6) == {"2b": 665, "7b": 676, "2.5-3b": 669, "2.5-7b": 677}[shape]
     assert model.config.text_config.vocab_size == vocab and (counts["head"] == 0) == tied
     assert model.config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>") < vocab
     # --layers: a thin slice at the same widths
@@ -106,3 +108,19 @@ def test_temporal_contrast_times_the_tgrpo_way_and_reports_its_added_cost():
         assert result["tgrpo"][phase]["time_s"] > 0
         assert result["tgrpo_added_s"][phase] == pytest.approx(result["tgrpo"][phase]["time_s"] - result["ours"][phase]["time_s"])
     assert "T-GRPO adds" in proc.stdout
+
+
+def test_memory_estimate_counts_what_trains():
+    # the LoRA column's trainable parameters against peft's own count on the same model (2B widths, 2 layers); the
+    # sharded terms against the parameter count
+    from model import add_lora
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = bench.build_model("2b", tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
+    N = sum(p.numel() for p in model.parameters())
+    kw = dict(world=4, B=1, G=8, P=1179, C=512)
+    full, lora = bench.memory_per_gpu(model, lora_rank=0, **kw), bench.memory_per_gpu(model, lora_rank=16, **kw)
+    peft_model = add_lora(model, rank=16, alpha=32.0, target_modules="")
+    assert lora["trainable parameters"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert full["trainable parameters"] == N
+    assert full["AdamW fp32 master + m + v, sharded"] * 2**30 == 12 * N / 4
+    assert full["weights (policy + reference), sharded"] == pytest.approx(2 * lora["weights (policy + reference), sharded"], rel=0.01)

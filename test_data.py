@@ -464,6 +464,11 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert torch.equal(batch["pixel_values_videos"],
                        torch.cat([items[0]["pixel_values_videos"], items[2]["pixel_values_videos"]]))
     assert batch["video_grid_thw"].tolist() == [[2, 4, 4]] * 2
+    # Qwen2.5-VL's temporal positions: seconds per temporal patch, temporal_patch_size / sample fps (its processor's)
+    fps = [data.read_video(examples[i]["video"], settings.fps, settings.min_frames, settings.max_frames,
+                           settings.min_pixels, settings.max_pixels)[1] for i in (0, 2)]
+    assert batch["second_per_grid_ts"].shape == (2,)
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([settings.temporal_patch_size / f for f in fps])
     assert batch["index"] == [0, 2] and batch["problem"] == [examples[0]["problem"], examples[2]["problem"]]
     assert batch["solution"] == [examples[0]["solution"], examples[2]["solution"]]
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]

@@ -17,11 +17,13 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import tiny
 import train
-from model import (VISION_TOKENS, completion_logps, completion_logps_shared_prompt, load_model, packed_attention,
-                   packed_masks, sample_completions, selective_log_softmax, use_packed_attention, vision_attention)
+from model import (VISION_TOKENS, ModelError, add_lora, completion_logps, completion_logps_shared_prompt, load_model,
+                   lora_targets, packed_attention, packed_masks, reference, sample_completions, selective_log_softmax,
+                   use_packed_attention, vision_attention)
 from model import apply_repetition_penalty, generation_repetition_penalty
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -359,17 +361,21 @@ def test_eta_formats():
 # ---------------------------------------------------------------------------------------------------------------
 # the model passes, on the tiny model and two prompts of different lengths (left padding)
 
-@pytest.fixture(scope="module")
-def tiny_setup():
+# every model-pass test runs on both families: Qwen2.5-VL adds window attention in the vision tower and time-based
+# video positions (second_per_grid_ts), which each pass must get right
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_setup(request):
     tokenizer = tiny.build_tiny_tokenizer()
-    model = use_packed_attention(tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2).eval())  # context-sensitive: see tiny.py
+    model = tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2, family=request.param)  # context-sensitive: see tiny.py
+    model = use_packed_attention(model.eval())
     torch.manual_seed(0)
     items = []
-    for problem, grid in (("How many red objects are in the video?", [2, 4, 4]),
-                          ("How many?", [2, 4, 6])):  # two video sizes: the grids differ too
+    for problem, grid, seconds in (("How many red objects are in the video?", [4, 4, 4], 1.0),
+                                   ("How many?", [2, 4, 6], 0.5)):  # two video sizes and frame rates
         grid = torch.tensor([grid])
         input_ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, problem), grid)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "video_grid_thw": grid,
+                      "second_per_grid_ts": torch.tensor([seconds]),
                       "pixel_values_videos": torch.randn(int(grid.prod()), 1176),
                       "problem": problem, "solution": "<answer>2</answer>", "video": "v.mp4", "index": len(items)})
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
@@ -382,6 +388,14 @@ def tiny_setup():
 NORMAL_IDS = 20  # random completions start here: tiny.py's specials are 0-13; a <|video_pad|> breaks the video count
 
 
+def family_inputs(model, batch, G=1, rows=slice(None)):
+    """What transformers' own forward / generate of Qwen2.5-VL takes to place the video in time (rows of the batch,
+    each repeated G times); written here, not taken from model.py, so that a pass dropping it is caught."""
+    if model.config.model_type != "qwen2_5_vl":
+        return {}
+    return {"second_per_grid_ts": batch["second_per_grid_ts"][rows].repeat_interleave(G)}
+
+
 def slow_logps(model, batch, completion_ids, G):
     """The seed's way: the video repeated G times, full logits, positions left to transformers."""
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
@@ -391,7 +405,8 @@ def slow_logps(model, batch, completion_ids, G):
     videos = torch.split(batch["pixel_values_videos"], per_video)
     pixel_values = torch.cat([v for v in videos for _ in range(G)])
     out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, use_cache=False,
-                pixel_values_videos=pixel_values, video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0))
+                pixel_values_videos=pixel_values, video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0),
+                **family_inputs(model, batch, G))
     C = completion_ids.size(1)
     logits = out.logits[:, -C - 1:-1]
     return torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -498,6 +513,7 @@ def test_rollout_matches_transformers_generate(tiny_setup):
         ref = model.generate(input_ids=batch["input_ids"][b:b + 1, row], attention_mask=batch["attention_mask"][b:b + 1, row],
                              mm_token_type_ids=batch["mm_token_type_ids"][b:b + 1, row], pixel_values_videos=pixel_values,
                              video_grid_thw=batch["video_grid_thw"][b:b + 1], max_new_tokens=C, do_sample=False,
+                             **family_inputs(model, batch, rows=slice(b, b + 1)),
                              suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         ref = ref[0, row.sum():].tolist()
         for g in range(G):  # completion b*G+g belongs to prompt b
@@ -582,6 +598,61 @@ def test_reference_sees_the_video_kl_zero_at_init(tiny_setup):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# LoRA: the adapters, the reference (adapters off) and the merged model
+
+def lora_policy(model, target_modules=""):
+    """The tiny model in LoRA adapters whose B is random (peft starts it at 0, where on and off would agree trivially)."""
+    policy = add_lora(copy.deepcopy(model), rank=4, alpha=8.0, target_modules=target_modules)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return policy
+
+
+def test_lora_reference_is_the_base_model_and_kl_zero(tiny_setup):
+    tokenizer, model, batch, eos, _ = tiny_setup
+    policy = lora_policy(model)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {n for n in dict(policy.named_parameters()) if ".lora_" in n}
+    completion_ids = torch.randint(NORMAL_IDS, 400, (4, 5))
+    kw = dict(num_generations=2, temperature=1.0)
+    base = completion_logps_shared_prompt(model, batch, completion_ids, **kw)
+    with reference(policy, None) as ref_model:  # train.py's reference pass under LoRA: no second model
+        ref = completion_logps_shared_prompt(ref_model, batch, completion_ids, **kw)
+    torch.testing.assert_close(ref, base, rtol=0, atol=1e-5)  # the base model (peft wraps each Linear: ~1e-6 apart)
+    assert (completion_logps_shared_prompt(policy, batch, completion_ids, **kw) - base).abs().max() > 1e-3
+    # at step 1 peft's B = 0: the policy is the reference and the KL is exactly 0
+    fresh = add_lora(copy.deepcopy(model), rank=4, alpha=8.0, target_modules="")
+    with torch.no_grad():
+        logps = completion_logps(fresh, batch, completion_ids, **kw)
+    with reference(fresh, None) as ref_model:
+        assert train.per_token_kl(logps, completion_logps(ref_model, batch, completion_ids, **kw)).abs().max().item() == 0.0
+
+
+def test_lora_targets_language_model_by_default_vision_when_asked(tiny_setup):
+    tokenizer, model, batch, eos, _ = tiny_setup
+    names = lora_targets(model, "")
+    layers = model.config.text_config.num_hidden_layers
+    assert len(names) == 7 * layers and all(".language_model." in n for n in names), names
+    vision = lora_targets(model, "q_proj,visual.fc1" if model.config.model_type == "qwen2_vl" else "q_proj,visual.up_proj")
+    assert sum(".visual." in n for n in vision) == model.config.vision_config.depth and len(vision) == layers + 2
+    with pytest.raises(ModelError, match=r"\['qkvz'\] match no Linear module; the language model has \[.*'q_proj'"):
+        lora_targets(model, "q_proj,qkvz")
+
+
+def test_lora_merged_state_dict_equals_peft_merge(tiny_setup):
+    tokenizer, model, batch, eos, _ = tiny_setup
+    policy = lora_policy(model)
+    merged = checkpoint.merged_lora_state_dict(policy.state_dict(), 8.0 / 4)
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(merged["lm_head.weight"], expected["lm_head.weight"] * 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the whole trainer, in subprocesses (the distributed state stays out of this process)
 
 def run(cmd, timeout=240):
@@ -620,6 +691,31 @@ def test_toy_reward_is_learned(tiny_data):
     # per-step reward std of the first steps is the noise scale; require the gain to be far beyond it
     noise = torch.tensor(first).std().item() + 0.02
     assert sum(last) / 5 - sum(first) / 5 > 3 * noise, f"no learning: first {first}, last {last}"
+
+
+PARTITION_SCRIPT = """
+import os, sys, deepspeed, torch, model
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+plain = model.load_model(sys.argv[1], bf16=False).state_dict()
+model.partition_at_load({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+parted = model.load_model(sys.argv[1], bf16=False)
+params = dict(parted.named_parameters())
+assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values()), "not partitioned at load"
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    for name, p in params.items():
+        assert torch.equal(p, plain[name]), name
+print("partitioned all", len(params) == len(plain))
+"""
+
+
+def test_zero3_load_is_partitioned_and_equal(tiny_data):
+    # under ZeRO-3 from_pretrained runs inside zero.Init: no rank holds a whole copy, and the gathered weights are the file's
+    root, model_dir, _ = tiny_data
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    assert "partitioned all True" in run([sys.executable, "-c", PARTITION_SCRIPT, model_dir, port]).stdout
 
 
 def test_deepspeed_two_ranks_zero3(tiny_data):

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import data
 import tiny
@@ -80,6 +81,39 @@ def test_sigkill_then_resume_gives_the_same_run(setup):
         for key in ("loss", "kl", "grad_norm", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert len({r["reward"] for r in straight[4:]}) > 1  # the rows compared are not all alike
+
+
+def test_lora_run_resumes_exactly_and_final_is_a_merged_model(setup):
+    # LoRA: KL exactly 0 at step 1 (reference = adapters off), adapter checkpoints, exact resume, final/ a merged HF model
+    root, model_dir, train_path = setup
+    lora = ("--lora_rank", "8", "--max_steps", "4", "--save_steps", "2")
+    run(args(setup, root / "lora", *lora))
+    run(args(setup, root / "lora-resumed", *lora, "--resume_from", str(root / "lora" / "checkpoint-2")))
+    straight, resumed = metrics(root / "lora"), metrics(root / "lora-resumed")
+    assert straight[0]["kl"] == 0.0 and straight[-1]["kl"] > 0
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"], (a, b)
+        for key in ("loss", "kl", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert (root / "lora" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert not (root / "lora" / "checkpoint-2" / "model.safetensors").exists()  # the adapter, not the whole model
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    final = root / "lora" / "final"
+    merged = AutoModelForImageTextToText.from_pretrained(str(final))
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), str(final / "adapter"))
+    base = AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+    expected = adapted.merge_and_unload().state_dict()
+    changed = 0
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6)
+        changed += name.endswith("q_proj.weight") and not torch.equal(value, base[name])
+    assert changed == merged.config.text_config.num_hidden_layers  # training moved every adapted layer
+    proc = run([sys.executable, "eval.py", "--model", str(final), "--data", train_path, "--limit", "2",
+                "--max_new_tokens", "8", "--num_workers", "0", "--output", str(root / "lora-eval.json"), "--max_pixels",
+                str(112 * 112), "--min_pixels", str(112 * 112), "--max_frames", "4"])
+    assert json.loads((root / "lora-eval.json").read_text())["n"] == 2, proc.stderr[-2000:]
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
@@ -173,12 +207,20 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--reward_weights", "1,2,3"], "one weight per reward"),
     (["--max_pixels", "-1"], "--max_pixels -1"),
     (["--deepspeed", "ds_with_batch.json"], "sets ['train_batch_size']; these come from train.py's flags"),
+    (["--model_name_or_path", "qwen2-text"], "model_type 'qwen2' is not supported; supported: qwen2_vl, qwen2_5_vl"),
+    (["--model_name_or_path", "llava"], "model_type 'llava' is not supported; supported: qwen2_vl, qwen2_5_vl"),
+    (["--tiny_model", "qwen3-vl"], "--tiny_model 'qwen3-vl': choose one of qwen2-vl, qwen2.5-vl"),
+    (["--lora_rank", "8", "--lora_target_modules", "q_proj,qkvz"], "['qkvz'] match no Linear module; the language model has ["),
+    (["--lora_rank", "-1"], "--lora_rank -1: 0 (off) or a positive rank"),
 ])
 def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):
     # in-process: validation runs before anything distributed or any model is touched
     import train
     (setup[0] / "ds_with_batch.json").write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 3}}')
-    flags = [str(setup[0] / f) if f == "ds_with_batch.json" else f for f in flags]
+    for name, model_type in (("qwen2-text", "qwen2"), ("llava", "llava")):  # model folders of other families
+        (setup[0] / name).mkdir(exist_ok=True)
+        (setup[0] / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+    flags = [str(setup[0] / f) if f in ("ds_with_batch.json", "qwen2-text", "llava") else f for f in flags]
     out = setup[0] / "never"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(setup, out, "--rewards", "accuracy,format", *flags)[3:])

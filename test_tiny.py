@@ -113,3 +113,31 @@ def test_warm_start_gives_a_format_reward_the_random_model_lacks(model_dir, toke
     assert len({rewards.thinking_text(c) for c in completions}) > 8, completions  # the thoughts vary
     random_completions, _ = sample(tiny.build_tiny_model(tokenizer, seed=0).eval(), tokenizer)
     assert sum(rewards.format_reward(random_completions)) == 0.0
+
+
+QWEN = __import__("pathlib").Path(__file__).resolve().parent.parent / "shared" / "qwen"
+
+
+@pytest.mark.parametrize("name", ["Qwen2-VL-2B-Instruct", "Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct"])
+def test_tiny_chat_template_renders_what_the_real_one_does(name, tokenizer, tmp_path):
+    # the genuine tokenizer files of the published checkpoints (../shared/qwen, see its README): our prompt rendered by
+    # their chat template is the text tiny.py's template renders, and both split it into the same special tokens
+    if not (QWEN / name).is_dir():
+        pytest.skip(f"{QWEN / name} absent")
+    import shutil
+    from transformers import AutoTokenizer
+    for f in [*(QWEN / name).iterdir(), QWEN / "vocab.json", QWEN / "merges.txt"]:
+        shutil.copy(f, tmp_path)
+    real = AutoTokenizer.from_pretrained(str(tmp_path))
+    problem = "How many red objects are in the video?"
+    text = data.build_prompt_text(real, problem)
+    assert text == data.build_prompt_text(tokenizer, problem)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|><|video_pad|><|vision_end|>") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    specials = lambda tok: [t for t in tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+                            if t in tiny.SPECIAL_TOKENS]
+    assert specials(real) == specials(tokenizer) == ["<|im_start|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
+                                                     "<|video_pad|>", "<|vision_end|>", "<|im_end|>", "<|im_start|>"]
+    # the tokens around the video and the turn markers decode to the same text in both vocabularies
+    assert real.decode(real(text, add_special_tokens=False)["input_ids"]) == text
+    assert [real.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS] == list(range(151643, 151657))

@@ -19,6 +19,7 @@ model this small, to count. Measured: 60-100 GRPO steps take format ~0.75 -> ~0.
 the first two, not by counting. `build_tiny_model` stays the purely random model (tests of the model passes use it).
 
     python tiny.py data/tiny-qwen2-vl
+    python tiny.py data/tiny-qwen2.5-vl qwen2.5-vl    # the same architecture sizes as a Qwen2.5-VL
 """
 import json
 import os
@@ -86,29 +87,45 @@ def build_tiny_tokenizer(vocab_size=512):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(tokenizer, seed=0, init_std=0.02):
-    """A random Qwen2-VL with the real architecture at toy sizes (~0.2M parameters). Tests use a larger init_std:
-    at 0.02 the random model's next token barely depends on the context, so position or cache bugs would hide."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+# --tiny_model name -> config.json's model_type (model.FAMILIES)
+TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl"}
+
+
+def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl"):
+    """A random Qwen2-VL (family "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") with the real architecture at toy sizes
+    (~0.2M parameters). Tests use a larger init_std: at 0.02 the random model's next token barely depends on the
+    context, so position or cache bugs would hide."""
+    import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
-            # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width)
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            initializer_range=init_std,
-        ),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+        # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width)
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        initializer_range=init_std,
+    )
+    common = dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision_config = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, **common)
+    elif family == "qwen2_5_vl":
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        # window_size 56 px = 2x2 merged patches: the tests' 4x4 and 4x6 grids split into several windows; block 0
+        # runs window attention, block 1 full attention, as the real tower alternates them; 2 tokens per second as 3B/7B
+        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                             window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, **common)
+    else:
+        raise ValueError(f"build_tiny_model: family {family!r}, choose one of {sorted(TINY_MODELS.values())}")
+    config = config_class(
+        text_config=text_config, vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
@@ -151,7 +168,8 @@ def format_batch(tokenizer, prompts, gen, batch_size, grid_thw):
         items.append({"input_ids": torch.cat([prompt_ids, completion_ids]),
                       "mm_token_type_ids": torch.cat([types, torch.zeros_like(completion_ids)]),
                       "pixel_values_videos": torch.randn(int(grid_thw.prod()), 3 * 2 * 14 * 14, generator=gen),
-                      "video_grid_thw": grid_thw, "problem": "", "solution": "", "video": "", "index": 0})
+                      "video_grid_thw": grid_thw, "second_per_grid_ts": torch.tensor([1.0]),  # 2 frames per patch at 2 fps
+                      "problem": "", "solution": "", "video": "", "index": 0})
         lengths.append(len(completion_ids))
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     labels = torch.full_like(batch["input_ids"], -100)  # loss only on the completions, which end their rows
@@ -165,6 +183,7 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
     the vision tower is left random. grid (2, 8, 8) is a 4-frame 112x112 clip, as train.py --tiny reads them.
     60 steps is short of convergence on purpose: format ~0.7 at temperature 1 (120 steps: ~0.85, 200: ~0.95)"""
     import data
+    import model as model_lib
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
     grid_thw = torch.tensor([grid])
@@ -180,7 +199,7 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
         batch, labels = format_batch(tokenizer, prompts, gen, batch_size, grid_thw)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
-                     video_grid_thw=batch["video_grid_thw"]).loss
+                     video_grid_thw=batch["video_grid_thw"], **model_lib.position_inputs(model, batch)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -193,21 +212,22 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
     return model
 
 
-def save_tiny_model(out_dir, seed=0, warm_start=True):
-    """Write a tiny HF model folder to out_dir, format warm start included unless warm_start=False (idempotent: an
-    existing complete folder is left as is, so delete it to rebuild after changing this file)."""
+def save_tiny_model(out_dir, seed=0, warm_start=True, family="qwen2_vl"):
+    """Write a tiny HF model folder of `family` to out_dir, format warm start included unless warm_start=False
+    (idempotent: an existing complete folder is left as is, so delete it to rebuild after changing this file)."""
     if os.path.exists(os.path.join(out_dir, "config.json")) and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was: a first --tiny run = a later one
-        model = build_tiny_model(tokenizer, seed=seed)
+        model = build_tiny_model(tokenizer, seed=seed, family=family)
         if warm_start:
             warm_start_format(model, tokenizer, seed=seed)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"  # write aside, then rename: a concurrent reader never sees half
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-        json.dump(PREPROCESSOR_CONFIG, f, indent=2)
+        processor = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"  # the same image settings
+        json.dump(dict(PREPROCESSOR_CONFIG, processor_class=processor), f, indent=2)
     try:
         os.rename(tmp, out_dir)
     except OSError:  # another process finished first
@@ -217,5 +237,6 @@ def save_tiny_model(out_dir, seed=0, warm_start=True):
 
 
 if __name__ == "__main__":
-    out = save_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "data/tiny-qwen2-vl")
-    print(f"tiny Qwen2-VL written to {out}")
+    name = sys.argv[2] if len(sys.argv) > 2 else "qwen2-vl"  # python tiny.py DIR [qwen2-vl|qwen2.5-vl]
+    out = save_tiny_model(sys.argv[1] if len(sys.argv) > 1 else f"data/tiny-{name}", family=TINY_MODELS[name])
+    print(f"tiny {name} written to {out}")

@@ -1,9 +1,10 @@
 """
-GRPO on a video vision-language model (Qwen2-VL), the Video-R1 recipe, written out by hand.
+GRPO on a video vision-language model (Qwen2-VL or Qwen2.5-VL), the Video-R1 recipe, written out by hand.
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
     python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
+    python train.py --tiny --tiny_model qwen2.5-vl  # the same on a tiny Qwen2.5-VL; --lora_rank 8: LoRA (peft)
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py  # on each node
@@ -88,6 +89,7 @@ class Config:
     video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
     output_dir: str = field(default="runs/video-r1-dvd", metadata={"help": "where checkpoints, metrics.jsonl and samples.jsonl go"})
     tiny: bool = field(default=False, metadata={"help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"help": "--tiny's model family: qwen2-vl or qwen2.5-vl (made in data/tiny-<name>)"})
     # video (the seed's settings)
     fps: float = field(default=2.0, metadata={"help": "frames sampled per second of video"})
     min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
@@ -132,6 +134,9 @@ class Config:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (peft); 0: full fine-tuning. With LoRA the reference is the same weights, adapters off"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_rank) * B @ A"})
+    lora_target_modules: str = field(default="", metadata={"help": "comma-separated Linear name suffixes in the language model ('visual.NAME': the vision tower); default: attention + MLP projections"})
     attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if it imports, on CUDA, in bf16, else sdpa (the language model: packed_attention)"})
     deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
     gather_reference: bool = field(default=True, metadata={"help": "ZeRO-3: gather the full reference weights once for its pass (--no-gather_reference: layer by layer, less memory)"})
@@ -179,7 +184,7 @@ def parse_config(argv=None):
     parser = dataclass_parser(Config, __doc__)
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
-        parser.set_defaults(**TINY)
+        parser.set_defaults(**dict(TINY, model_name_or_path=f"data/tiny-{args.tiny_model}"))
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -231,8 +236,17 @@ def validate_config(cfg):
         raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
         raise ConfigError(f"--video_root {cfg.video_root}: no such folder")
+    import tiny
+    if cfg.tiny_model not in tiny.TINY_MODELS:
+        raise ConfigError(f"--tiny_model {cfg.tiny_model!r}: choose one of {', '.join(tiny.TINY_MODELS)}")
     name = cfg.model_name_or_path
-    if not (cfg.tiny and name == TINY["model_name_or_path"]) and not os.path.isdir(name):
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"--lora_rank {cfg.lora_rank}: 0 (off) or a positive rank")
+    if os.path.isdir(name):
+        model.model_family(name)  # another family (a text-only Qwen2, LLaVA): one line now, not after a load
+        if cfg.lora_rank:
+            model.check_lora_targets(name, cfg.lora_target_modules)  # on a meta-device skeleton: no weights read
+    elif not (cfg.tiny and name == f"data/tiny-{cfg.tiny_model}"):
         hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/", "~"))
         if not hub_id:
             raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
@@ -485,11 +499,12 @@ def train(cfg):
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
         if rank == 0:
             import tiny
-            tiny.save_tiny_model(cfg.model_name_or_path)
+            tiny.save_tiny_model(cfg.model_name_or_path, family=tiny.TINY_MODELS[cfg.tiny_model])
             if not os.path.exists(cfg.data):
                 data.make_synthetic_dataset(os.path.dirname(cfg.data))
         torch.distributed.barrier()
     model_dir = model.resolve_model_dir(cfg.model_name_or_path)
+    model.model_family(model_dir)  # a downloaded hub id of another family: the same one-line error
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
                                                    max_frames=cfg.max_frames, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
@@ -505,10 +520,13 @@ def train(cfg):
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
 
     # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
+    ds_config = build_ds_config(cfg)
+    model.partition_at_load(ds_config)  # ZeRO-3: weights partitioned as they load, no whole copy per rank
     policy_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
     if cfg.gradient_checkpointing:
         policy_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ds_config = build_ds_config(cfg)
+    if cfg.lora_rank:  # only the adapters train; the reference is the policy with them off: no second model
+        policy_model = model.add_lora(policy_model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
     updates = total_steps * cfg.num_iterations
 
     lr_lambda = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
@@ -517,7 +535,7 @@ def train(cfg):
         optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     ref_engine = None
-    if cfg.beta != 0.0:
+    if cfg.beta != 0.0 and not cfg.lora_rank:
         ref_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
         ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
@@ -611,10 +629,11 @@ def train(cfg):
 
         # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
         ref_logps = old_logps = None
-        if ref_engine is not None:  # under ZeRO-3 the weights are gathered once for the pass, not layer by layer
-            with model.gathered_params(ref_engine) if cfg.gather_reference else contextlib.nullcontext():
-                ref_logps = model.completion_logps_shared_prompt(ref_engine.module, batch, completion_ids,
-                                                                 num_generations=G, temperature=cfg.temperature)  # (B*G, C)
+        if cfg.beta != 0.0:  # under ZeRO-3 the weights are gathered once for the pass, not layer by layer
+            gather = model.gathered_params(ref_engine or engine) if cfg.gather_reference else contextlib.nullcontext()
+            with gather, model.reference(policy, ref_engine) as ref_model:  # LoRA: the policy, adapters disabled
+                ref_logps = model.completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=G,
+                                                                 temperature=cfg.temperature)    # (B*G, C)
 
         # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
         policy.train()
@@ -700,7 +719,7 @@ def train(cfg):
             logger.close()
             return cfg.output_dir
 
-    checkpoint.save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank)
+    checkpoint.save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
     logger.close()
     if rank == 0:
         import plot
