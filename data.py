@@ -309,7 +309,8 @@ def shuffled_copy(batch):
     """T-GRPO's rollout batch: the B prompts, then the same B prompts on their shuffled videos (2B rows). The prompts
     are identical (a shuffled video has the same grid, so the same number of video tokens): one batched rollout."""
     assert "pixel_values_videos_shuffled" in batch, "shuffled_copy needs a dataset built with shuffled_frames=True"
-    doubled = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw")}
+    doubled = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw",
+                                                            "second_per_grid_ts") if k in batch}  # the last: Qwen2.5-VL
     doubled["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"], batch["pixel_values_videos_shuffled"]])
     return doubled
 

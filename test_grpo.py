@@ -545,11 +545,14 @@ def test_greedy_with_penalty_matches_generate_on_the_padded_batch(tiny_setup, tm
     ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
                          video_grid_thw=batch["video_grid_thw"], max_new_tokens=C, do_sample=False,
-                         suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                         **family_inputs(model, batch), suppress_tokens=suppress, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id)
     ref = ref[:, batch["input_ids"].size(1):]
     assert ours.tolist() == ref[:, :ours.size(1)].tolist()
     plain = sample_completions(model, batch, **kw)  # penalty 1.0: the rollout's decoding, a different output here
     assert plain.tolist() != ours.tolist()
+
+
 def test_rollout_with_per_prompt_counts_equals_separate_rollouts(tiny_setup):
     # T-GRPO's rollout: B prompts with G completions each, then the same B prompts on shuffled videos with G~ each,
     # in one call; greedy, so each row must equal the row of a separate rollout of its own prompt and video
