@@ -120,9 +120,45 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
+def static_cache(model, cache, max_new_tokens):
+    """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of P + max_new_tokens
+    positions, allocated once: every decode step then reads and writes tensors of the same shapes at the same addresses
+    (what torch.compile needs to capture the step whole, and CUDA graphs to replay it)."""
+    from transformers import StaticCache
+    P = cache.get_seq_length()
+    static = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    for layer, prefilled in zip(static.layers, cache.layers):
+        N, H, _, _ = prefilled.keys.shape
+        layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, P + max_new_tokens, d), zeros
+        layer.keys[:, :, :P].copy_(prefilled.keys)
+        layer.values[:, :, :P].copy_(prefilled.values)
+        layer.cumulative_length.fill_(P)  # a tensor: the write position advances on the device, no recompile
+    return static
+
+
+def decode_step(model, token, position, attention_mask, cache):
+    """One new token per row on the static cache: the language model and the LM head only (a text token needs no
+    vision), positions plain text positions (next_pos + t, the same in all three M-RoPE axes). Fixed shapes from token
+    to token and no Python branch on tensor values, so torch.compile captures it whole (fullgraph). The mask is the
+    full (N, P + max_new_tokens) width: the unwritten tail is hidden by the causal mask at the cache's write position.
+    (N,), (N,), (N, P+M) -> (N, V) fp32"""
+    out = model.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                                     position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+@functools.cache
+def compiled_decode_step(mode):
+    """decode_step under torch.compile, built once per mode ("reduce-overhead": CUDA graphs, on GPU; "default" on CPU).
+    The weights are graph inputs, read at each call (dynamo inlines nn.Modules and lifts parameters): an in-place
+    update, or ZeRO-3's gather that swaps p.data, is seen by the next step, never a copy taken at compile time."""
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
-                       suppress_token_ids, pad_token_id, greedy=False, top_k=0, top_p=1.0, repetition_penalty=1.0):
+                       suppress_token_ids, pad_token_id, greedy=False, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                       decode="eager"):
     """
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
@@ -131,8 +167,16 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
     temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
+    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache), "static" (decode_step
+    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens. Token choice (penalty,
+    suppression, filters, sampling) runs eagerly in both, so a seeded rollout draws the same random numbers.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
+    assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
+    if decode != "eager":
+        cache = static_cache(model, cache, max_new_tokens)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), max_new_tokens)], 1)  # (B*G, P+M)
+        step = compiled_decode_step("reduce-overhead" if logits.is_cuda else "default") if decode == "compiled" else decode_step
     logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
@@ -153,8 +197,12 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:
+        if done.all() or t == max_new_tokens - 1:  # a host sync per token: small beside a step (see README, rollout speed)
             break
+        if decode != "eager":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's logits are used up, reuse their memory
+            logits = step(model, token, next_pos + t, attention_mask, cache)           # (B*G, V)
+            continue
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,
