@@ -120,16 +120,17 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
-def static_cache(model, cache, max_new_tokens):
+def static_cache(model, cache, max_new_tokens, bucket=256):
     """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of P + max_new_tokens
-    positions, allocated once: every decode step then reads and writes tensors of the same shapes at the same addresses
-    (what torch.compile needs to capture the step whole, and CUDA graphs to replay it)."""
+    positions rounded up to a multiple of `bucket`, allocated once: every decode step then reads and writes tensors of
+    the same shapes at the same addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay
+    it). The rounding: prompt lengths vary from batch to batch, and each cache width is one more compiled graph."""
     from transformers import StaticCache
     P = cache.get_seq_length()
-    static = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    static = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // bucket) * bucket)
     for layer, prefilled in zip(static.layers, cache.layers):
         N, H, _, _ = prefilled.keys.shape
-        layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, P + max_new_tokens, d), zeros
+        layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, L, d), zeros
         layer.keys[:, :, :P].copy_(prefilled.keys)
         layer.values[:, :, :P].copy_(prefilled.values)
         layer.cumulative_length.fill_(P)  # a tensor: the write position advances on the device, no recompile
@@ -140,8 +141,8 @@ def decode_step(model, token, position, attention_mask, cache):
     """One new token per row on the static cache: the language model and the LM head only (a text token needs no
     vision), positions plain text positions (next_pos + t, the same in all three M-RoPE axes). Fixed shapes from token
     to token and no Python branch on tensor values, so torch.compile captures it whole (fullgraph). The mask is the
-    full (N, P + max_new_tokens) width: the unwritten tail is hidden by the causal mask at the cache's write position.
-    (N,), (N,), (N, P+M) -> (N, V) fp32"""
+    cache's full (N, L) width: the unwritten tail is hidden by the causal mask at the cache's write position.
+    (N,), (N,), (N, L) -> (N, V) fp32"""
     out = model.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
                                      position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
     return model.lm_head(out.last_hidden_state[:, -1]).float()
@@ -153,6 +154,18 @@ def compiled_decode_step(mode):
     The weights are graph inputs, read at each call (dynamo inlines nn.Modules and lifts parameters): an in-place
     update, or ZeRO-3's gather that swaps p.data, is seen by the next step, never a copy taken at compile time."""
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+COMPILE_ROLLOUT = ("auto", "on", "off")
+
+
+def rollout_decode(compile_rollout, device):
+    """--compile_rollout auto|on|off -> sample_completions' decode: "compiled" when on, or auto on CUDA (where CUDA
+    graphs remove the per-token launch overhead), else "eager" (on CPU compiling costs more than a short rollout saves)."""
+    if compile_rollout not in COMPILE_ROLLOUT:
+        raise ModelError(f"--compile_rollout {compile_rollout!r}: choose one of {COMPILE_ROLLOUT}")
+    on = compile_rollout == "on" or (compile_rollout == "auto" and torch.device(device).type == "cuda")
+    return "compiled" if on else "eager"
 
 
 @torch.no_grad()
@@ -175,7 +188,8 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
     if decode != "eager":
         cache = static_cache(model, cache, max_new_tokens)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), max_new_tokens)], 1)  # (B*G, P+M)
+        width = cache.layers[0].max_cache_len - attention_mask.size(1)  # past the prompt: hidden until written, by causality
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), width)], 1)  # (B*G, L)
         step = compiled_decode_step("reduce-overhead" if logits.is_cuda else "default") if decode == "compiled" else decode_step
     logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
