@@ -10,7 +10,7 @@ import torch
 
 import eval as evaluate
 import train
-from model import ModelError, rollout_decode, sample_completions
+from model import ModelError, decode_step, prefill, rollout_decode, sample_completions, static_cache
 from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
 
 
@@ -79,3 +79,20 @@ def test_compiled_rollout_equals_eager_and_reads_the_current_weights(tiny_setup)
     assert not torch.equal(swapped, after)
     assert torch.equal(swapped, sample_completions(model, batch, greedy=True, **kw))
     assert counters["stats"]["unique_graphs"] == graphs, "a weight change recompiled the step"
+
+
+def test_decode_step_logits_equal_the_eager_forward(tiny_setup):
+    # tokens can hide a small error (a stray cache slot, a position off by one in one axis): compare the logits of
+    # three steps on the static cache with the model's own forward on the prefill's DynamicCache
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    cache, _, attention_mask, next_pos = prefill(model, batch, 2)                         # (4, P) mask, (4,) positions
+    static = static_cache(model, prefill(model, batch, 2)[0], max_new_tokens=3)
+    static_mask = torch.cat([attention_mask, attention_mask.new_ones(4, static.layers[0].max_cache_len - attention_mask.size(1))], 1)
+    torch.manual_seed(0)
+    for t, token in enumerate(torch.randint(20, 300, (3, 4))):
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(4, 1)], 1)
+        with torch.no_grad():
+            ref = model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                        position_ids=(next_pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]  # (4, V)
+            ours = decode_step(model, token, next_pos + t, static_mask, static)                   # (4, V)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
