@@ -70,7 +70,7 @@ import torch
 import data
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, prompt_positions,
+from model import (completion_logps, completion_logps_shared_prompt, prefill, prompt_positions, rollout_decode,
                    sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
                    video_features, vision_attention)
 
@@ -95,6 +95,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
+    compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
+    decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring)"})
+    decode_tokens: int = field(default=0, metadata={"help": "completion tokens for the decode measurement (0: --completion_tokens)"})
 
 
 def parse_args(argv=None):
@@ -111,6 +114,10 @@ def parse_args(argv=None):
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
+    assert args.compile_rollout in ("auto", "on", "off"), f"--compile_rollout {args.compile_rollout}: choose auto, on or off"
+    assert args.decode in ("on", "off") and args.decode_tokens >= 0, "--decode on|off, --decode_tokens >= 0"
+    args.decode_tokens = args.decode_tokens or args.completion_tokens
+    assert args.decode == "off" or args.decode_tokens >= 3, "--decode_tokens: at least 3 (the per-step profile differences two lengths)"
     for name in ("gradient_checkpointing", "optimizer"):
         assert getattr(args, name) in ("on", "off", "auto"), f"--{name}: choose on, off or auto"
     if args.gradient_checkpointing == "auto":
@@ -290,17 +297,18 @@ def timed(fn, device):
     return out, (seconds, mem)
 
 
-def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed"):
+def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed", decode="eager"):
     """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
     device = batch["input_ids"].device
     B, result = batch["input_ids"].size(0), {}
     if way in ("ours", "tgrpo"):
         rollout = lambda: sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
-                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id,
+                                                   decode=decode)
         if way == "tgrpo":  # train.py --temporal_contrast: shuffled videos in the same rollout; their rows only scored
             rollout = lambda: sample_completions(model, data.shuffled_copy(batch), num_generations=[G] * B + [G // 2] * B,
                                                  max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
-                                                 suppress_token_ids=never, pad_token_id=pad_token_id)[:B * G]
+                                                 suppress_token_ids=never, pad_token_id=pad_token_id, decode=decode)[:B * G]
         policy_logps = completion_logps if policy_pass == "packed" else per_completion_logps
         logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
         ref_logps_of = lambda ids: completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
@@ -380,6 +388,51 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the rollout's decode: eager (DynamicCache, one full forward per token) against the static cache, eager and compiled
+
+DECODES = ("eager", "static", "compiled")
+
+
+def profile_counts(fn, device):
+    """(profiler events on the host, CUDA kernels) while fn runs, and the host events' table, top 15 by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU), kernels, table
+
+
+def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repeats, **_):
+    """Prefill seconds (vision + prompt, the KV cache repeated G times) and, per decode path, milliseconds per decode
+    step, token choice included: (median rollout of C tokens - median rollout of C // 2) / (C - C // 2), so prefill
+    and setup cancel; the compiled path's first call (its compilation) is timed apart as compile_s. Ops per step: the
+    profiler's events in a rollout of C tokens minus one of C - 1 (host events; on CUDA also the kernels launched)."""
+    kw = dict(num_generations=G, temperature=1.0, eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        prefill_s = statistics.median(timed(lambda: prefill(model, batch, G), device)[1][0] for _ in range(repeats))
+    result, tables = {"prefill_s": prefill_s, "decode_tokens": C}, {}
+    for decode in DECODES:
+        rollout = lambda n: sample_completions(model, batch, max_new_tokens=n, decode=decode, **kw)
+        first = timed(lambda: rollout(C), device)[1][0]
+        rollout(C // 2)  # one compiled graph serves every length within a cache bucket; warm both
+        seconds, half = (statistics.median(timed(lambda: rollout(n), device)[1][0] for _ in range(repeats)) for n in (C, C // 2))
+        result[f"decode_ms_per_token_{decode}"] = 1000 * (seconds - half) / (C - C // 2)
+        if decode == "compiled":
+            result["compile_s"] = first - seconds
+        (ops, kernels, tables[decode]), (ops_short, kernels_short, _) = (profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
+        result[f"ops_per_token_{decode}"] = ops - ops_short
+        result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
+    result["decode_speedup"] = result["decode_ms_per_token_eager"] / result["decode_ms_per_token_compiled"]
+    return result, tables
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # reporting
 
 def fmt(x, spec):
@@ -397,6 +450,15 @@ def print_table(row, mem_label):
                   f"{fmt(r.get('tflops'), '.3f'):>10}{fmt(mfu, ''):>8}{r['mem_gib']:>16.2f}")
         if "speedup" in row:
             print(f"{'':<16}{'speedup':<10}{row['speedup'][phase]:>9.2f}x")
+
+
+def print_decode(d):
+    print(f"decode ({d['decode_tokens']} tokens; prefill {d['prefill_s']:.3f}s):")
+    print(f"{'path':<12}{'ms/token':>10}{'ops/token':>11}{'kernels/token':>15}")
+    for decode in DECODES:
+        print(f"{decode:<12}{d[f'decode_ms_per_token_{decode}']:>10.2f}{d[f'ops_per_token_{decode}']:>11}"
+              f"{fmt(d[f'kernels_per_token_{decode}'], ''):>15}")
+    print(f"compiled decode {d['decode_speedup']:.2f}x eager per token; compile {d['compile_s']:.1f}s (once per shape)")
 
 
 def print_sweep(rows):
@@ -455,7 +517,7 @@ def main(argv=None):
 
     eos, vision = special_token_ids(tokenizer)
     step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
-               "policy_pass": args.policy_pass}
+               "policy_pass": args.policy_pass, "decode": rollout_decode(args.compile_rollout, device)}
     peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
                                 if device.type == "cuda" else 0.0)
     peak_flops = peak * 1e12 or None
@@ -465,7 +527,7 @@ def main(argv=None):
              "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
              "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
              "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
-             "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
+             "rollout_decode": step_kw["decode"], "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
     print(f"Qwen2-VL {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
           f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
           f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
@@ -496,6 +558,16 @@ def main(argv=None):
                   f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
                   f"measured total difference {added['total']:+.3f}s")
         result = {**setup, **row}
+        if args.decode == "on":
+            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed)
+            torch.manual_seed(args.seed)
+            decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
+                                            repeats=args.repeats, **step_kw)
+            print_decode(decode)
+            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for the README's profile
+                for name, table in tables.items():
+                    print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
+            result.update(decode)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']:.1f}s")
     print("BENCH_JSON " + json.dumps(result))
