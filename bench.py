@@ -407,7 +407,7 @@ def profile_counts(fn, device):
     return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU), kernels, table
 
 
-def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repeats, **_):
+def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repeats, decodes=DECODES, **_):
     """Prefill seconds (vision + prompt, the KV cache repeated G times) and, per decode path, milliseconds per decode
     step, token choice included: (median rollout of C tokens - median rollout of C // 2) / (C - C // 2), so prefill
     and setup cancel; the compiled path's first call (its compilation) is timed apart as compile_s. Ops per step: the
@@ -417,7 +417,7 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
     with torch.no_grad():
         prefill_s = statistics.median(timed(lambda: prefill(model, batch, G), device)[1][0] for _ in range(repeats))
     result, tables = {"prefill_s": prefill_s, "decode_tokens": C}, {}
-    for decode in DECODES:
+    for decode in decodes:
         rollout = lambda n: sample_completions(model, batch, max_new_tokens=n, decode=decode, **kw)
         first = timed(lambda: rollout(C), device)[1][0]
         rollout(C // 2)  # one compiled graph serves every length within a cache bucket; warm both
@@ -428,7 +428,8 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
         (ops, kernels, tables[decode]), (ops_short, kernels_short, _) = (profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
         result[f"ops_per_token_{decode}"] = ops - ops_short
         result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
-    result["decode_speedup"] = result["decode_ms_per_token_eager"] / result["decode_ms_per_token_compiled"]
+    if "compiled" in decodes:
+        result["decode_speedup"] = result["decode_ms_per_token_eager"] / result["decode_ms_per_token_compiled"]
     return result, tables
 
 
