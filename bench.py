@@ -428,6 +428,9 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
         (ops, kernels, tables[decode]), (ops_short, kernels_short, _) = (profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
         result[f"ops_per_token_{decode}"] = ops - ops_short
         result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
+    ids = sample_completions(model, batch, max_new_tokens=C, greedy=True, **kw)                   # (B*G, C)
+    result["ops_reference_pass"] = profile_counts(lambda: completion_logps_shared_prompt(  # one batched pass, no loop
+        model, batch, ids, num_generations=G, temperature=1.0), device)[0]
     if "compiled" in decodes:
         result["decode_speedup"] = result["decode_ms_per_token_eager"] / result["decode_ms_per_token_compiled"]
     return result, tables
@@ -459,7 +462,9 @@ def print_decode(d):
     for decode in DECODES:
         print(f"{decode:<12}{d[f'decode_ms_per_token_{decode}']:>10.2f}{d[f'ops_per_token_{decode}']:>11}"
               f"{fmt(d[f'kernels_per_token_{decode}'], ''):>15}")
-    print(f"compiled decode {d['decode_speedup']:.2f}x eager per token; compile {d['compile_s']:.1f}s (once per shape)")
+    if "decode_speedup" in d:
+        print(f"compiled decode {d['decode_speedup']:.2f}x eager per token; compile {d['compile_s']:.1f}s (once per shape)")
+    print(f"the reference pass on these completions: {d['ops_reference_pass']} ops in all (eager, one batched forward)")
 
 
 def print_sweep(rows):
