@@ -1,6 +1,6 @@
 """
 GPU checks, `pytest -m gpu` (skipped without CUDA; pytest.ini leaves them out of the default run). Written and
-collected on a CPU machine; not yet run on a GPU (see README, The rollout at the speed of the hardware).
+collected on a CPU machine; not yet run on a GPU (see README, The rollout's decode).
 
     pytest -m gpu -q test_gpu.py
 
