@@ -129,7 +129,6 @@ def static_cache(model, cache, max_new_tokens, bucket=256):
     P = cache.get_seq_length()
     static = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // bucket) * bucket)
     for layer, prefilled in zip(static.layers, cache.layers):
-        N, H, _, _ = prefilled.keys.shape
         layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, L, d), zeros
         layer.keys[:, :, :P].copy_(prefilled.keys)
         layer.values[:, :, :P].copy_(prefilled.values)
@@ -181,8 +180,9 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
     temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
     decode: "eager" (the reference: one full model forward per token on a growing DynamicCache), "static" (decode_step
-    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens. Token choice (penalty,
-    suppression, filters, sampling) runs eagerly in both, so a seeded rollout draws the same random numbers.
+    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens.
+    The token choice (penalty, suppression, filters, sampling) stays eager in all three, so seeded rollouts draw the
+    same random numbers.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
@@ -211,7 +211,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:  # a host sync per token: small beside a step (see README, rollout speed)
+        if done.all() or t == max_new_tokens - 1:  # a host sync per token: small beside a step (see README, The rollout's decode)
             break
         if decode != "eager":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's logits are used up, reuse their memory
