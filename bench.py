@@ -9,6 +9,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
+    python bench.py --shape tiny --only ours --threads 1 --completion_tokens 64   # decode ms/token: eager, static, compiled
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights; the tokenizer is tiny.py's (only token ids
@@ -54,6 +55,12 @@ position) and the LM head (completion positions only); attention scores and the 
 are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our log-prob passes, which run the
 prompt once rather than G times, as an effective rate above what the hardware does. Peak memory: torch.cuda.max_memory_allocated
 per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
+Then (--decode on, the default) the rollout's decode alone, by measure_decode: prefill seconds, and milliseconds
+per decoded token for sample_completions' three paths, eager (the reference loop), static (decode_step on a static KV
+cache, eager) and compiled (that step under torch.compile, CUDA graphs on CUDA), with profiler operations per token
+(CUDA kernels per token on a GPU) and the compile time; JSON keys decode_ms_per_token_eager, _static, _compiled,
+ops_per_token_*, kernels_per_token_*, prefill_s, compile_s, decode_speedup. BENCH_PROFILE=1 prints each path's
+profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
 import json
