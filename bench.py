@@ -11,6 +11,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
+    python bench.py --shape tiny --only ours --threads 1 --completion_tokens 64   # decode ms/token: eager, static, compiled
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights, `--shape 2.5-3b|2.5-7b` likewise
@@ -57,6 +58,12 @@ position) and the LM head (completion positions only); attention scores and the 
 are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our log-prob passes, which run the
 prompt once rather than G times, as an effective rate above what the hardware does. Peak memory: torch.cuda.max_memory_allocated
 per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
+Then (--decode on, the default) the rollout's decode alone, by measure_decode: prefill seconds, and milliseconds
+per decoded token for sample_completions' three paths, eager (the reference loop), static (decode_step on a static KV
+cache, eager) and compiled (that step under torch.compile, CUDA graphs on CUDA), with profiler operations per token
+(CUDA kernels per token on a GPU) and the compile time; JSON keys decode_ms_per_token_eager, _static, _compiled,
+ops_per_token_*, kernels_per_token_*, prefill_s, compile_s, decode_speedup. BENCH_PROFILE=1 prints each path's
+profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
 import json
@@ -73,8 +80,8 @@ import torch
 import data
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, position_inputs, prompt_positions,
-                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
+from model import (completion_logps, completion_logps_shared_prompt, position_inputs, prefill, prompt_positions,
+                   rollout_decode, sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
                    video_features, vision_attention)
 
 
@@ -100,6 +107,9 @@ class Args:
     lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
+    compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
+    decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring)"})
+    decode_tokens: int = field(default=0, metadata={"help": "completion tokens for the decode measurement (0: --completion_tokens)"})
 
 
 def parse_args(argv=None):
@@ -116,6 +126,10 @@ def parse_args(argv=None):
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
+    assert args.compile_rollout in ("auto", "on", "off"), f"--compile_rollout {args.compile_rollout}: choose auto, on or off"
+    assert args.decode in ("on", "off") and args.decode_tokens >= 0, "--decode on|off, --decode_tokens >= 0"
+    args.decode_tokens = args.decode_tokens or args.completion_tokens
+    assert args.decode == "off" or args.decode_tokens >= 3, "--decode_tokens: at least 3 (the per-step profile differences two lengths)"
     for name in ("gradient_checkpointing", "optimizer"):
         assert getattr(args, name) in ("on", "off", "auto"), f"--{name}: choose on, off or auto"
     if args.gradient_checkpointing == "auto":
@@ -342,17 +356,18 @@ def timed(fn, device):
     return out, (seconds, mem)
 
 
-def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed"):
+def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed", decode="eager"):
     """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
     device = batch["input_ids"].device
     B, result = batch["input_ids"].size(0), {}
     if way in ("ours", "tgrpo"):
         rollout = lambda: sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
-                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id,
+                                                   decode=decode)
         if way == "tgrpo":  # train.py --temporal_contrast: shuffled videos in the same rollout; their rows only scored
             rollout = lambda: sample_completions(model, data.shuffled_copy(batch), num_generations=[G] * B + [G // 2] * B,
                                                  max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
-                                                 suppress_token_ids=never, pad_token_id=pad_token_id)[:B * G]
+                                                 suppress_token_ids=never, pad_token_id=pad_token_id, decode=decode)[:B * G]
         policy_logps = completion_logps if policy_pass == "packed" else per_completion_logps
         logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
         ref_logps_of = lambda ids: completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
@@ -432,6 +447,55 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the rollout's decode: eager (DynamicCache, one full forward per token) against the static cache, eager and compiled
+
+DECODES = ("eager", "static", "compiled")
+
+
+def profile_counts(fn, device):
+    """(profiler events on the host, CUDA kernels) while fn runs, and the host events' table, top 15 by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU), kernels, table
+
+
+def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repeats, decodes=DECODES, **_):
+    """Prefill seconds (vision + prompt, the KV cache repeated G times) and, per decode path, milliseconds per decode
+    step, token choice included: (median rollout of C tokens - median rollout of C // 2) / (C - C // 2), so prefill
+    and setup cancel; the compiled path's first call (its compilation) is timed apart as compile_s. Ops per step: the
+    profiler's events in a rollout of C tokens minus one of C - 1 (host events; on CUDA also the kernels launched)."""
+    kw = dict(num_generations=G, temperature=1.0, eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        prefill_s = statistics.median(timed(lambda: prefill(model, batch, G), device)[1][0] for _ in range(repeats))
+    result, tables = {"prefill_s": prefill_s, "decode_tokens": C}, {}
+    for decode in decodes:
+        rollout = lambda n: sample_completions(model, batch, max_new_tokens=n, decode=decode, **kw)
+        first = timed(lambda: rollout(C), device)[1][0]
+        rollout(C // 2)  # one compiled graph serves every length within a cache bucket; warm both
+        seconds, half = (statistics.median(timed(lambda: rollout(n), device)[1][0] for _ in range(repeats)) for n in (C, C // 2))
+        result[f"decode_ms_per_token_{decode}"] = 1000 * (seconds - half) / (C - C // 2)
+        if decode == "compiled":
+            result["compile_s"] = first - seconds
+        (ops, kernels, tables[decode]), (ops_short, kernels_short, _) = (profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
+        result[f"ops_per_token_{decode}"] = ops - ops_short
+        result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
+    ids = sample_completions(model, batch, max_new_tokens=C, greedy=True, **kw)                   # (B*G, C)
+    result["ops_reference_pass"] = profile_counts(lambda: completion_logps_shared_prompt(  # one batched pass, no loop
+        model, batch, ids, num_generations=G, temperature=1.0), device)[0]
+    if "compiled" in decodes:
+        result["decode_speedup"] = result["decode_ms_per_token_eager"] / result["decode_ms_per_token_compiled"]
+    return result, tables
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # reporting
 
 def fmt(x, spec):
@@ -449,6 +513,17 @@ def print_table(row, mem_label):
                   f"{fmt(r.get('tflops'), '.3f'):>10}{fmt(mfu, ''):>8}{r['mem_gib']:>16.2f}")
         if "speedup" in row:
             print(f"{'':<16}{'speedup':<10}{row['speedup'][phase]:>9.2f}x")
+
+
+def print_decode(d):
+    print(f"decode ({d['decode_tokens']} tokens; prefill {d['prefill_s']:.3f}s):")
+    print(f"{'path':<12}{'ms/token':>10}{'ops/token':>11}{'kernels/token':>15}")
+    for decode in DECODES:
+        print(f"{decode:<12}{d[f'decode_ms_per_token_{decode}']:>10.2f}{d[f'ops_per_token_{decode}']:>11}"
+              f"{fmt(d[f'kernels_per_token_{decode}'], ''):>15}")
+    if "decode_speedup" in d:
+        print(f"compiled decode {d['decode_speedup']:.2f}x eager per token; compile {d['compile_s']:.1f}s (once per shape)")
+    print(f"the reference pass on these completions: {d['ops_reference_pass']} ops in all (eager, one batched forward)")
 
 
 def print_sweep(rows):
@@ -522,7 +597,7 @@ def main(argv=None):
 
     eos, vision = special_token_ids(tokenizer)
     step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
-               "policy_pass": args.policy_pass}
+               "policy_pass": args.policy_pass, "decode": rollout_decode(args.compile_rollout, device)}
     peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
                                 if device.type == "cuda" else 0.0)
     peak_flops = peak * 1e12 or None
@@ -532,7 +607,7 @@ def main(argv=None):
              "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
              "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
              "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
-             "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
+             "rollout_decode": step_kw["decode"], "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
     print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
           f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
           f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
@@ -563,6 +638,16 @@ def main(argv=None):
                   f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
                   f"measured total difference {added['total']:+.3f}s")
         result = {**setup, **row}
+        if args.decode == "on":
+            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed)
+            torch.manual_seed(args.seed)
+            decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
+                                            repeats=args.repeats, **step_kw)
+            print_decode(decode)
+            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for the README's profile
+                for name, table in tables.items():
+                    print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
+            result.update(decode)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']:.1f}s")
     print("BENCH_JSON " + json.dumps(result))

@@ -54,7 +54,8 @@ import torch
 import data
 import rewards
 import train
-from model import decode_completions, load_model, resolve_model_dir, sample_completions, special_token_ids
+from model import (COMPILE_ROLLOUT, decode_completions, load_model, resolve_model_dir, rollout_decode, sample_completions,
+                   special_token_ids)
 from model import generation_repetition_penalty
 
 
@@ -76,6 +77,7 @@ class Config:
     min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing"})
     max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
+    compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
     protocol: str = field(default="train", metadata={"help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); see README, Evaluation"})
 
 
@@ -115,6 +117,8 @@ def parse_config(argv=None):
     args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
     if not args["model"] or not args["data"]:
         parser.error("give --model DIR (one or more) and --data FILE, or --tiny")
+    if args["compile_rollout"] not in COMPILE_ROLLOUT:
+        parser.error(f"--compile_rollout {args['compile_rollout']!r}: choose one of {COMPILE_ROLLOUT}")
     return Config(**args)
 
 
@@ -278,7 +282,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                     completion_ids = sample_completions(
                         model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                         eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
-                        greedy=True, repetition_penalty=penalty).cpu()                      # (B, C)
+                        greedy=True, repetition_penalty=penalty, decode=rollout_decode(cfg.compile_rollout, device)).cpu()  # (B, C)
                     mask = train.completion_mask(completion_ids, eos_token_ids)              # (B, C)
                     outputs = decode_completions(tokenizer, completion_ids, mask)
                     for b, out in enumerate(outputs):

@@ -137,9 +137,57 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
+def static_cache(model, cache, max_new_tokens, bucket=256):
+    """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of P + max_new_tokens
+    positions rounded up to a multiple of `bucket`, allocated once: every decode step then reads and writes tensors of
+    the same shapes at the same addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay
+    it). The rounding: prompt lengths vary from batch to batch, and each cache width is one more compiled graph."""
+    from transformers import StaticCache
+    P = cache.get_seq_length()
+    static = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // bucket) * bucket)
+    for layer, prefilled in zip(static.layers, cache.layers):
+        layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, L, d), zeros
+        layer.keys[:, :, :P].copy_(prefilled.keys)
+        layer.values[:, :, :P].copy_(prefilled.values)
+        layer.cumulative_length.fill_(P)  # a tensor: the write position advances on the device, no recompile
+    return static
+
+
+def decode_step(model, token, position, attention_mask, cache):
+    """One new token per row on the static cache: the language model and the LM head only (a text token needs no
+    vision), positions plain text positions (next_pos + t, the same in all three M-RoPE axes). Fixed shapes from token
+    to token and no Python branch on tensor values, so torch.compile captures it whole (fullgraph). The mask is the
+    cache's full (N, L) width: the unwritten tail is hidden by the causal mask at the cache's write position.
+    (N,), (N,), (N, L) -> (N, V) fp32"""
+    out = model.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                                     position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+@functools.cache
+def compiled_decode_step(mode):
+    """decode_step under torch.compile, built once per mode ("reduce-overhead": CUDA graphs, on GPU; "default" on CPU).
+    The weights are graph inputs, read at each call (dynamo inlines nn.Modules and lifts parameters): an in-place
+    update, or ZeRO-3's gather that swaps p.data, is seen by the next step, never a copy taken at compile time."""
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+COMPILE_ROLLOUT = ("auto", "on", "off")
+
+
+def rollout_decode(compile_rollout, device):
+    """--compile_rollout auto|on|off -> sample_completions' decode: "compiled" when on, or auto on CUDA (where CUDA
+    graphs remove the per-token launch overhead), else "eager" (on CPU compiling costs more than a short rollout saves)."""
+    if compile_rollout not in COMPILE_ROLLOUT:
+        raise ModelError(f"--compile_rollout {compile_rollout!r}: choose one of {COMPILE_ROLLOUT}")
+    on = compile_rollout == "on" or (compile_rollout == "auto" and torch.device(device).type == "cuda")
+    return "compiled" if on else "eager"
+
+
 @torch.no_grad()
 def sample_completions(model, batch, *, num_generations, max_new_tokens, temperature, eos_token_ids,
-                       suppress_token_ids, pad_token_id, greedy=False, top_k=0, top_p=1.0, repetition_penalty=1.0):
+                       suppress_token_ids, pad_token_id, greedy=False, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                       decode="eager"):
     """
     G completions per prompt in one batched generation: the vision tower and the prompt prefill run once per
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
@@ -148,8 +196,18 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
     temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
+    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache), "static" (decode_step
+    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens.
+    The token choice (penalty, suppression, filters, sampling) stays eager in all three, so seeded rollouts draw the
+    same random numbers.
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
+    assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
+    if decode != "eager":
+        cache = static_cache(model, cache, max_new_tokens)
+        width = cache.layers[0].max_cache_len - attention_mask.size(1)  # past the prompt: hidden until written, by causality
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), width)], 1)  # (B*G, L)
+        step = compiled_decode_step("reduce-overhead" if logits.is_cuda else "default") if decode == "compiled" else decode_step
     logits = logits.float()
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
@@ -170,8 +228,12 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:
+        if done.all() or t == max_new_tokens - 1:  # a host sync per token: small beside a step (see README, The rollout's decode)
             break
+        if decode != "eager":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's logits are used up, reuse their memory
+            logits = step(model, token, next_pos + t, attention_mask, cache)           # (B*G, V)
+            continue
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,

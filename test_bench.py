@@ -22,7 +22,7 @@ PHASES = ("rollout", "ref_logps", "policy_fwd_bwd", "optimizer", "total")
 
 def test_smoke_run_times_every_phase_of_both_ways():
     cmd = [sys.executable, "bench.py", "--shape", "tiny", "--frames", "4", "--num_generations", "2",
-           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu"]
+           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu", "--decode", "off"]  # decode: its own test
     # one thread: beside other busy processes (pytest -n, a CI neighbour) OpenMP threads spin and run ~4x slower
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
@@ -98,7 +98,8 @@ def test_real_shapes_have_the_published_size(shape, billions, vocab, tied):
 
 def test_temporal_contrast_times_the_tgrpo_way_and_reports_its_added_cost():
     cmd = [sys.executable, "bench.py", "--shape", "tiny", "--frames", "4", "--num_generations", "2",
-           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu", "--only", "ours", "--temporal_contrast"]
+           "--completion_tokens", "4", "--repeats", "1", "--device", "cpu", "--only", "ours", "--temporal_contrast",
+           "--decode", "off"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -124,3 +125,16 @@ def test_memory_estimate_counts_what_trains():
     assert full["trainable parameters"] == N
     assert full["AdamW fp32 master + m + v, sharded"] * 2**30 == 12 * N / 4
     assert full["weights (policy + reference), sharded"] == pytest.approx(2 * lora["weights (policy + reference), sharded"], rel=0.01)
+
+
+def test_decode_measurement_reports_each_path():
+    # bench's decode columns, without the compiled path (test_rollout_compile.py compiles; CI pays for it once)
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = bench.build_model("tiny", tokenizer, torch.device("cpu"), torch.float32, "sdpa")
+    batch = bench.build_batch(tokenizer, frames=4, prompts=1, device=torch.device("cpu"), seed=0)
+    eos, vision = special_token_ids(tokenizer)
+    result, tables = bench.measure_decode(model, batch, G=2, C=6, eos=eos, never=vision + eos, pad_token_id=tokenizer.pad_token_id,
+                                          device=torch.device("cpu"), repeats=1, decodes=("eager", "static"))
+    assert result["prefill_s"] > 0 and set(tables) == {"eager", "static"}
+    for decode in ("eager", "static"):
+        assert result[f"decode_ms_per_token_{decode}"] > 0 and result[f"ops_per_token_{decode}"] > 0

@@ -105,6 +105,7 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (the seed's 50; 0: off)"})
     top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
+    compile_rollout: str = field(default="auto", metadata={"help": "auto|on|off: decode on a static KV cache with a torch.compile'd step (CUDA graphs); auto: on for CUDA"})
     rewards: str = field(default="accuracy,format", metadata={"help": "comma-separated names from rewards.REWARD_FUNCS"})
     reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
     scale_rewards: str = field(default="group", metadata={"help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
@@ -222,6 +223,8 @@ def validate_config(cfg):
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--top_k {cfg.top_k} --top_p {cfg.top_p}: top_k >= 0 (0: off), 0 < top_p <= 1")
+    if cfg.compile_rollout not in model.COMPILE_ROLLOUT:
+        raise ConfigError(f"--compile_rollout {cfg.compile_rollout!r}: choose one of {model.COMPILE_ROLLOUT}")
     if cfg.save_total_limit < 1 or cfg.save_model_limit < 0:
         raise ConfigError(f"--save_total_limit {cfg.save_total_limit}: keep at least 1 training state (the newest, that "
                           f"--resume_from needs); --save_model_limit {cfg.save_model_limit} must be >= 0 (0: keep all)")
@@ -596,7 +599,7 @@ def train(cfg):
             completion_ids = model.sample_completions(
                 policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
-                top_k=cfg.top_k, top_p=cfg.top_p)                                               # (B*G, C)
+                top_k=cfg.top_k, top_p=cfg.top_p, decode=model.rollout_decode(cfg.compile_rollout, device))  # (B*G, C)
         if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
             completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, eos_token_ids)  # (B*G, C'), (B*G~, C)
         rollout_time = time.time() - t_rollout

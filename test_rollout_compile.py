@@ -1,0 +1,98 @@
+"""
+The rollout on a static KV cache, eager and compiled (model.sample_completions decode="static" / "compiled"), against
+the eager DynamicCache loop it must equal token for token. CPU, tiny model; the compiled test compiles once (~20-60 s).
+"""
+import copy
+import re
+
+import pytest
+import torch
+
+import eval as evaluate
+import train
+from model import ModelError, decode_step, prefill, rollout_decode, sample_completions, static_cache
+from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
+
+
+def kwargs(tokenizer, eos, suppress, **kw):
+    return dict(dict(num_generations=3, max_new_tokens=10, temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
+                     pad_token_id=tokenizer.pad_token_id), **kw)
+
+
+def rollouts(model, batch, decode, kw):
+    """greedy, then seeded sampling with top-k / top-p, then per-prompt counts with a repetition penalty"""
+    out = [sample_completions(model, batch, greedy=True, decode=decode, **kw)]
+    torch.manual_seed(5)
+    out.append(sample_completions(model, batch, decode=decode, **dict(kw, top_k=20, top_p=0.9, temperature=0.7)))
+    torch.manual_seed(6)
+    out.append(sample_completions(model, batch, decode=decode, **dict(kw, num_generations=[2, 3], repetition_penalty=1.3)))
+    return out
+
+
+def test_compile_rollout_flag(tmp_path):
+    assert [rollout_decode(f, "cpu") for f in ("auto", "on", "off")] == ["eager", "compiled", "eager"]
+    assert [rollout_decode(f, "cuda") for f in ("auto", "on", "off")] == ["compiled", "compiled", "eager"]
+    with pytest.raises(ModelError, match="--compile_rollout 'yes'"):
+        rollout_decode("yes", "cpu")
+    cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--compile_rollout", "yes"])
+    with pytest.raises(train.ConfigError, match=re.escape("--compile_rollout 'yes'")):
+        train.validate_config(cfg)
+    with pytest.raises(SystemExit):
+        evaluate.parse_config(["--tiny", "--compile_rollout", "yes"])
+    assert evaluate.parse_config(["--tiny", "--compile_rollout", "off"]).compile_rollout == "off"
+
+
+def test_static_cache_rollout_equals_eager(tiny_setup):
+    # the static cache and decode_step, not compiled: same tokens as the reference loop, greedy and seeded
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    kw = kwargs(tokenizer, eos, suppress)
+    for ref, static in zip(rollouts(model, batch, "eager", kw), rollouts(model, batch, "static", kw)):
+        assert torch.equal(static, ref)
+    # EOS: a row that ends early is padded after its EOS, and the rollout stops when every row has ended
+    first = sample_completions(model, batch, greedy=True, **kw)[:, 3].tolist()   # the 4th greedy token of each row
+    kw_eos = dict(kw, eos_token_ids=eos + first)
+    ref, static = (sample_completions(model, batch, greedy=True, decode=d, **kw_eos) for d in ("eager", "static"))
+    assert torch.equal(static, ref) and static.size(1) == 4
+
+
+def test_compiled_rollout_equals_eager_and_reads_the_current_weights(tiny_setup):
+    # one compiled graph for the whole test (same shapes throughout): the tokens of the eager loop, greedy and seeded;
+    # then weights changed in place and by swapping p.data (as ZeRO-3's gather does) must change the compiled rollout
+    # the way they change the eager one, with no recompilation (the step reads the weights, it holds no copy)
+    from torch._dynamo.utils import counters
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    model = copy.deepcopy(model)
+    kw = kwargs(tokenizer, eos, suppress)
+    for ref, compiled in zip(rollouts(model, batch, "eager", kw), rollouts(model, batch, "compiled", kw)):
+        assert torch.equal(compiled, ref)
+    graphs = counters["stats"]["unique_graphs"]
+    before = sample_completions(model, batch, greedy=True, decode="compiled", **kw)
+    with torch.no_grad():
+        model.lm_head.weight[suppress] *= 50  # in place: the vision tokens become the most likely, and stay suppressed
+        model.model.language_model.norm.weight.mul_(-1)  # in place: every logit flips sign
+    after = sample_completions(model, batch, greedy=True, decode="compiled", **kw)
+    assert not torch.equal(after, before) and not torch.isin(after, torch.tensor(suppress)).any()
+    assert torch.equal(after, sample_completions(model, batch, greedy=True, **kw))
+    weight = model.model.language_model.layers[1].mlp.down_proj.weight
+    weight.data = torch.randn_like(weight) * 0.5  # a new tensor behind the same Parameter
+    swapped = sample_completions(model, batch, greedy=True, decode="compiled", **kw)
+    assert not torch.equal(swapped, after)
+    assert torch.equal(swapped, sample_completions(model, batch, greedy=True, **kw))
+    assert counters["stats"]["unique_graphs"] == graphs, "a weight change recompiled the step"
+
+
+def test_decode_step_logits_equal_the_eager_forward(tiny_setup):
+    # tokens can hide a small error (a stray cache slot, a position off by one in one axis): compare the logits of
+    # three steps on the static cache with the model's own forward on the prefill's DynamicCache
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    cache, _, attention_mask, next_pos = prefill(model, batch, 2)                         # (4, P) mask, (4,) positions
+    static = static_cache(model, prefill(model, batch, 2)[0], max_new_tokens=3)
+    static_mask = torch.cat([attention_mask, attention_mask.new_ones(4, static.layers[0].max_cache_len - attention_mask.size(1))], 1)
+    torch.manual_seed(0)
+    for t, token in enumerate(torch.randint(20, 300, (3, 4))):
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(4, 1)], 1)
+        with torch.no_grad():
+            ref = model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                        position_ids=(next_pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]  # (4, V)
+            ours = decode_step(model, token, next_pos + t, static_mask, static)                   # (4, V)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
