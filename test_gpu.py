@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 
-import tiny
 from model import (compiled_decode_step, completion_logps, decode_step, flash_attn_error, prefill, sample_completions,
                    static_cache, use_packed_attention)
 from test_grpo import tiny_setup  # noqa: F401
