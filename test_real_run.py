@@ -173,7 +173,8 @@ def test_unpadded_batch_logps_equal_the_padded_path(tiny_setup):  # noqa: F811
     keep = batch["attention_mask"][0].bool()
     one = {"input_ids": batch["input_ids"][:1, keep], "attention_mask": batch["attention_mask"][:1, keep],
            "mm_token_type_ids": batch["mm_token_type_ids"][:1, keep], "video_grid_thw": batch["video_grid_thw"][:1],
-           "pixel_values_videos": batch["pixel_values_videos"][:n].double()}
+           "pixel_values_videos": batch["pixel_values_videos"][:n].double(),
+           **{k: batch[k][:1] for k in ("second_per_grid_ts",) if k in batch}}  # Qwen2.5-VL's time per patch
     completion_ids = torch.randint(NORMAL_IDS, 400, (3, 5))
     calls = []
     original = model.packed_attention
