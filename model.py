@@ -80,9 +80,12 @@ def hf_model(model):
 
 def video_features(model, batch):
     """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     feats = hf_model(model).model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
-    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output))}
+    # the whole output: Qwen3-VL's forward also reads its deepstack_features (added after the first decoder layers);
+    # only the unmerged patch states are dropped, nothing reads them and they need not stay alive
+    feats["last_hidden_state"] = None
+    feats.pooler_output = tuple(feats.pooler_output)
+    return {"video": feats}
 
 
 def position_inputs(model, batch):
@@ -290,6 +293,11 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
 FAMILIES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", ()),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",)),
+    # Qwen3-VL: 16-px patches and mean/std 0.5 (its preprocessor configs, read by data.py), a timestamp before each
+    # 2-frame group (data.VideoSettings.frame_timestamps), interleaved M-RoPE with each group its own t = 1 grid (its
+    # get_rope_index), DeepStack (vision features added after the first decoder layers: video_features keeps them),
+    # QK-norm (inside its attention layer, which still calls packed_attention)
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", ()),
 }
 
 
@@ -302,7 +310,7 @@ def model_family(model_dir):
         found = json.load(f).get("model_type")
     if found not in FAMILIES:
         raise ModelError(f"{path}: model_type {found!r} is not supported; supported: {', '.join(FAMILIES)} "
-                         f"(Qwen2-VL, Qwen2.5-VL)")
+                         f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     return found
 
 def resolve_model_dir(name):
