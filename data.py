@@ -17,6 +17,7 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
     python data.py --synthetic data/synthetic   # a small dataset of moving shapes: counting (train/test.jsonl)
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
+    python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
 """
 import argparse
 import atexit
@@ -650,6 +651,58 @@ def check_main(args):
     return 1 if report["bad"] else 0
 
 
+# ----------------------------------------------------------------------------- what the model sees
+
+def show_video(video, model_dir, question, settings):
+    """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
+    "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "prompt" (the training prompt, video expanded),
+    "input_ids", "position_ids" (3 x L, the model's own get_rope_index on its meta-device skeleton: no weights)}, and
+    the patch rows (N, 3*tps*ps*ps) float32."""
+    import transformers
+
+    import model as model_lib
+    s = settings
+    family = model_lib.model_family(model_dir)  # an unknown family: ModelError before anything is read
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    frames, sample_fps, info = read_video(video, s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels,
+                                          s.factor, with_meta=True)
+    pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
+                                              s.image_mean, s.image_std)
+    timestamps = video_timestamps(info["frame_indices"], info["video_fps"], s.temporal_patch_size) if s.frame_timestamps else None
+    input_ids, types = encode_prompt(tokenizer, build_prompt_text(tokenizer, question), grid_thw, s.merge_size, timestamps)
+    batch = {"input_ids": input_ids[None], "mm_token_type_ids": types[None], "attention_mask": torch.ones_like(input_ids)[None],
+             "video_grid_thw": grid_thw, "second_per_grid_ts": torch.tensor([s.temporal_patch_size / sample_fps])}
+    positions, _ = model_lib.prompt_positions(model_lib.meta_model(model_dir), batch)  # (3, 1, L)
+    shown = {"family": family, "frame_indices": info["frame_indices"], "video_fps": info["video_fps"],
+             "frame_size": list(frames.shape[1:3]), "grid_thw": grid_thw[0].tolist(),
+             "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": timestamps,
+             "prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
+    return shown, pixel_values
+
+
+def show_main(args):
+    """python data.py --show VIDEO --model_name_or_path DIR: one JSON object on the last line; exit 2 on bad input."""
+    import model as model_lib
+    if not args.model_name_or_path:
+        print("error: --show needs --model_name_or_path DIR (its tokenizer, processor settings and config)", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.show):
+        print(f"error: --show {args.show}: no such file", file=sys.stderr)
+        return 2
+    video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
+    try:
+        shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
+                                         video_settings_from_pretrained(args.model_name_or_path, **video))
+    except (model_lib.ModelError, VideoError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.save_pixels:
+        np.save(args.save_pixels, pixel_values.numpy().astype(np.float32))
+        print(f"wrote the {tuple(pixel_values.shape)} patch rows (float32) to {args.save_pixels}", file=sys.stderr)
+    print(json.dumps(shown))
+    return 0
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", metavar="DIR", help="write a synthetic dataset (counting + multiple choice) to DIR")
@@ -658,14 +711,19 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", metavar="FILE", help="read every row of FILE and decode every video; no training")
     ap.add_argument("--video_root", default=None, help="--check: folder relative video paths start from (default: FILE's)")
-    ap.add_argument("--model_name_or_path", default=None, help="--check: model folder whose preprocessor config sets the patch layout")
+    ap.add_argument("--model_name_or_path", default=None, help="--check, --show: model folder whose preprocessor config sets the patch layout")
+    ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO (JSON, last line); no weights read")
+    ap.add_argument("--question", default="How many objects are in the video?", help="--show: the question")
+    ap.add_argument("--save_pixels", metavar="FILE.npy", default=None, help="--show: also write the patch rows (float32)")
     for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check: as in train.py")
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
     args = ap.parse_args()
+    if args.show:
+        sys.exit(show_main(args))
     if args.check:
         sys.exit(check_main(args))
     if not args.synthetic:
-        ap.error("give --synthetic DIR or --check FILE")
+        ap.error("give --synthetic DIR, --check FILE or --show VIDEO")
     train_path, test_path = make_synthetic_dataset(args.synthetic, args.n_train, args.n_test, args.seed)
     print(f"wrote {train_path} ({args.n_train} rows) and {test_path} ({args.n_test} rows), and the multiple-choice "
           f"{train_path.with_name('train_mc.jsonl')} and {test_path.with_name('test_mc.jsonl')} about the same clips")

@@ -400,6 +400,15 @@ def lora_targets(model, target_modules):
     return names
 
 
+def meta_model(model_dir):
+    """The folder's architecture on the meta device: no weights read, no memory; enough for its config and for
+    get_rope_index (data.py --show prints the positions the model computes)."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return getattr(transformers, FAMILIES[model_family(model_dir)][0])._from_config(config)
+
+
 def check_lora_targets(model_dir, target_modules):
     """lora_targets on the folder's architecture built on the meta device: the error comes before any weights load."""
     import transformers
