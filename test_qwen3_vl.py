@@ -35,6 +35,7 @@ def qwen_folder(name, tmp_path):
     """A model folder without weights: the genuine small files plus the shared BPE files (../shared/qwen/README.md)."""
     if not (SHARED / "qwen" / name).is_dir():
         pytest.skip(f"{SHARED / 'qwen' / name} absent")
+    Path(tmp_path).mkdir(parents=True, exist_ok=True)
     for f in [*(SHARED / "qwen" / name).iterdir(), SHARED / "qwen" / "vocab.json", SHARED / "qwen" / "merges.txt"]:
         shutil.copy(f, tmp_path)
     return str(tmp_path)
@@ -170,3 +171,34 @@ def test_show_prints_one_json_line_for_every_family(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "llava" in out.stderr, out.stderr
     assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1, out.stderr
+
+
+def test_tiny_qwen3_with_the_real_tokenizer_trains_and_evaluates_on_real_videos(tmp_path):
+    # a random tiny Qwen3-VL behind the genuine Qwen3-VL-2B tokenizer and processor files (151,936 embedding rows),
+    # one GRPO step on the two real videos, then eval.py's both protocols on the result
+    folder = qwen_folder("Qwen3-VL-2B-Instruct", tmp_path / "model")
+    if not all((SHARED / "data" / v).is_file() for v in VIDEOS):
+        pytest.skip("../shared/data videos absent")
+    import eval as eval_lib
+    import tiny
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tiny.build_tiny_model(tokenizer, family="qwen3_vl", vocab_size=151936).save_pretrained(folder)  # its config.json
+    rows = tmp_path / "real.jsonl"
+    rows.write_text("".join(json.dumps({"video_filename": str(SHARED / "data" / v), "problem": "How many objects are there?",
+                                        "solution": "<answer>3</answer>"}) + "\n" for v in VIDEOS))
+    video = ["--max_frames", "4", "--min_pixels", str(64 * 64), "--max_pixels", str(96 * 128)]
+    # train in its own process: its ZeRO-3 load setting would stay in this one (model.partition_at_load)
+    proc = subprocess.run([sys.executable, "train.py", "--model_name_or_path", folder, "--data", str(rows),
+                           "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--num_generations", "2",
+                           "--prompts_per_device", "2", "--max_completion_length", "6", "--no-bf16", "--num_workers", "0",
+                           "--save_steps", "0", "--log_samples_steps", "0", *video],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1/1 | reward" in proc.stdout, proc.stdout[-2000:]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_vl"
+    for protocol in ("train", "seed"):
+        summary, = eval_lib.main(["--model", str(final), "--data", str(rows), "--max_new_tokens", "6", "--num_workers", "0",
+                                  "--protocol", protocol, "--output", str(tmp_path / f"{protocol}.json"), *video])
+        assert summary["n"] == 2 and not summary["skipped"], summary

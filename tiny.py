@@ -91,15 +91,16 @@ def build_tiny_tokenizer(vocab_size=512):
 TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
-def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl"):
+def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl", vocab_size=None):
     """A random Qwen2-VL (family "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") with the real architecture at toy sizes
     (~0.2M parameters). Tests use a larger init_std: at 0.02 the random model's next token barely depends on the
-    context, so position or cache bugs would hide."""
+    context, so position or cache bugs would hide. vocab_size: embedding rows (default: the tokenizer's ids; a real
+    checkpoint has more, e.g. 151,936 against Qwen3-VL's 151,669)."""
     import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
         # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width)
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
