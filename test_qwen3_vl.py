@@ -202,3 +202,38 @@ def test_tiny_qwen3_with_the_real_tokenizer_trains_and_evaluates_on_real_videos(
         summary, = eval_lib.main(["--model", str(final), "--data", str(rows), "--max_new_tokens", "6", "--num_workers", "0",
                                   "--protocol", protocol, "--output", str(tmp_path / f"{protocol}.json"), *video])
         assert summary["n"] == 2 and not summary["skipped"], summary
+
+
+@pytest.mark.parametrize("name", QWEN3)
+def test_bench_shapes_are_the_genuine_configs(name):
+    # bench.py --shape qwen3-vl-*: the values written in bench.py against the published config.json
+    import bench
+    import tiny
+    path = SHARED / "qwen" / name / "config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    published = json.loads(path.read_text())
+    shape = name.lower().removesuffix("-instruct")  # qwen3-vl-2b
+    tokenizer = tiny.build_tiny_tokenizer()
+    config = bench.qwen3_vl_config(shape, tokenizer)
+    text, vision = config.text_config, config.vision_config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act"):
+        assert getattr(text, key) == published["text_config"][key], key
+    assert text.rope_parameters["rope_theta"] == published["text_config"]["rope_theta"]
+    assert text.rope_parameters["mrope_section"] == published["text_config"]["rope_scaling"]["mrope_section"]
+    assert text.rope_parameters["mrope_interleaved"] is True
+    for key, value in published["vision_config"].items():
+        if key not in ("model_type", "initializer_range"):
+            assert getattr(vision, key) == value, key
+    assert config.tie_word_embeddings == published["tie_word_embeddings"]  # 8B: an untied LM head
+    model = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa")
+    assert model.model.language_model.config._attn_implementation == "packed_sdpa"
+    assert (bench.parameter_counts(model)["head"] > 0) == (not published["tie_word_embeddings"])
+    # the KV cache of the memory table counts head_dim 128 (4B: not hidden / heads = 80)
+    kv = bench.memory_per_gpu(model, world=4, lora_rank=0, B=1, G=8, P=1000, C=24)["KV cache (rollout)"]
+    assert kv * 2**30 == text.num_hidden_layers * 2 * text.num_key_value_heads * 128 * 2 * 8 * 1024
+    # the bench's video: the seed's clip at 128*32*32 pixels, 16-px patches, a timestamp per frame pair
+    batch = bench.build_batch(tokenizer, frames=16, prompts=1, device="cpu", seed=0, model_type="qwen3_vl")
+    assert batch["video_grid_thw"][0].tolist() == [8, 20, 28] and batch["pixel_values_videos"].shape == (8 * 20 * 28, 1536)
+    assert tokenizer.decode(batch["input_ids"][0]).count(" seconds>") == 8
