@@ -55,7 +55,7 @@ import data
 import rewards
 import train
 from model import decode_completions, load_model, resolve_model_dir, sample_completions, special_token_ids
-from model import generation_repetition_penalty
+from model import ModelError, generation_repetition_penalty, model_family
 
 
 @dataclass
@@ -115,6 +115,11 @@ def parse_config(argv=None):
     args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
     if not args["model"] or not args["data"]:
         parser.error("give --model DIR (one or more) and --data FILE, or --tiny")
+    for model_dir in args["model"]:  # a folder of another family: one line, exit 2, before a tokenizer or weights load
+        try:
+            model_family(model_dir) if os.path.isdir(model_dir) else None
+        except ModelError as e:
+            parser.exit(2, f"error: {e}\n")
     return Config(**args)
 
 

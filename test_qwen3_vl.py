@@ -237,3 +237,14 @@ def test_bench_shapes_are_the_genuine_configs(name):
     batch = bench.build_batch(tokenizer, frames=16, prompts=1, device="cpu", seed=0, model_type="qwen3_vl")
     assert batch["video_grid_thw"][0].tolist() == [8, 20, 28] and batch["pixel_values_videos"].shape == (8 * 20 * 28, 1536)
     assert tokenizer.decode(batch["input_ids"][0]).count(" seconds>") == 8
+
+
+def test_eval_refuses_a_folder_of_another_family_in_one_line(tmp_path, capsys):
+    import eval as eval_lib
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_lib.main(["--model", str(tmp_path / "llava"), "--data", str(tmp_path / "rows.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "model_type 'llava' is not supported; supported: qwen2_vl, qwen2_5_vl, qwen3_vl" in err
