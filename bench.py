@@ -261,9 +261,10 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
-    kv = text.num_key_value_heads * (getattr(text, "head_dim", None) or d // text.num_attention_heads)  # Qwen3-VL-4B: 128, not 2560/32
+    head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads  # Qwen3-VL-4B: 128, not 2560/32
+    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
     # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
-    adapter = lora_rank * layers * ((d + d) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
+    adapter = lora_rank * layers * ((d + q) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
     trained = adapter or N
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)

@@ -233,6 +233,11 @@ def test_bench_shapes_are_the_genuine_configs(name):
     # the KV cache of the memory table counts head_dim 128 (4B: not hidden / heads = 80)
     kv = bench.memory_per_gpu(model, world=4, lora_rank=0, B=1, G=8, P=1000, C=24)["KV cache (rollout)"]
     assert kv * 2**30 == text.num_hidden_layers * 2 * text.num_key_value_heads * 128 * 2 * 8 * 1024
+    # the LoRA column's trainable parameters against peft's own count (2 layers; 4B's q_proj is 2560 -> 4096)
+    from model import add_lora
+    thin = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
+    lora = bench.memory_per_gpu(thin, world=4, lora_rank=16, B=1, G=8, P=1000, C=24)["trainable parameters"]
+    assert lora == sum(p.numel() for p in add_lora(thin, rank=16, alpha=32.0, target_modules="").parameters() if p.requires_grad)
     # the bench's video: the seed's clip at 128*32*32 pixels, 16-px patches, a timestamp per frame pair
     batch = bench.build_batch(tokenizer, frames=16, prompts=1, device="cpu", seed=0, model_type="qwen3_vl")
     assert batch["video_grid_thw"][0].tolist() == [8, 20, 28] and batch["pixel_values_videos"].shape == (8 * 20 * 28, 1536)
