@@ -1,5 +1,6 @@
 """
-Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing, prompts, batching.
+Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing (Qwen3-VL's: 16-px patches, mean/std 0.5,
+a timestamp per frame pair; VideoSettings from the model folder), prompts, batching.
 
 The pipeline, per example:
     load_examples(jsonl)   -> {"video", "problem", "solution", "problem_type", "options"} dicts (DVD-counting or

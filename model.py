@@ -327,7 +327,7 @@ def resolve_model_dir(name):
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
-    """Qwen2-VL or Qwen2.5-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
     flash_attention_2 when it imports, on CUDA, in bf16, else sdpa); the language model runs packed_attention (sdpa,
     split for the packed policy pass)."""
     import transformers
