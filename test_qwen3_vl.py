@@ -253,3 +253,14 @@ def test_eval_refuses_a_folder_of_another_family_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "model_type 'llava' is not supported; supported: qwen2_vl, qwen2_5_vl, qwen3_vl" in err
+
+
+def test_default_frame_cap_is_128_merged_patches_at_factor_32():
+    # max_pixels 0 (the seed reader's rule): the cap 128*28*28 becomes 128*32*32 for Qwen3-VL, so a 640x360 clip of 16
+    # frames is bounded as transformers' resize bounds it with 128*32*32 per frame; its time stamps are HF's formula
+    h, w = data.frame_size(360, 640, 16, min_pixels=64 * 32 * 32, max_pixels=0, factor=32)
+    assert (h, w) == hf_code("smart_resize")(num_frames=16, height=360, width=640, temporal_factor=2, factor=32,
+                                             min_pixels=64 * 32 * 32 * 16, max_pixels=PIXELS * 16) == (256, 480)
+    assert data.frame_size(360, 640, 16) == data.frame_size(360, 640, 16, factor=28)  # Qwen2-VL's rule unchanged
+    # an odd frame count repeats the last index to fill the last pair, as Qwen3VLProcessor._calculate_timestamps
+    assert data.video_timestamps([0, 10, 20], 10.0) == [0.5, 2.0]
