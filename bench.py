@@ -8,6 +8,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
     python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
+    python bench.py --shape qwen3-vl-8b --memory 4            # Qwen3-VL-2B/4B/8B-Instruct's (qwen3-vl-2b|4b|8b)
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
@@ -15,7 +16,9 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights, `--shape 2.5-3b|2.5-7b` likewise
-Qwen2_5_VLForConditionalGeneration from Qwen2.5-VL-3B/7B-Instruct's (the video at 2 fps: second_per_grid_ts 1.0); the tokenizer is tiny.py's (only token ids
+Qwen2_5_VLForConditionalGeneration from Qwen2.5-VL-3B/7B-Instruct's (the video at 2 fps: second_per_grid_ts 1.0),
+`--shape qwen3-vl-2b|4b|8b` Qwen3VLForConditionalGeneration from Qwen3-VL-2B/4B/8B-Instruct's (16-px patches: the same
+clip at 128*32*32 pixels is 320x448, the same grid; each frame pair timed as at 2 fps from a 24-fps clip); the tokenizer is tiny.py's (only token ids
 matter: the special ids it gives are set in the model config and lie inside the real vocabulary). `--layers N` keeps
 the first N decoder layers and N vision blocks at full width: where a whole 2B model is too slow (a CPU), per-layer
 costs and the balance of attention against matrix products stay those of the real shape. The video is the
@@ -87,7 +90,7 @@ from model import (completion_logps, completion_logps_shared_prompt, position_in
 
 @dataclass
 class Args:
-    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b or 2.5-7b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-Instruct's architecture, random weights)"})
+    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
     frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
     completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
@@ -117,7 +120,7 @@ def parse_args(argv=None):
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")
-    assert args.shape in ("tiny", *QWEN2_VL_TEXT), f"--shape {args.shape}: choose tiny, {', '.join(QWEN2_VL_TEXT)}"
+    assert args.shape in ("tiny", *QWEN2_VL_TEXT, *QWEN3_VL), f"--shape {args.shape}: choose tiny, {', '.join([*QWEN2_VL_TEXT, *QWEN3_VL])}"
     assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
     assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
@@ -161,6 +164,24 @@ QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidd
 QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
                          in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+# Qwen3-VL-2B/4B/8B-Instruct (../shared/qwen/Qwen3-VL-*/config.json): (text, vision); QK-norm and interleaved M-RoPE
+# in every one, DeepStack taps after three vision blocks, 8B's LM head untied
+QWEN3_VL_TEXT_COMMON = dict(head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+                            rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                            rope_theta=5000000, vocab_size=151936, attention_bias=False, initializer_range=0.02)
+QWEN3_VL_VISION_COMMON = dict(hidden_act="gelu_pytorch_tanh", in_channels=3, num_heads=16, num_position_embeddings=2304,
+                              patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+QWEN3_VL = {
+    "qwen3-vl-2b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+                    dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-4b": (dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+                    dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-8b": (dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=False),
+                    dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24])),
+}
 # dense bf16 peak TFLOP/s by device name (first match wins); other GPUs: --peak_tflops
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
@@ -192,6 +213,23 @@ def qwen2_vl_config(shape, tokenizer, layers=0):
                          tie_word_embeddings=text["tie_word_embeddings"])
 
 
+def qwen3_vl_config(shape, tokenizer, layers=0):
+    """Qwen3VLConfig of Qwen3-VL-2B/4B/8B-Instruct, special ids the tokenizer's; layers > 0 keeps that many decoder layers
+    and vision blocks (DeepStack: the taps inside them, else the last kept block)."""
+    from transformers import Qwen3VLConfig
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    text, vision = QWEN3_VL[shape]
+    text = dict(text, **QWEN3_VL_TEXT_COMMON, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(vision, **QWEN3_VL_VISION_COMMON, out_hidden_size=text["hidden_size"])
+    if layers:
+        text.update(num_hidden_layers=layers)
+        vision.update(depth=layers, deepstack_visual_indexes=[i for i in vision["deepstack_visual_indexes"] if i < layers] or [layers - 1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=text["tie_word_embeddings"])
+
+
 def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
     """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
     load_model's (packed_attention for the language model, `vision_attn` for the vision tower)."""
@@ -202,7 +240,8 @@ def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
         model.set_attn_implementation(attn)
     else:
         with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
-            model = AutoModelForImageTextToText.from_config(qwen2_vl_config(shape, tokenizer, layers), dtype=dtype,
+            config = (qwen3_vl_config if shape in QWEN3_VL else qwen2_vl_config)(shape, tokenizer, layers)
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
                                                             attn_implementation=attn)
     return use_packed_attention(model)
 
@@ -236,9 +275,10 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
-    kv = text.num_key_value_heads * (d // text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads  # Qwen3-VL-4B: 128, not 2560/32
+    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
     # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
-    adapter = lora_rank * layers * ((d + d) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
+    adapter = lora_rank * layers * ((d + q) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
     trained = adapter or N
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
@@ -257,22 +297,34 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
 # ----------------------------------------------------------------------------------------------------------------
 # the inputs: B prompts with a random video at the seed's size
 
-def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320, shuffled=False):
+def video_settings(model_type):
+    """data.VideoSettings of the family: Qwen3-VL's 16-px patches, mean/std 0.5 and frame timestamps, else the defaults."""
+    if model_type == "qwen3_vl":
+        return data.VideoSettings(patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, frame_timestamps=True)
+    return data.VideoSettings()
+
+
+def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320, shuffled=False, model_type="qwen2_vl"):
     """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py;
     shuffled=True adds T-GRPO's copy with the frames in random order (as data.VideoPromptDataset(shuffled_frames=True))."""
-    h, w = data.smart_resize(height, width, 28, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28)  # 240x320 -> 280x392
+    s = video_settings(model_type)
+    pixels = 128 * s.factor ** 2
+    h, w = data.smart_resize(height, width, s.factor, min_pixels=pixels, max_pixels=pixels)  # 240x320 -> 280x392 (Qwen3-VL: 320x448)
     rng = np.random.default_rng(seed)
     text = data.build_prompt_text(tokenizer, "How many red objects are in the video?")
+    # Qwen3-VL's prompt times each frame pair: 2 fps from a 24-fps clip
+    timestamps = data.video_timestamps(list(range(0, 12 * frames, 12)), 24.0) if s.frame_timestamps else None
     items = []
     for i in range(prompts):
         video = rng.integers(0, 256, size=(frames, h, w, 3), dtype=np.uint8)   # (T, H, W, 3)
-        pixel_values, grid = data.video_to_patches(video)                     # (t*h*w patches, 1176), (1, 3)
-        input_ids, types = data.encode_prompt(tokenizer, text, grid)
+        patch = lambda v: data.video_to_patches(v, s.patch_size, s.temporal_patch_size, s.merge_size, s.image_mean, s.image_std)
+        pixel_values, grid = patch(video)                                      # (t*h*w patches, 1176 or 1536), (1, 3)
+        input_ids, types = data.encode_prompt(tokenizer, text, grid, timestamps=timestamps)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,
                       "video_grid_thw": grid, "second_per_grid_ts": torch.tensor([1.0]),  # 2 frames per patch at 2 fps
                       "problem": "", "solution": "", "video": f"random{i}", "index": i})
         if shuffled:
-            items[-1]["pixel_values_videos_shuffled"] = data.video_to_patches(video[data.frame_permutation(frames, seed + i).numpy()])[0]
+            items[-1]["pixel_values_videos_shuffled"] = patch(video[data.frame_permutation(frames, seed + i).numpy()])[0]
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -419,7 +471,8 @@ def bench(way, model, optimizer, batch, *, G, C, repeats, step_kw):
 
 def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, counts, peak_flops):
     B, C = args.prompts, args.completion_tokens
-    batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed, shuffled=args.temporal_contrast)
+    batch = build_batch(tokenizer, frames=frames, prompts=B, device=device, seed=args.seed, shuffled=args.temporal_contrast,
+                        model_type=model.config.model_type)
     P = batch["input_ids"].size(1)
     n_patches = batch["pixel_values_videos"].size(0)
     fwd = forward_flops(counts, model.config.text_config.hidden_size, model.config.text_config.vocab_size,
@@ -548,9 +601,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory:  # the table only: shapes on the meta device, nothing allocated
         model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
-        text = data.build_prompt_text(tiny.build_tiny_tokenizer(), "How many red objects are in the video?")
-        grid = torch.tensor([[args.frames // 2, 20, 28]])  # the seed's 280x392 frames
-        P = len(data.encode_prompt(tiny.build_tiny_tokenizer(), text, grid)[0])
+        P = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
+                        model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
         kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
         full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
         print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
@@ -571,7 +623,8 @@ def main(argv=None):
 
     # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
     bytes_per = torch.finfo(dtype).bits // 8
-    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9}[args.shape]
+    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
+                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}[args.shape]
     free = available_memory_bytes(device)
     assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
                                                     f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")

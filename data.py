@@ -1,5 +1,6 @@
 """
-Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing, prompts, batching.
+Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing (Qwen3-VL's: 16-px patches, mean/std 0.5,
+a timestamp per frame pair; VideoSettings from the model folder), prompts, batching.
 
 The pipeline, per example:
     load_examples(jsonl)   -> {"video", "problem", "solution", "problem_type", "options"} dicts (DVD-counting or
@@ -17,6 +18,7 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
     python data.py --synthetic data/synthetic   # a small dataset of moving shapes: counting (train/test.jsonl)
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
+    python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
 """
 import argparse
 import atexit
@@ -155,17 +157,21 @@ def smart_resize(height, width, factor=28, min_pixels=128 * 28 * 28, max_pixels=
     return h, w
 
 
-def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0):
+def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0, factor=28):
     """The (h, w) the seed's reader (fetch_video) resizes nframes frames of height x width to. The seed passed no pixel
     bounds with a video, so its cap was max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min_pixels * 1.05))
     = 105,369 pixels at min_pixels 128*28*28 (a 640x480 clip: 280x364). max_pixels 0 = that rule; a positive
-    max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video."""
-    cap = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
-    return smart_resize(height, width, 28, min_pixels, min(max_pixels, cap) if max_pixels > 0 else cap)
+    max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video. factor: patch * merge (Qwen3-VL:
+    32, its cap 128*32*32, the same 128 merged patches)."""
+    video_max = VIDEO_MAX_PIXELS // 28 ** 2 * factor ** 2
+    cap = max(min(video_max, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    return smart_resize(height, width, factor, min_pixels, min(max_pixels, cap) if max_pixels > 0 else cap)
 
 
-def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=0):
-    """Decode ~fps frames per second, evenly spaced, resized Qwen's way. Returns (frames (T, H, W, 3) uint8, sample_fps)."""
+def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=0, factor=28,
+               with_meta=False):
+    """Decode ~fps frames per second, evenly spaced, resized Qwen's way. Returns (frames (T, H, W, 3) uint8, sample_fps),
+    with_meta: and {"frame_indices", "video_fps"} (the video's own fps: Qwen3-VL's timestamps need both)."""
     import decord  # imported here: a module that only builds prompts should not need it
 
     path = str(path)
@@ -189,12 +195,14 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
     except Exception as e:
         raise VideoError(f"read_video: cannot decode frames of {path}: {str(e).splitlines()[0]}") from e
     sample_fps = nframes / max(total, 1e-6) * video_fps
-    h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels)
+    h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels, factor)
     if (h, w) != frames.shape[1:3]:  # torchvision returns the input untouched when the size already matches
         # = torchvision's tensor resize(BICUBIC, antialias=True) on uint8: float32 interpolate, clamp, round
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
         frames = x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    if with_meta:
+        return frames, sample_fps, {"frame_indices": idx, "video_fps": video_fps}
     return frames, sample_fps  # (T, h, w, 3) uint8
 
 
@@ -232,22 +240,34 @@ class VideoSettings:
     merge_size: int = 2
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
+    frame_timestamps: bool = False  # Qwen3-VL: "<t seconds>" before each group of temporal_patch_size frames
+
+    @property
+    def factor(self):
+        """The side multiple of a resized frame: one merged patch."""
+        return self.patch_size * self.merge_size
 
 
 def video_settings_from_pretrained(model_dir, **overrides):
-    """Patch layout and normalisation from model_dir/preprocessor_config.json (if any); the rest from overrides."""
+    """Patch layout and normalisation from model_dir's video_preprocessor_config.json, else its preprocessor_config.json
+    (if any); frame_timestamps from config.json's model_type (qwen3_vl); the rest from overrides."""
     names = {f.name for f in fields(VideoSettings)}
     unknown = set(overrides) - names
     if unknown:
         raise TypeError(f"video_settings_from_pretrained: unknown settings {sorted(unknown)}; known: {sorted(names)}")
     values = {}
-    cfg_path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
+    cfg_path = Path(model_dir) / "video_preprocessor_config.json" if model_dir else None
+    if cfg_path is not None and not cfg_path.is_file():
+        cfg_path = cfg_path.with_name("preprocessor_config.json")
     if cfg_path is not None and cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         # only the patch layout: its min/max_pixels are the *image* bounds, not the video ones we train with
         for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
             if key in cfg:
                 values[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+    config_path = Path(model_dir) / "config.json" if model_dir else None
+    if config_path is not None and config_path.is_file():
+        values["frame_timestamps"] = json.loads(config_path.read_text()).get("model_type") == "qwen3_vl"
     values.update(overrides)
     return VideoSettings(**values)
 
@@ -279,9 +299,37 @@ def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None
     return text
 
 
-def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2):
-    """Tokenize and expand the one <|video_pad|> into one token per merged patch. Returns (input_ids, mm_token_type_ids)."""
+def video_timestamps(frame_indices, video_fps, temporal_patch_size=2):
+    """Qwen3-VL's time of each group of temporal_patch_size frames, in seconds: the mean of its first and last frame's
+    index over the video's own fps, the last frame repeated to fill the last group (transformers 5.23's
+    Qwen3VLProcessor._calculate_timestamps)."""
+    idx = list(frame_indices) + [frame_indices[-1]] * (-len(frame_indices) % temporal_patch_size)
+    return [(idx[i] + idx[i + temporal_patch_size - 1]) / 2 / video_fps for i in range(0, len(idx), temporal_patch_size)]
+
+
+def timestamped_video(video_grid_thw, timestamps, merge_size=2):
+    """What replaces the chat template's <|video_pad|> for Qwen3-VL: per temporal group
+    `<t seconds><|vision_start|><|video_pad|> x (h*w/merge^2)<|vision_end|>`, t with one decimal. The template's own
+    <|vision_start|>...<|vision_end|> stay around all groups, as in transformers 5.23 (which replaces the pad only)."""
+    t, h, w = (int(v) for v in torch.as_tensor(video_grid_thw).reshape(-1, 3)[0])
+    assert len(timestamps) == t, f"timestamped_video: {len(timestamps)} timestamps for {t} temporal groups"
+    group = "<|vision_start|>" + "<|video_pad|>" * (h * w // merge_size ** 2) + "<|vision_end|>"
+    return "".join(f"<{s:.1f} seconds>{group}" for s in timestamps)
+
+
+def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2, timestamps=None):
+    """Tokenize and expand the one <|video_pad|> into one token per merged patch. Returns (input_ids, mm_token_type_ids).
+    With timestamps (Qwen3-VL: video_timestamps) the pad becomes timestamped_video's text before tokenizing, as its
+    processor does."""
     video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    if timestamps is not None:
+        if prompt_text.count("<|video_pad|>") != 1:
+            raise ValueError(f"encode_prompt: expected one <|video_pad|> in the prompt, found {prompt_text.count('<|video_pad|>')}")
+        text = prompt_text.replace("<|video_pad|>", timestamped_video(video_grid_thw, timestamps, merge_size))
+        input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n = int(torch.as_tensor(video_grid_thw).prod()) // merge_size ** 2
+        assert int((input_ids == video_pad).sum()) == n, f"encode_prompt: the timestamped prompt has not {n} video tokens"
+        return input_ids, (input_ids == video_pad).long() * 2
     ids = torch.tensor(tokenizer(prompt_text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (L0,)
     where = (ids == video_pad).nonzero().flatten()
     if len(where) != 1:
@@ -335,13 +383,15 @@ class VideoPromptDataset(torch.utils.data.Dataset):
         meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i,
                 "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or []}
         try:
-            frames, sample_fps = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
+            frames, sample_fps, info = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels,
+                                                  s.max_pixels, s.factor, with_meta=True)
         except VideoError as e:
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
                                                   s.image_mean, s.image_std)
         text = build_prompt_text(self.tokenizer, ex["problem"], meta["problem_type"], meta["options"], self.template)
-        input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size)
+        timestamps = video_timestamps(info["frame_indices"], info["video_fps"], s.temporal_patch_size) if s.frame_timestamps else None
+        input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size, timestamps)
         if self.max_prompt_length is not None and len(input_ids) > self.max_prompt_length:
             # never truncate: cutting into the video tokens would break the model
             return {"error": f"{ex['video']}: prompt has {len(input_ids)} tokens > max_prompt_length "
@@ -555,7 +605,7 @@ def check_dataset(path, video_root=None, settings=None, progress=True):
     rows, clips = len(examples) + len(bad), []
     for ex in tqdm(examples, desc=f"decoding {Path(path).name}", unit="video", disable=not progress, file=sys.stderr):
         try:
-            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels)
+            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels, s.factor)
         except VideoError as e:
             bad.append({"index": ex["index"], "video": ex["video"], "reason": str(e)})
             continue
@@ -603,6 +653,58 @@ def check_main(args):
     return 1 if report["bad"] else 0
 
 
+# ----------------------------------------------------------------------------- what the model sees
+
+def show_video(video, model_dir, question, settings):
+    """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
+    "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "prompt" (the training prompt, video expanded),
+    "input_ids", "position_ids" (3 x L, the model's own get_rope_index on its meta-device skeleton: no weights)}, and
+    the patch rows (N, 3*tps*ps*ps) float32."""
+    import transformers
+
+    import model as model_lib
+    s = settings
+    family = model_lib.model_family(model_dir)  # an unknown family: ModelError before anything is read
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    frames, sample_fps, info = read_video(video, s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels,
+                                          s.factor, with_meta=True)
+    pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
+                                              s.image_mean, s.image_std)
+    timestamps = video_timestamps(info["frame_indices"], info["video_fps"], s.temporal_patch_size) if s.frame_timestamps else None
+    input_ids, types = encode_prompt(tokenizer, build_prompt_text(tokenizer, question), grid_thw, s.merge_size, timestamps)
+    batch = {"input_ids": input_ids[None], "mm_token_type_ids": types[None], "attention_mask": torch.ones_like(input_ids)[None],
+             "video_grid_thw": grid_thw, "second_per_grid_ts": torch.tensor([s.temporal_patch_size / sample_fps])}
+    positions, _ = model_lib.prompt_positions(model_lib.meta_model(model_dir), batch)  # (3, 1, L)
+    shown = {"family": family, "frame_indices": info["frame_indices"], "video_fps": info["video_fps"],
+             "frame_size": list(frames.shape[1:3]), "grid_thw": grid_thw[0].tolist(),
+             "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": timestamps,
+             "prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
+    return shown, pixel_values
+
+
+def show_main(args):
+    """python data.py --show VIDEO --model_name_or_path DIR: one JSON object on the last line; exit 2 on bad input."""
+    import model as model_lib
+    if not args.model_name_or_path:
+        print("error: --show needs --model_name_or_path DIR (its tokenizer, processor settings and config)", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.show):
+        print(f"error: --show {args.show}: no such file", file=sys.stderr)
+        return 2
+    video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
+    try:
+        shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
+                                         video_settings_from_pretrained(args.model_name_or_path, **video))
+    except (model_lib.ModelError, VideoError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.save_pixels:
+        np.save(args.save_pixels, pixel_values.numpy().astype(np.float32))
+        print(f"wrote the {tuple(pixel_values.shape)} patch rows (float32) to {args.save_pixels}", file=sys.stderr)
+    print(json.dumps(shown))
+    return 0
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", metavar="DIR", help="write a synthetic dataset (counting + multiple choice) to DIR")
@@ -611,14 +713,19 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", metavar="FILE", help="read every row of FILE and decode every video; no training")
     ap.add_argument("--video_root", default=None, help="--check: folder relative video paths start from (default: FILE's)")
-    ap.add_argument("--model_name_or_path", default=None, help="--check: model folder whose preprocessor config sets the patch layout")
+    ap.add_argument("--model_name_or_path", default=None, help="--check, --show: model folder whose preprocessor config sets the patch layout")
+    ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO (JSON, last line); no weights read")
+    ap.add_argument("--question", default="How many objects are in the video?", help="--show: the question")
+    ap.add_argument("--save_pixels", metavar="FILE.npy", default=None, help="--show: also write the patch rows (float32)")
     for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check: as in train.py")
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
     args = ap.parse_args()
+    if args.show:
+        sys.exit(show_main(args))
     if args.check:
         sys.exit(check_main(args))
     if not args.synthetic:
-        ap.error("give --synthetic DIR or --check FILE")
+        ap.error("give --synthetic DIR, --check FILE or --show VIDEO")
     train_path, test_path = make_synthetic_dataset(args.synthetic, args.n_train, args.n_test, args.seed)
     print(f"wrote {train_path} ({args.n_train} rows) and {test_path} ({args.n_test} rows), and the multiple-choice "
           f"{train_path.with_name('train_mc.jsonl')} and {test_path.with_name('test_mc.jsonl')} about the same clips")

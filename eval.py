@@ -54,9 +54,8 @@ import torch
 import data
 import rewards
 import train
-from model import (COMPILE_ROLLOUT, decode_completions, load_model, resolve_model_dir, rollout_decode, sample_completions,
-                   special_token_ids)
-from model import generation_repetition_penalty
+from model import (COMPILE_ROLLOUT, ModelError, decode_completions, generation_repetition_penalty, load_model, model_family,
+                   resolve_model_dir, rollout_decode, sample_completions, special_token_ids)
 
 
 @dataclass
@@ -119,6 +118,11 @@ def parse_config(argv=None):
         parser.error("give --model DIR (one or more) and --data FILE, or --tiny")
     if args["compile_rollout"] not in COMPILE_ROLLOUT:
         parser.error(f"--compile_rollout {args['compile_rollout']!r}: choose one of {COMPILE_ROLLOUT}")
+    for model_dir in args["model"]:  # a folder of another family: one line, exit 2, before a tokenizer or weights load
+        try:
+            model_family(model_dir) if os.path.isdir(model_dir) else None
+        except ModelError as e:
+            parser.exit(2, f"error: {e}\n")
     return Config(**args)
 
 

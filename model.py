@@ -80,9 +80,12 @@ def hf_model(model):
 
 def video_features(model, batch):
     """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     feats = hf_model(model).model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
-    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output))}
+    # the whole output: Qwen3-VL's forward also reads its deepstack_features (added after the first decoder layers);
+    # only the unmerged patch states are dropped, nothing reads them and they need not stay alive
+    feats["last_hidden_state"] = None
+    feats.pooler_output = tuple(feats.pooler_output)
+    return {"video": feats}
 
 
 def position_inputs(model, batch):
@@ -352,6 +355,11 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
 FAMILIES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", ()),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",)),
+    # Qwen3-VL: 16-px patches and mean/std 0.5 (its preprocessor configs, read by data.py), a timestamp before each
+    # 2-frame group (data.VideoSettings.frame_timestamps), interleaved M-RoPE with each group its own t = 1 grid (its
+    # get_rope_index), DeepStack (vision features added after the first decoder layers: video_features keeps them),
+    # QK-norm (inside its attention layer, which still calls packed_attention)
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", ()),
 }
 
 
@@ -364,7 +372,7 @@ def model_family(model_dir):
         found = json.load(f).get("model_type")
     if found not in FAMILIES:
         raise ModelError(f"{path}: model_type {found!r} is not supported; supported: {', '.join(FAMILIES)} "
-                         f"(Qwen2-VL, Qwen2.5-VL)")
+                         f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     return found
 
 def resolve_model_dir(name):
@@ -381,7 +389,7 @@ def resolve_model_dir(name):
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
-    """Qwen2-VL or Qwen2.5-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
     flash_attention_2 when it imports, on CUDA, in bf16, else sdpa); the language model runs packed_attention (sdpa,
     split for the packed policy pass)."""
     import transformers
@@ -452,6 +460,15 @@ def lora_targets(model, target_modules):
         raise ModelError(f"--lora_target_modules: {unknown} match no Linear module; the language model has "
                          f"{known('language_model.')}, the vision tower (prefix 'visual.') {known('visual.')}")
     return names
+
+
+def meta_model(model_dir):
+    """The folder's architecture on the meta device: no weights read, no memory; enough for its config and for
+    get_rope_index (data.py --show prints the positions the model computes)."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return getattr(transformers, FAMILIES[model_family(model_dir)][0])._from_config(config)
 
 
 def check_lora_targets(model_dir, target_modules):

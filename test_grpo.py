@@ -363,20 +363,26 @@ def test_eta_formats():
 
 # every model-pass test runs on both families: Qwen2.5-VL adds window attention in the vision tower and time-based
 # video positions (second_per_grid_ts), which each pass must get right
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+# (Qwen3-VL: timestamped frame groups, each its own grid in the positions, and DeepStack features in every pass)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def tiny_setup(request):
     tokenizer = tiny.build_tiny_tokenizer()
     model = tiny.build_tiny_model(tokenizer, seed=0, init_std=0.2, family=request.param)  # context-sensitive: see tiny.py
     model = use_packed_attention(model.eval())
+    vision = model.config.vision_config
+    patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2  # 1176; Qwen3-VL's 16-px patches: 1536
     torch.manual_seed(0)
     items = []
     for problem, grid, seconds in (("How many red objects are in the video?", [4, 4, 4], 1.0),
                                    ("How many?", [2, 4, 6], 0.5)):  # two video sizes and frame rates
         grid = torch.tensor([grid])
-        input_ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, problem), grid)
+        # Qwen3-VL: frames sampled at 2 / seconds fps from a 10-fps video (frame indices 0, 5/seconds, ...)
+        timestamps = (data.video_timestamps([round(i * 5 * seconds) for i in range(2 * grid[0, 0])], 10.0)
+                      if request.param == "qwen3_vl" else None)
+        input_ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, problem), grid, timestamps=timestamps)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "video_grid_thw": grid,
                       "second_per_grid_ts": torch.tensor([seconds]),
-                      "pixel_values_videos": torch.randn(int(grid.prod()), 1176),
+                      "pixel_values_videos": torch.randn(int(grid.prod()), patch_dim),
                       "problem": problem, "solution": "<answer>2</answer>", "video": "v.mp4", "index": len(items)})
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     assert batch["attention_mask"][1, 0] == 0, "the second prompt should be left-padded"
@@ -497,6 +503,35 @@ def test_shared_prompt_logps_equal_packed_pass(tiny_setup):
         full = completion_logps(model, batch, completion_ids, num_generations=3, temperature=0.7)
     shared = completion_logps_shared_prompt(model, batch, completion_ids, num_generations=3, temperature=0.7)
     torch.testing.assert_close(shared, full, rtol=1e-9, atol=1e-9)
+
+
+def test_deepstack_features_reach_every_pass(tiny_setup, monkeypatch):
+    # Qwen3-VL adds vision features after its first decoder layers (DeepStack). The passes above equal the model's own
+    # forward on pixel_values_videos; this shows those features matter, so a pass that dropped them would fail there
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    if model.config.model_type != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    import model as model_lib
+    completion_ids = torch.randint(NORMAL_IDS, 400, (2 * 2, 5))
+
+    def passes():
+        with torch.no_grad():
+            policy = completion_logps(model, batch, completion_ids, num_generations=2, temperature=1.0)
+        reference = completion_logps_shared_prompt(model, batch, completion_ids, num_generations=2, temperature=1.0)
+        first = model_lib.prefill(model, batch, 1)[1]  # the rollout's first next-token logits (B, V)
+        return policy, reference, first
+
+    with_deepstack = passes()
+    real = model_lib.video_features
+
+    def without_deepstack(model, batch):
+        feats = real(model, batch)
+        feats["video"].deepstack_features = [[torch.zeros_like(f) for f in layer] for layer in feats["video"].deepstack_features]
+        return feats
+
+    monkeypatch.setattr(model_lib, "video_features", without_deepstack)
+    for name, a, b in zip(("policy", "reference", "prefill"), with_deepstack, passes()):
+        assert (a - b).abs().max() > 1e-3, f"{name} pass: zeroing the DeepStack features changed nothing"
 
 
 def test_rollout_matches_transformers_generate(tiny_setup):
@@ -638,7 +673,8 @@ def test_lora_targets_language_model_by_default_vision_when_asked(tiny_setup):
     names = lora_targets(model, "")
     layers = model.config.text_config.num_hidden_layers
     assert len(names) == 7 * layers and all(".language_model." in n for n in names), names
-    vision = lora_targets(model, "q_proj,visual.fc1" if model.config.model_type == "qwen2_vl" else "q_proj,visual.up_proj")
+    one_per_block = {"qwen2_vl": "fc1", "qwen2_5_vl": "up_proj", "qwen3_vl": "qkv"}[model.config.model_type]
+    vision = lora_targets(model, f"q_proj,visual.{one_per_block}")
     assert sum(".visual." in n for n in vision) == model.config.vision_config.depth and len(vision) == layers + 2
     with pytest.raises(ModelError, match=r"\['qkvz'\] match no Linear module; the language model has \[.*'q_proj'"):
         lora_targets(model, "q_proj,qkvz")

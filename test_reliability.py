@@ -209,7 +209,7 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--deepspeed", "ds_with_batch.json"], "sets ['train_batch_size']; these come from train.py's flags"),
     (["--model_name_or_path", "qwen2-text"], "model_type 'qwen2' is not supported; supported: qwen2_vl, qwen2_5_vl"),
     (["--model_name_or_path", "llava"], "model_type 'llava' is not supported; supported: qwen2_vl, qwen2_5_vl"),
-    (["--tiny_model", "qwen3-vl"], "--tiny_model 'qwen3-vl': choose one of qwen2-vl, qwen2.5-vl"),
+    (["--tiny_model", "qwen9-vl"], "--tiny_model 'qwen9-vl': choose one of qwen2-vl, qwen2.5-vl, qwen3-vl"),
     (["--lora_rank", "8", "--lora_target_modules", "q_proj,qkvz"], "['qkvz'] match no Linear module; the language model has ["),
     (["--lora_rank", "-1"], "--lora_rank -1: 0 (off) or a positive rank"),
 ])

@@ -88,18 +88,19 @@ def build_tiny_tokenizer(vocab_size=512):
 
 
 # --tiny_model name -> config.json's model_type (model.FAMILIES)
-TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl"}
+TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
-def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl"):
+def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl", vocab_size=None):
     """A random Qwen2-VL (family "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") with the real architecture at toy sizes
     (~0.2M parameters). Tests use a larger init_std: at 0.02 the random model's next token barely depends on the
-    context, so position or cache bugs would hide."""
+    context, so position or cache bugs would hide. vocab_size: embedding rows (default: the tokenizer's ids; a real
+    checkpoint has more, e.g. 151,936 against Qwen3-VL's 151,669)."""
     import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
         # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width)
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
@@ -116,6 +117,16 @@ def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl"):
         # runs window attention, block 1 full attention, as the real tower alternates them; 2 tokens per second as 3B/7B
         vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                              window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, **common)
+    elif family == "qwen3_vl":
+        config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        # 16-px patches; DeepStack taps after vision blocks 0 and 1, added after decoder layers 0 and 1 (the real
+        # ones tap three blocks), so 3 decoder layers: a tap after the last one would reach no logit the passes keep;
+        # interleaved M-RoPE; a learned 8x8 position grid, interpolated to each video's size
+        common = dict(common, patch_size=16)
+        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                             num_position_embeddings=64, deepstack_visual_indexes=[0, 1], **common)
+        text_config.update(num_hidden_layers=3, head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                      "mrope_interleaved": True})
     else:
         raise ValueError(f"build_tiny_model: family {family!r}, choose one of {sorted(TINY_MODELS.values())}")
     config = config_class(
@@ -139,6 +150,8 @@ PREPROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
 }
 
+# Qwen3-VL's (its published preprocessor configs): 16-px patches, mean = std = 0.5
+QWEN3_PREPROCESSOR = {"patch_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 # the warm start's data: questions like the synthetic ones, and think sentences built from CORPUS's words
 WARM_PROBLEMS = (
@@ -153,7 +166,7 @@ WARM_THOUGHTS = (
 )
 
 
-def format_batch(tokenizer, prompts, gen, batch_size, grid_thw):
+def format_batch(tokenizer, prompts, gen, batch_size, grid_thw, patch_dim=3 * 2 * 14 * 14):
     """A left-padded batch shaped like train.py's (video tokens, mm_token_type_ids, pixel values, grid), each prompt
     followed by <think>1-3 sentences</think><answer>N</answer><|im_end|>, N uniform in 0-6. Labels: the completions."""
     import data
@@ -167,7 +180,7 @@ def format_batch(tokenizer, prompts, gen, batch_size, grid_thw):
         completion_ids = torch.tensor(tokenizer(completion, add_special_tokens=False)["input_ids"])
         items.append({"input_ids": torch.cat([prompt_ids, completion_ids]),
                       "mm_token_type_ids": torch.cat([types, torch.zeros_like(completion_ids)]),
-                      "pixel_values_videos": torch.randn(int(grid_thw.prod()), 3 * 2 * 14 * 14, generator=gen),
+                      "pixel_values_videos": torch.randn(int(grid_thw.prod()), patch_dim, generator=gen),
                       "video_grid_thw": grid_thw, "second_per_grid_ts": torch.tensor([1.0]),  # 2 frames per patch at 2 fps
                       "problem": "", "solution": "", "video": "", "index": 0})
         lengths.append(len(completion_ids))
@@ -178,16 +191,22 @@ def format_batch(tokenizer, prompts, gen, batch_size, grid_thw):
     return batch, labels
 
 
-def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8, grid=(2, 8, 8)):
+def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8, grid=None):
     """Supervised next-token training of the language model on the completion format (see the module docstring);
-    the vision tower is left random. grid (2, 8, 8) is a 4-frame 112x112 clip, as train.py --tiny reads them.
+    the vision tower is left random. grid (2, 8, 8) is a 4-frame 112x112 clip, as train.py --tiny reads them (Qwen3-VL:
+    (2, 6, 6), its 32-px factor rounds the 112x112 frames down to 96x96).
     60 steps is short of convergence on purpose: format ~0.7 at temperature 1 (120 steps: ~0.85, 200: ~0.95)"""
     import data
     import model as model_lib
     t0 = time.time()
+    grid = grid or ((2, 6, 6) if model.config.model_type == "qwen3_vl" else (2, 8, 8))  # Qwen3-VL: 112x112 -> 96x96
     gen = torch.Generator().manual_seed(seed)
     grid_thw = torch.tensor([grid])
-    prompts = [data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, p), grid_thw) for p in WARM_PROBLEMS]
+    vision = model.config.vision_config
+    # Qwen3-VL's prompt times each frame pair: those of 4 frames of a 16-frame 8-fps synthetic clip, as --tiny reads them
+    timestamps = data.video_timestamps([0, 5, 10, 15], 8.0) if model.config.model_type == "qwen3_vl" else None
+    prompts = [data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, p), grid_thw, timestamps=timestamps)
+               for p in WARM_PROBLEMS]
     model.model.visual.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     # one thread: at these sizes a second one saves ~15% on an idle CPU but runs ~20x slower when another process
@@ -196,7 +215,8 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
     torch.set_num_threads(1)
     model.train()
     for _ in range(steps):
-        batch, labels = format_batch(tokenizer, prompts, gen, batch_size, grid_thw)
+        batch, labels = format_batch(tokenizer, prompts, gen, batch_size, grid_thw,
+                                     3 * vision.temporal_patch_size * vision.patch_size ** 2)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
                      video_grid_thw=batch["video_grid_thw"], **model_lib.position_inputs(model, batch)).loss
@@ -226,8 +246,9 @@ def save_tiny_model(out_dir, seed=0, warm_start=True, family="qwen2_vl"):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-        processor = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"  # the same image settings
-        json.dump(dict(PREPROCESSOR_CONFIG, processor_class=processor), f, indent=2)
+        processor = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(family, "Qwen2VLProcessor")
+        settings = QWEN3_PREPROCESSOR if family == "qwen3_vl" else {}  # Qwen2.5-VL: the same image settings as Qwen2-VL
+        json.dump(dict(PREPROCESSOR_CONFIG, processor_class=processor, **settings), f, indent=2)
     try:
         os.rename(tmp, out_dir)
     except OSError:  # another process finished first
