@@ -43,6 +43,7 @@ of repeated tags cost milliseconds.
 
 import inspect
 import math
+import contextlib
 import re
 from collections import Counter
 from decimal import Decimal
@@ -276,20 +277,16 @@ def seed_accuracy(completions, solutions, **kwargs):
     out = []
     for content, sol in zip(completions, solutions):
         reward = 0.0
-        try:  # the seed swallows every error of either rule; so do we, to score as it did
+        with contextlib.suppress(Exception):  # the seed swallows every error of either rule; so do we, to score as it did
             if float(verify(parse(content), parse(sol))) > 0:
                 reward = 1.0
-        except Exception:
-            pass
         if reward == 0.0:
-            try:
+            with contextlib.suppress(Exception):
                 sol_match = re.search(r"<answer>(.*?)</answer>", sol)
                 truth = sol_match.group(1).strip() if sol_match else sol.strip()
                 content_match = re.search(r"<answer>(.*?)</answer>", content)
                 if (content_match.group(1).strip() if content_match else content.strip()) == truth:
                     reward = 1.0
-            except Exception:
-                pass
         out.append(reward)
     return out
 
