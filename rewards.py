@@ -41,9 +41,9 @@ anchored regex without nested quantifiers, so a 200k-char completion or thousand
 of repeated tags cost milliseconds.
 """
 
+import contextlib
 import inspect
 import math
-import contextlib
 import re
 from collections import Counter
 from decimal import Decimal
