@@ -233,7 +233,7 @@ class VideoSettings:
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 16
-    min_pixels: int = 128 * 28 * 28
+    min_pixels: int = 0  # 0: 128 merged patches of the model (128*28*28 Qwen2/2.5-VL, 128*32*32 Qwen3-VL)
     max_pixels: int = 0  # 0: the seed reader's cap (frame_size)
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -241,6 +241,9 @@ class VideoSettings:
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     frame_timestamps: bool = False  # Qwen3-VL: "<t seconds>" before each group of temporal_patch_size frames
+
+    def __post_init__(self):  # the seed's 128*28*28 is 128 merged patches; a family with 32-px ones gets 128*32*32
+        self.min_pixels = self.min_pixels or 128 * self.factor ** 2
 
     @property
     def factor(self):

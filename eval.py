@@ -73,7 +73,7 @@ class Config:
     fps: float = field(default=train.Config.fps, metadata={"help": "frames sampled per second of video"})
     min_frames: int = field(default=train.Config.min_frames, metadata={"help": "fewest frames per video"})
     max_frames: int = field(default=train.Config.max_frames, metadata={"help": "most frames per video"})
-    min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing"})
+    min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
     max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
     compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})

@@ -384,7 +384,9 @@ def test_video_settings_from_pretrained(tmp_path):
          "image_std": [0.25, 0.25, 0.25], "min_pixels": 3136, "max_pixels": 12845056}))
     s = data.video_settings_from_pretrained(tmp_path, max_frames=8)
     assert s.patch_size == 16 and s.image_mean == (0.5, 0.5, 0.5) and s.image_std == (0.25,) * 3
-    assert s.max_frames == 8 and s.min_pixels == PIX and s.max_pixels == 0  # image bounds in the file are not used
+    # image bounds in the file are not used; the default lower bound is 128 merged patches of 16 * 2 px (Qwen3-VL's)
+    assert s.max_frames == 8 and s.min_pixels == 128 * 32 * 32 and s.max_pixels == 0
+    assert data.VideoSettings().min_pixels == PIX  # 128 merged patches of 14 * 2 px: the seed's 128*28*28
     with pytest.raises(TypeError, match="nframes"):
         data.video_settings_from_pretrained(tmp_path, nframes=3)
 

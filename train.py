@@ -95,7 +95,7 @@ class Config:
     fps: float = field(default=2.0, metadata={"help": "frames sampled per second of video"})
     min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
     max_frames: int = field(default=16, metadata={"help": "most frames per video"})
-    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "lower bound on frame area after resizing"})
+    min_pixels: int = field(default=0, metadata={"help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, the seed's; 128*32*32 for Qwen3-VL)"})
     max_pixels: int = field(default=0, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
     max_prompt_length: int = field(default=4096, metadata={"help": "longer prompts (video tokens included) are skipped, never truncated"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding videos"})
@@ -205,8 +205,9 @@ def validate_config(cfg):
         raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
     if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
-    if cfg.min_pixels < 1 or cfg.max_pixels < 0:
-        raise ConfigError(f"--min_pixels {cfg.min_pixels} / --max_pixels {cfg.max_pixels}: min at least 1, max 0 (the seed's reader's cap) or a cap")
+    if cfg.min_pixels < 0 or cfg.max_pixels < 0:
+        raise ConfigError(f"--min_pixels {cfg.min_pixels} / --max_pixels {cfg.max_pixels}: min 0 (128 merged patches) or a "
+                          f"bound, max 0 (the seed's reader's cap) or a cap")
     if cfg.loss_type not in LOSS_TYPES:
         raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.scale_rewards not in ("group", "none"):
