@@ -2,9 +2,11 @@
 The network: everything about the model that train.py, eval.py and bench.py share. Loading (and the family
 differences), the special tokens, the vision pass, the rollout, the log-prob passes and the attention they run on.
 
+    FAMILIES                               -> Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the one table of family differences
     load_model(dir)                        -> the policy, the language model on packed_attention
     add_lora(model, ...)                   -> the policy with LoRA adapters (peft); reference(...) = adapters off
-    sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once
+    sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once; the decode
+                                              loop eager, on a static KV cache, or that step compiled (decode=)
     completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
     completion_logps_shared_prompt(...)    -> the same without grad (reference: on the prompt's KV cache)
 
