@@ -402,7 +402,8 @@ class VideoPromptDataset(torch.utils.data.Dataset):
         # seconds per temporal patch: Qwen2.5-VL's temporal positions count time (its processor's formula)
         second_per_grid_ts = torch.tensor([s.temporal_patch_size / sample_fps])
         item = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values_videos": pixel_values,
-                "video_grid_thw": grid_thw, "second_per_grid_ts": second_per_grid_ts, **meta}
+                "video_grid_thw": grid_thw, "second_per_grid_ts": second_per_grid_ts, "timestamps": timestamps,
+                "frame_indices": info["frame_indices"], "video_fps": info["video_fps"], **meta}
         if self.shuffled_frames:
             perm = frame_permutation(len(frames), self.shuffle_seed * 1_000_003 + i)
             item["pixel_values_videos_shuffled"] = video_to_patches(frames[perm.numpy()], s.patch_size, s.temporal_patch_size,
@@ -669,20 +670,18 @@ def show_video(video, model_dir, question, settings):
     s = settings
     family = model_lib.model_family(model_dir)  # an unknown family: ModelError before anything is read
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    frames, sample_fps, info = read_video(video, s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels,
-                                          s.factor, with_meta=True)
-    pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                              s.image_mean, s.image_std)
-    timestamps = video_timestamps(info["frame_indices"], info["video_fps"], s.temporal_patch_size) if s.frame_timestamps else None
-    input_ids, types = encode_prompt(tokenizer, build_prompt_text(tokenizer, question), grid_thw, s.merge_size, timestamps)
-    batch = {"input_ids": input_ids[None], "mm_token_type_ids": types[None], "attention_mask": torch.ones_like(input_ids)[None],
-             "video_grid_thw": grid_thw, "second_per_grid_ts": torch.tensor([s.temporal_patch_size / sample_fps])}
+    # the training dataset's own item: what --show prints is what a run feeds the model
+    item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": ""}], tokenizer, s)[0]
+    if "error" in item:
+        raise VideoError(item["error"])
+    batch = collate([item], tokenizer.pad_token_id)
     positions, _ = model_lib.prompt_positions(model_lib.meta_model(model_dir), batch)  # (3, 1, L)
-    shown = {"family": family, "frame_indices": info["frame_indices"], "video_fps": info["video_fps"],
-             "frame_size": list(frames.shape[1:3]), "grid_thw": grid_thw[0].tolist(),
-             "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": timestamps,
+    grid_thw, input_ids = item["video_grid_thw"], item["input_ids"]
+    shown = {"family": family, "frame_indices": item["frame_indices"], "video_fps": item["video_fps"],
+             "frame_size": [int(n) * s.patch_size for n in grid_thw[0, 1:]], "grid_thw": grid_thw[0].tolist(),
+             "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": item["timestamps"],
              "prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
-    return shown, pixel_values
+    return shown, item["pixel_values_videos"]
 
 
 def show_main(args):

@@ -164,9 +164,10 @@ def decode_step(model, token, position, attention_mask, cache):
     to token and no Python branch on tensor values, so torch.compile captures it whole (fullgraph). The mask is the
     cache's full (N, L) width: the unwritten tail is hidden by the causal mask at the cache's write position.
     (N,), (N,), (N, L) -> (N, V) fp32"""
-    out = model.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
-                                     position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
-    return model.lm_head(out.last_hidden_state[:, -1]).float()
+    net = hf_model(model)  # under LoRA the adapters sit inside its Linear layers
+    out = net.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                                   position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
+    return net.lm_head(out.last_hidden_state[:, -1]).float()
 
 
 @functools.cache

@@ -220,8 +220,6 @@ def validate_config(cfg):
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
-    if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
-        raise ConfigError("--attn_implementation flash_attention_2 with --no-bf16: flash-attn has no fp32 kernel; use sdpa or bf16")
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--top_k {cfg.top_k} --top_p {cfg.top_p}: top_k >= 0 (0: off), 0 < top_p <= 1")
