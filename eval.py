@@ -391,6 +391,7 @@ def main(argv=None):
         print(format_table(summaries))
         print(f"{len(rows)} rows, {len(cfg.model)} model(s), {world} rank(s), {time.time() - t0:.1f}s")
     if world > 1:
+        torch.distributed.barrier()  # ranks leave together, no collective in flight when the group closes (train.main)
         torch.distributed.destroy_process_group()
     return summaries
 

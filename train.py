@@ -64,6 +64,7 @@ eval.py --protocol seed.
 import argparse
 import contextlib
 import dataclasses
+import faulthandler
 import functools
 import json
 import math
@@ -733,10 +734,14 @@ def train(cfg):
 
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not faulthandler.is_enabled():  # a rank killed by a signal (SIGSEGV, SIGABRT) prints each thread's Python stack
+        faulthandler.enable()
     cfg = parse_config(argv)
     try:
         validate_config(cfg)
         train(cfg)
+        if torch.distributed.is_initialized():  # ranks leave together, no collective in flight when the groups close:
+            torch.distributed.barrier()  # seen once in CI: a rank closing while rank 0 wrote the model died of SIGABRT
     except (ConfigError, model.ModelError, FileNotFoundError) as e:  # a wrong flag or path: one line, exit code 2
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
