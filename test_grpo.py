@@ -6,6 +6,7 @@ The math is checked against naive loops written from the formulas (values and gr
 positions and generate); and the whole trainer by subprocess runs.
 """
 import copy
+import glob
 import json
 import math
 import os
@@ -769,6 +770,8 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
          "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo"])  # dapo: all ranks' token count
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+    # DeepSpeed's CPU all-reduce buffers (/dev/shm, 66 MB a rank) are unlinked, not left behind run after run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",
                 "clip_ratio", "frac_zero_std_groups", "grad_norm", "lr", "step_time", "rollout_time", "tokens_per_sec",
                 "seed/completion_length", "seed/reward", "seed/reward_std", "seed/rewards/accuracy_reward",

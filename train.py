@@ -414,6 +414,12 @@ def init_distributed():
     else:  # ranks on one CPU share its cores: oversubscribed OpenMP threads made CPU steps ~15x slower
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # DeepSpeed's CPU all-reduce maps each rank's buffer from /dev/shm and never unlinks it: 66 MB of RAM a rank
+        # left behind by every run. Once every rank has mapped the others' (the barrier), the names can go.
+        torch.distributed.barrier()
+        shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm)
     return rank, world, device
 
 
