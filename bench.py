@@ -10,6 +10,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
     python bench.py --shape qwen3-vl-8b --memory 4            # Qwen3-VL-2B/4B/8B-Instruct's (qwen3-vl-2b|4b|8b)
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
+    python bench.py --shape 2b --memory 1 --layers 2 --check_memory   # + the one-process terms measured on CPU
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
     python bench.py --shape tiny --only ours --threads 1 --completion_tokens 64   # decode ms/token: eager, static, compiled
@@ -84,8 +85,8 @@ import data
 import tiny
 import train
 from model import (completion_logps, completion_logps_shared_prompt, position_inputs, prefill, prompt_positions,
-                   rollout_decode, sample_completions, selective_log_softmax, special_token_ids, use_packed_attention,
-                   video_features, vision_attention)
+                   rollout_decode, sample_completions, selective_log_softmax, special_token_ids, static_cache,
+                   use_packed_attention, video_features, vision_attention)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     memory: int = field(default=0, metadata={"help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
     lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
+    check_memory: bool = field(default=False, metadata={"help": "--memory with --layers: also measure, on CPU in bf16 at those layers, what one process allocates (the rollout's KV cache, the policy pass's peak) beside the estimate"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
     compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
@@ -126,6 +128,7 @@ def parse_args(argv=None):
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
     assert args.policy_pass in ("packed", "per_completion"), f"--policy_pass {args.policy_pass}: choose packed or per_completion"
     assert args.layers >= 0 and (args.layers == 0 or args.shape != "tiny"), "--layers N: N >= 0, for a non-tiny --shape"
+    assert not args.check_memory or (args.memory and args.layers), "--check_memory: with --memory N and --layers L (a CPU-sized model)"
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
@@ -270,8 +273,11 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     """GiB per GPU of a train.py step under ZeRO-3 on `world` GPUs, bf16, computed from the shapes (model may be on the
     meta device): sharded weights (policy, and the reference unless LoRA), gradients and fp32 AdamW states (master,
     m, v) of what trains, the full weights gathered for the rollout, the rollout's KV cache for B*G rows of P+C tokens,
-    the policy pass's logits at the B*G*C completion positions (bf16, plus one fp32 row), and its activations under
-    gradient checkpointing (each layer's input over B*(P+G*C) packed positions, plus one layer recomputed)."""
+    the policy pass's logits at the B*G*C completion positions (bf16, kept for selective_log_softmax's backward) with
+    their gradient and one fp32 row, its activations under gradient checkpointing (each layer's input over B*(P+G*C)
+    packed positions, plus one layer recomputed), and the (vocabulary x width) weight gradient of the LM head and the
+    input embedding as autograd forms it, whole, before ZeRO shards it: one at a time when untied; tied (2B), autograd
+    holds the LM head's part until the embedding's arrives and adds the two into a third (check_memory measures it)."""
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
@@ -280,6 +286,7 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
     adapter = lora_rank * layers * ((d + q) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
     trained = adapter or N
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
     return {
@@ -288,10 +295,84 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
         "AdamW fp32 master + m + v, sharded": gib(12 * trained / world),
         "weights gathered for the rollout": gib(bytes_per * (N + adapter)),
         "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
-        "logits (policy pass)": gib(B * G * C * V * bytes_per + C * V * 4),
+        "logits and their gradient (policy pass)": gib(2 * B * G * C * V * bytes_per + C * V * 4),
         "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
+        "LM head / embedding weight gradient, whole": gib((0 if lora_rank else 3 if tied else 1) * V * d * bytes_per),
         "trainable parameters": trained,
     }
+
+
+def policy_pass_peak(terms):
+    """The policy pass's peak from memory_per_gpu's terms (GiB), which do not all coexist: the activations, plus the
+    largest of the logits with their gradient (selective_log_softmax's backward), the gradient of the logits beside
+    the LM head's weight gradient (its backward), and the whole weight gradients (the embedding's backward, last)."""
+    logits, weight_grad = terms["logits and their gradient (policy pass)"], terms["LM head / embedding weight gradient, whole"]
+    return terms["activations (policy pass, checkpointed)"] + max(logits, logits / 2 + weight_grad / 3, weight_grad)
+
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def peak_memory_during(fn):
+    """(fn(), bytes): the peak of the process's anonymous memory during fn above its level before, sampled every 2 ms
+    by a thread."""
+    import threading
+    base, peak, done = rss_anon(), [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return out, max(peak[0], rss_anon()) - base
+
+
+def check_memory(args):
+    """--check_memory: memory_per_gpu's terms that one process allocates, measured on CPU in bf16 at --layers, beside
+    the estimate for the same shapes on one GPU. The KV cache: the bytes of the static cache the rollout decodes on
+    (P + C positions, B*G rows). The policy pass (completion_logps, the GRPO loss, backward; gradient checkpointing
+    on): the peak above the level before it, the parameters' gradients allocated by a first pass (their own term),
+    against policy_pass_peak. Returns {term: (estimate, measured)}, GiB."""
+    import ctypes
+    # glibc maps every allocation over 64 KiB on its own from now on (mallopt M_MMAP_THRESHOLD), so a freed tensor
+    # leaves the process at once: the measured peaks are of live tensors, not of what the allocator keeps
+    ctypes.CDLL(None).mallopt(-3, 64 * 1024)
+    torch.manual_seed(args.seed)
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = build_model(args.shape, tokenizer, torch.device("cpu"), torch.bfloat16, "sdpa", args.layers)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+    batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device="cpu", seed=args.seed,
+                        model_type=model.config.model_type)
+    (B, P), G, C = batch["input_ids"].shape, args.num_generations, args.completion_tokens
+    terms = memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C)
+    eos, vision = special_token_ids(tokenizer)
+    model.eval()  # as train.py's rollout
+    with torch.no_grad():
+        cache = static_cache(model, prefill(model, batch, G)[0], C, bucket=1)  # exactly P + C positions
+        kv_cache = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        del cache
+        completion_ids = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
+                                            eos_token_ids=eos, suppress_token_ids=vision + eos,
+                                            pad_token_id=tokenizer.pad_token_id)               # (B*G, C), no EOS
+    model.train()
+    ref_logps, advantages = torch.zeros(B * G, C), torch.randn(B * G)
+    def policy_pass():
+        logps = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)  # (B*G, C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, torch.ones(B * G, C), beta=0.04, epsilon_low=0.2,
+                                  epsilon_high=0.2, loss_type="grpo", max_completion_length=C)
+        loss.backward()
+    policy_pass()  # allocates the gradients; the measured pass accumulates into them
+    model.zero_grad(set_to_none=False)
+    _, policy_peak = peak_memory_during(policy_pass)
+    return {"KV cache (rollout)": (terms["KV cache (rollout)"], kv_cache / 2**30),
+            "policy pass peak": (policy_pass_peak(terms), policy_peak / 2**30)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,7 +693,14 @@ def main(argv=None):
                   f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
         total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
         print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
-        return {"full": full, "lora": lora}
+        print(f"| policy pass peak (of its three terms) | {policy_pass_peak(full):,.2f} | {policy_pass_peak(lora):,.2f} |")
+        result = {"full": full, "lora": lora}
+        if args.check_memory:
+            result["check"] = check_memory(args)
+            print(f"measured on CPU, bf16, {args.layers} layers, one process: GiB | estimate | measured")
+            for key, (estimate, measured) in result["check"].items():
+                print(f"| {key} | {estimate:.3f} | {measured:.3f} |")
+        return result
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
     device = torch.device(args.device)

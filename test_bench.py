@@ -125,6 +125,24 @@ def test_memory_estimate_counts_what_trains():
     assert full["trainable parameters"] == N
     assert full["AdamW fp32 master + m + v, sharded"] * 2**30 == 12 * N / 4
     assert full["weights (policy + reference), sharded"] == pytest.approx(2 * lora["weights (policy + reference), sharded"], rel=0.01)
+    # the whole (vocabulary x width) weight gradients: three at once when tied (2B), one when untied (7B), none with LoRA
+    V, d = model.config.text_config.vocab_size, model.config.text_config.hidden_size
+    assert full["LM head / embedding weight gradient, whole"] * 2**30 == 3 * V * d * 2 and lora["LM head / embedding weight gradient, whole"] == 0
+    untied = bench.build_model("7b", tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
+    V, d = untied.config.text_config.vocab_size, untied.config.text_config.hidden_size
+    assert bench.memory_per_gpu(untied, lora_rank=0, **kw)["LM head / embedding weight gradient, whole"] * 2**30 == V * d * 2
+
+
+def test_peak_memory_during_sees_what_a_call_allocates_and_frees():
+    # check_memory's instrument: a 256 MiB tensor made and freed inside the call is its peak, within the sampling's
+    # and the interpreter's noise; nothing of it stays
+    def allocate():
+        x = torch.ones(64 * 2**20)  # 256 MiB of fp32, written (resident)
+        time.sleep(0.05)
+        return float(x[-1])
+    before = bench.rss_anon()
+    assert bench.peak_memory_during(allocate)[1] == pytest.approx(256 * 2**20, rel=0.15)
+    assert bench.rss_anon() - before < 32 * 2**20
 
 
 def test_decode_measurement_reports_each_path():

@@ -323,6 +323,31 @@ def test_selective_log_softmax_matches_log_softmax():
     torch.testing.assert_close(selective_log_softmax(logits, index, 0.7), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_selective_log_softmax_gradient_matches_autograd_and_keeps_only_the_logits(dtype):
+    # its own backward equals autograd through log_softmax (fp64: to 1e-12; bf16: the fp32 math rounded once), with
+    # repeated indices in a row; and all it keeps for the backward is the logits and one fp32 number per position
+    torch.manual_seed(0)
+    logits, index = (torch.randn(3, 5, 17, dtype=torch.float64) * 3).to(dtype), torch.randint(0, 17, (3, 5))
+    index[0, :3] = 4
+    upstream = torch.randn(3, 5, dtype=torch.float64)
+    ours_in = logits.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        ours = selective_log_softmax(ours_in, index, 0.7)
+    ours.backward(upstream.to(ours.dtype))
+    naive_in = logits.double().requires_grad_()
+    naive = torch.log_softmax(naive_in / 0.7, -1).gather(-1, index[..., None]).squeeze(-1)
+    naive.backward(upstream)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.double(), naive, **tol)
+    torch.testing.assert_close(ours_in.grad.double(), naive_in.grad, **tol)
+    assert ours.dtype == torch.promote_types(dtype, torch.float32) and ours_in.grad.dtype == dtype
+    assert sum(saved) <= logits.nbytes + index.nbytes + 3 * 5 * 8, saved  # no fp32 copy of the (N, T, V) logits
+    with torch.no_grad():  # the reference pass: the same numbers without a graph
+        torch.testing.assert_close(selective_log_softmax(ours_in, index, 0.7), ours.detach())
+
+
 def test_rewards_follow_their_own_prompt():
     # prompts_per_device=2: completions are ordered prompt by prompt, each scored against its own solution
     import rewards
