@@ -286,7 +286,6 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
     adapter = lora_rank * layers * ((d + q) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
     trained = adapter or N
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
     return {
@@ -297,17 +296,24 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
         "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
         "logits and their gradient (policy pass)": gib(2 * B * G * C * V * bytes_per + C * V * 4),
         "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
-        "LM head / embedding weight gradient, whole": gib((0 if lora_rank else 3 if tied else 1) * V * d * bytes_per),
+        "LM head / embedding weight gradient, whole": gib((0 if lora_rank else 3 if tied(model) else 1) * V * d * bytes_per),
         "trainable parameters": trained,
     }
 
 
-def policy_pass_peak(terms):
+def tied(model):
+    """Whether the LM head is the input embedding's weight (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B/4B)."""
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def policy_pass_peak(model, terms):
     """The policy pass's peak from memory_per_gpu's terms (GiB), which do not all coexist: the activations, plus the
     largest of the logits with their gradient (selective_log_softmax's backward), the gradient of the logits beside
-    the LM head's weight gradient (its backward), and the whole weight gradients (the embedding's backward, last)."""
-    logits, weight_grad = terms["logits and their gradient (policy pass)"], terms["LM head / embedding weight gradient, whole"]
-    return terms["activations (policy pass, checkpointed)"] + max(logits, logits / 2 + weight_grad / 3, weight_grad)
+    one whole weight gradient (the LM head's backward), and all the whole weight gradients (tied: the embedding's
+    backward, last, three at once)."""
+    logits, weight_grads = terms["logits and their gradient (policy pass)"], terms["LM head / embedding weight gradient, whole"]
+    one = weight_grads / 3 if tied(model) else weight_grads
+    return terms["activations (policy pass, checkpointed)"] + max(logits, logits / 2 + one, weight_grads)
 
 
 def rss_anon():
@@ -372,7 +378,7 @@ def check_memory(args):
     model.zero_grad(set_to_none=False)
     _, policy_peak = peak_memory_during(policy_pass)
     return {"KV cache (rollout)": (terms["KV cache (rollout)"], kv_cache / 2**30),
-            "policy pass peak": (policy_pass_peak(terms), policy_peak / 2**30)}
+            "policy pass peak": (policy_pass_peak(model, terms), policy_peak / 2**30)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -693,7 +699,7 @@ def main(argv=None):
                   f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
         total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
         print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
-        print(f"| policy pass peak (of its three terms) | {policy_pass_peak(full):,.2f} | {policy_pass_peak(lora):,.2f} |")
+        print(f"| policy pass peak (of its three terms) | {policy_pass_peak(model, full):,.2f} | {policy_pass_peak(model, lora):,.2f} |")
         result = {"full": full, "lora": lora}
         if args.check_memory:
             result["check"] = check_memory(args)

@@ -32,17 +32,7 @@ def selective_log_softmax(logits, index, temperature=1.0):
     only the logits themselves for the backward (their dtype, bf16 in training) and one logsumexp per position:
     autograd through the fp32 rows would keep an fp32 copy of all of them, 2x the bf16 logits (4,096 x 151,936 at the
     seed's G=8 x 512 tokens: 2.3 GiB more per GPU). (N, T, V), (N, T) -> (N, T)"""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return SelectiveLogSoftmax.apply(logits, index, temperature)
-    return torch.stack([log_probs for log_probs, _ in _rows_log_softmax(logits, index, temperature)])
-
-
-def _rows_log_softmax(logits, index, temperature):
-    """Per row n: (log-probs of index[n] (T,), logsumexp (T,)), each row promoted to fp32 only while it is computed."""
-    for row_logits, row_index in zip(logits, index):                                  # (T, V), (T,)
-        row = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32)) / temperature
-        lse = torch.logsumexp(row, dim=-1)
-        yield row.gather(-1, row_index[:, None]).squeeze(-1) - lse, lse
+    return SelectiveLogSoftmax.apply(logits, index, temperature)
 
 
 class SelectiveLogSoftmax(torch.autograd.Function):
@@ -51,10 +41,14 @@ class SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, index, temperature):
-        rows = list(_rows_log_softmax(logits, index, temperature))
-        ctx.save_for_backward(logits, index, torch.stack([lse for _, lse in rows]))   # (N, T, V), (N, T), (N, T)
+        log_probs, lse = [], []
+        for row_logits, row_index in zip(logits, index):                              # (T, V), (T,)
+            row = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32)) / temperature  # only this row
+            lse.append(torch.logsumexp(row, dim=-1))                                   # (T,)
+            log_probs.append(row.gather(-1, row_index[:, None]).squeeze(-1) - lse[-1])
+        ctx.save_for_backward(logits, index, torch.stack(lse))                         # (N, T, V), (N, T), (N, T)
         ctx.temperature = temperature
-        return torch.stack([log_probs for log_probs, _ in rows])                       # (N, T)
+        return torch.stack(log_probs)                                                  # (N, T)
 
     @staticmethod
     def backward(ctx, grad):                                                           # (N, T)

@@ -131,6 +131,15 @@ def test_memory_estimate_counts_what_trains():
     untied = bench.build_model("7b", tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
     V, d = untied.config.text_config.vocab_size, untied.config.text_config.hidden_size
     assert bench.memory_per_gpu(untied, lora_rank=0, **kw)["LM head / embedding weight gradient, whole"] * 2**30 == V * d * 2
+    # short completions: the whole weight gradients decide the policy pass's peak; tied, the three at the embedding's
+    # backward; untied, one beside the logits' gradient at the LM head's
+    short = dict(kw, C=8)
+    for net, weight_grads in ((model, 3 * 2 * model.config.text_config.vocab_size * model.config.text_config.hidden_size),
+                              (untied, 2 * V * d)):
+        terms = bench.memory_per_gpu(net, lora_rank=0, **short)
+        logits, act = terms["logits and their gradient (policy pass)"], terms["activations (policy pass, checkpointed)"]
+        expected = act + (weight_grads / 2**30 if net is model else logits / 2 + weight_grads / 2**30)
+        assert bench.policy_pass_peak(net, terms) == pytest.approx(expected)
 
 
 def test_peak_memory_during_sees_what_a_call_allocates_and_frees():

@@ -136,6 +136,6 @@ def test_policy_pass_peak_memory_against_the_estimate():
     policy_pass()
     torch.cuda.synchronize()
     measured = (torch.cuda.max_memory_allocated() - before) / 2**30
-    estimate = bench.policy_pass_peak(bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C))
+    estimate = bench.policy_pass_peak(model, bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C))
     print(f"policy pass peak: {measured:.2f} GiB measured, {estimate:.2f} GiB estimated")
     assert 0.7 * estimate <= measured <= 1.1 * estimate
