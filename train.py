@@ -62,6 +62,7 @@ default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as her
 eval.py --protocol seed.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -80,7 +81,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import checkpoint
+import data
 import model
+import rewards
 
 
 @dataclass
@@ -196,7 +200,6 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg):
-    import rewards
     if cfg.num_generations < 2:
         raise ConfigError(f"--num_generations {cfg.num_generations}: GRPO compares completions within a group, it needs at least 2")
     if cfg.prompts_per_device < 1 or cfg.max_completion_length < 1 or cfg.num_iterations < 1:
@@ -372,7 +375,6 @@ def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_
     """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
     columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
     that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
-    import rewards
     assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
     per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
     columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
@@ -478,14 +480,42 @@ class MetricsLogger:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# training
+# training: setup, then the step, then the loop
 
-def train(cfg):
+@dataclass
+class Run:
+    """What setup() builds and every step reads: the models, the data stream and the fixed settings of the run."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    engine: object              # the policy's DeepSpeed engine (optimizer, ZeRO); engine.module is the policy
+    ref_engine: object          # the frozen reference's engine; None with LoRA (adapters off) or beta == 0
+    scheduler: object
+    model_dir: str
+    reward_names: list
+    reward_funcs: list
+    reward_weights: list
+    G_shuffled: int             # T-GRPO's completions per prompt on the shuffled video
+    length_window: tuple        # (lo, hi) completion lengths that earn the length bonus
+    eos_token_ids: list         # ids that end a completion
+    suppress: list              # ids never sampled (vision tokens, untrained embedding rows)
+    batches: object             # (epoch, batch_index, batch) from the resume position on
+    logger: object
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def policy(self):
+        return self.engine.module
+
+
+def setup(cfg):
+    """Distributed init, data, models, resume: everything before the first step."""
     import deepspeed
     from transformers import AutoTokenizer
-    import checkpoint
-    import data
-    import rewards
 
     rank, world, device = init_distributed()
     # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
@@ -500,10 +530,7 @@ def train(cfg):
     np.random.seed(cfg.seed + rank)
     reward_names = [n.strip() for n in cfg.rewards.split(",")]
     reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
-    reward_funcs = [rewards.REWARD_FUNCS[n] for n in reward_names]
-    G, B_max = cfg.num_generations, cfg.prompts_per_device
-    G_shuffled = cfg.shuffled_generations or G // 2  # T-GRPO's completions per prompt on the shuffled video
-    length_window = tuple(int(n) for n in cfg.length_window.split(","))
+    B_max = cfg.prompts_per_device
 
     # --- data
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
@@ -549,8 +576,7 @@ def train(cfg):
         ref_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
         ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
-    policy = engine.module
-    eos_token_ids, suppress = model.special_token_ids(tokenizer, policy.config.text_config.vocab_size)
+    eos_token_ids, suppress = model.special_token_ids(tokenizer, engine.module.config.text_config.vocab_size)
 
     # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
     start_step, position, rng = 0, (0, 0), None
@@ -568,169 +594,248 @@ def train(cfg):
             json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
                        "steps_per_epoch": steps_per_epoch, "model_dir": model_dir}, f, indent=2)
     logger = MetricsLogger(cfg, rank, resumed=start_step > 0)
-    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {G} completions, "
+    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
     batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
         data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
+    if rng is not None:
+        checkpoint.set_rng_state(rng)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
+               scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
+               reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
+               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
+               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, logger=logger, start_step=start_step,
+               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def next_batch(run):
+    """This rank's next batch on the device; a batch whose every video failed is replaced by the next one (every rank
+    must take the step). Returns (epoch, batch_index, batch, examples failed, examples tried)."""
+    failed, tried = 0, 0
+    while True:
+        epoch, batch_index, batch = next(run.batches)
+        for item in batch["skipped"]:
+            print(f"[rank {run.rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
+        failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
+        if batch["solution"]:
+            break
+        if tried >= run.cfg.skip_window * run.cfg.prompts_per_device:
+            raise RuntimeError(f"rank {run.rank}: the last {tried} examples all failed to load (see the warnings above)")
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return epoch, batch_index, batch, failed, tried
+
+
+def rollout(run, batch):
+    """G completions per prompt with the policy's current weights; T-GRPO: the shuffled videos ride in the same
+    rollout, B more prompts (same length) with G~ completions each. Returns (B*G, C) and (B*G~, C) or None."""
+    cfg, B, G = run.cfg, len(batch["solution"]), run.cfg.num_generations
+    run.policy.eval()  # gradient checkpointing switches the KV cache off in train mode
+    rollout_batch, counts = (data.shuffled_copy(batch), [G] * B + [run.G_shuffled] * B) if cfg.temporal_contrast else (batch, G)
+    with model.gathered_params(run.engine):
+        completion_ids = model.sample_completions(
+            run.policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature, eos_token_ids=run.eos_token_ids, suppress_token_ids=run.suppress,
+            pad_token_id=run.tokenizer.pad_token_id, top_k=cfg.top_k, top_p=cfg.top_p,
+            decode=model.rollout_decode(cfg.compile_rollout, run.device))                       # (B*G, C)
+    shuffled_ids = None
+    if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
+        completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, run.eos_token_ids)  # (B*G, C'), (B*G~, C)
+    # a vision token in a completion would break the video-token count of every later pass
+    assert not torch.isin(completion_ids, torch.tensor(run.suppress, device=run.device)).any(), "a suppressed token was sampled"
+    return completion_ids, shuffled_ids
+
+
+def score(run, batch, completions, shuffled, lengths):
+    """The rewards of B*G completions, completion i answering prompt i // G: per reward (R, B*G), the weighted total
+    with T-GRPO's and the length bonus (B*G,), and the accuracy-based metrics. shuffled: T-GRPO's B*G~ completions on
+    the shuffled videos, or None; lengths (B*G,): tokens, EOS included."""
+    cfg, G = run.cfg, run.cfg.num_generations
+    columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
+    per_reward, reward = compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
+    accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
+    extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
+    if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
+        shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
+                                            **columns)[1]                                # (B*G~,)
+        has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
+        bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
+                                              alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
+        reward, extra["temporal_rewards"] = reward + bonus, given.float().mean().item()
+    if cfg.length_reward:
+        bonus = rewards.length_bonus(accuracy, lengths, G, window=run.length_window, bonus=cfg.length_bonus)  # (B*G,)
+        reward, extra["length_rewards"] = reward + bonus, (bonus > 0).float().mean().item()
+    return per_reward, reward, extra
+
+
+def reference_logps(run, batch, completion_ids):
+    """The reference model's per-token log-probs (B*G, C), fixed for the step. Under ZeRO-3 its weights are gathered
+    once for the pass (--gather_reference), not layer by layer."""
+    cfg = run.cfg
+    gather = model.gathered_params(run.ref_engine or run.engine) if cfg.gather_reference else contextlib.nullcontext()
+    with gather, model.reference(run.policy, run.ref_engine) as ref_model:  # LoRA: the policy, adapters disabled
+        return model.completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=cfg.num_generations,
+                                                    temperature=cfg.temperature)         # (B*G, C)
+
+
+def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
+    """num_iterations (mu) optimizer updates on one rollout; a non-finite loss on any rank skips the update on all of
+    them. Returns (the last pass's log-probs (B*G, C), its loss and stats, grad norm, why the update was skipped:
+    None, "loss" or "gradient")."""
+    cfg, policy = run.cfg, run.policy
+    passes = functools.partial(model.completion_logps, policy, batch, completion_ids, num_generations=cfg.num_generations,
+                               temperature=cfg.temperature)
+    policy.train()
+    old_logps = None
+    if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
+        with torch.no_grad():
+            old_logps = passes()                                                        # (B*G, C)
+    dapo_tokens = dapo_divisor(mask, run.world) if cfg.loss_type == "dapo" else None
+    skipped = None
+    for _ in range(cfg.num_iterations):
+        logps = passes()                                                                # (B*G, C)
+        loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
+                                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                     importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
+                                     dapo_tokens=dapo_tokens)
+        finite = torch.tensor(float(torch.isfinite(loss)), device=run.device)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            skipped = "loss"
+            break
+        run.engine.backward(loss)
+        run.engine.step()  # under ZeRO, DeepSpeed itself discards an update whose gradient norm is not finite
+    grad_norm = run.engine.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    if skipped is None and not math.isfinite(grad_norm):
+        skipped = "gradient"
+    return logps, loss, loss_stats, grad_norm, skipped
+
+
+def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths, truncated, loss, loss_stats, logps,
+                 ref_logps, mask, rollout_time):
+    """This rank's metrics of the step, by name (README, What a run writes); the loop averages them over ranks."""
+    G = run.cfg.num_generations
+    columns = dict(problem_type=batch["problem_type"], options=batch["options"])
+    return {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
+            **{f"rewards/{n}": r.mean().item() for n, r in zip(run.reward_names, per_reward)},
+            "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
+            "truncated_ratio": truncated.float().mean().item(),
+            "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
+            "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
+            "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
+            **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
+                completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
+            **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
+
+
+# what grpo_step returns: this rank's metrics (by name), the rollout for samples.jsonl (texts, per-reward scores
+# (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why the update was skipped (None, "loss",
+# "gradient")
+StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped")
+
+
+def grpo_step(run, batch):
+    """One GRPO step on this rank's batch: rollout, rewards, advantages, log-probs, loss and update(s), metrics."""
+    cfg, G = run.cfg, run.cfg.num_generations
+    # rollout: G completions per prompt, with the policy's current weights
+    t_rollout = time.time()
+    completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
+    rollout_time = time.time() - t_rollout
+    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
+    completions = model.decode_completions(run.tokenizer, completion_ids, mask)
+    lengths = mask.sum(1).float()                                                          # (B*G,)
+    truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
+    if cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
+        mask = mask * (~truncated)[:, None].int()
+
+    # rewards -> advantages, within each group of G
+    shuffled = None if shuffled_ids is None else model.decode_completions(
+        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
+    per_reward, reward, extra = score(run, batch, completions, shuffled, lengths.cpu())   # (R, B*G), (B*G,)
+    advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(run.device)      # (B*G,)
+
+    # log-probs: the reference's, fixed for the step; then the policy's, with grad, and mu updates
+    ref_logps = reference_logps(run, batch, completion_ids) if cfg.beta != 0.0 else None   # (B*G, C)
+    logps, loss, loss_stats, grad_norm, skipped = policy_update(run, batch, completion_ids, advantages, mask, ref_logps)
+
+    metrics = step_metrics(run, batch, completions, reward=reward, per_reward=per_reward, extra=extra, lengths=lengths,
+                           truncated=truncated, loss=loss, loss_stats=loss_stats, logps=logps, ref_logps=ref_logps,
+                           mask=mask, rollout_time=rollout_time)
+    return StepResult(metrics, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped)
+
+
+def log_samples(run, step, batch, completions, per_reward, advantages):
+    """Every rank's rollouts of this step, appended to samples.jsonl by rank 0 (a collective: all ranks call it)."""
+    G = run.cfg.num_generations
+    samples = [{"step": step, "rank": run.rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
+                "question": batch["problem"][i // G], "solution": batch["solution"][i // G], "completion": completion,
+                "rewards": {n: r[i].item() for n, r in zip(run.reward_names, per_reward)},
+                "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
+    gathered = [None] * run.world
+    torch.distributed.all_gather_object(gathered, samples)
+    if run.rank == 0:
+        with open(os.path.join(run.cfg.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
+
+
+def train(cfg):
+    run = setup(cfg)
+    rank, world, engine, total_steps = run.rank, run.world, run.engine, run.total_steps
     preempted = []
     signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))  # cluster pre-emption: save, then stop
     recent_failures = []  # (examples failed, examples tried) of the last skip_window steps, over all ranks
     bad_steps = 0
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
 
-    # --- the loop
     t_start = time.time()
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
-        failed, tried = 0, 0
-        while True:  # a batch whose every video failed is replaced by the next one (every rank must take a step)
-            epoch, batch_index, batch = next(batches)
-            for item in batch["skipped"]:
-                print(f"[rank {rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
-            failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
-            if batch["solution"]:
-                break
-            if tried >= cfg.skip_window * B_max:
-                raise RuntimeError(f"rank {rank}: the last {tried} examples all failed to load (see the warnings above)")
+        epoch, batch_index, batch, failed, tried = next_batch(run)
         position = (epoch, batch_index + 1)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-        # rollout: G completions per prompt, with the policy's current weights
-        t_rollout = time.time()
-        policy.eval()
-        B = len(batch["solution"])
-        # T-GRPO: the shuffled videos ride in the same rollout, B more prompts (same length) with G_shuffled each
-        rollout_batch, counts = (data.shuffled_copy(batch), [G] * B + [G_shuffled] * B) if cfg.temporal_contrast else (batch, G)
-        with model.gathered_params(engine):
-            completion_ids = model.sample_completions(
-                policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
-                top_k=cfg.top_k, top_p=cfg.top_p, decode=model.rollout_decode(cfg.compile_rollout, device))  # (B*G, C)
-        if cfg.temporal_contrast:  # the shuffled rows are only scored; the normal ones lose the pad columns they may share
-            completion_ids, shuffled_ids = split_rollout(completion_ids, B * G, eos_token_ids)  # (B*G, C'), (B*G~, C)
-        rollout_time = time.time() - t_rollout
-        # a vision token in a completion would break the video-token count of every later pass
-        assert not torch.isin(completion_ids, torch.tensor(suppress, device=device)).any(), "a suppressed token was sampled"
-        mask = completion_mask(completion_ids, eos_token_ids)                                  # (B*G, C)
-        completions = model.decode_completions(tokenizer, completion_ids, mask)
-        lengths = mask.sum(1).float()                                                           # (B*G,)
-        truncated = ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=device)).any(1)  # (B*G,)
-        if cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
-            mask = mask * (~truncated)[:, None].int()
-
-        # rewards: completion i belongs to prompt i // G
-        columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
-        per_reward, reward = compute_rewards(reward_funcs, reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
-        accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
-        extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
-        if cfg.temporal_contrast:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
-            shuffled = model.decode_completions(tokenizer, shuffled_ids, completion_mask(shuffled_ids, eos_token_ids))
-            shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], G_shuffled,
-                                                **columns)[1]
-            has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
-            bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, G_shuffled,
-                                                  alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
-            reward, extra["temporal_rewards"] = reward + bonus, given.float().mean().item()
-        if cfg.length_reward:
-            bonus = rewards.length_bonus(accuracy, lengths.cpu(), G, window=length_window, bonus=cfg.length_bonus)  # (B*G,)
-            reward, extra["length_rewards"] = reward + bonus, (bonus > 0).float().mean().item()
-        advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(device)           # (B*G,)
-
-        # log-probs that stay fixed for the whole step: reference, and the old policy when mu > 1
-        ref_logps = old_logps = None
-        if cfg.beta != 0.0:  # under ZeRO-3 the weights are gathered once for the pass, not layer by layer
-            gather = model.gathered_params(ref_engine or engine) if cfg.gather_reference else contextlib.nullcontext()
-            with gather, model.reference(policy, ref_engine) as ref_model:  # LoRA: the policy, adapters disabled
-                ref_logps = model.completion_logps_shared_prompt(ref_model, batch, completion_ids, num_generations=G,
-                                                                 temperature=cfg.temperature)    # (B*G, C)
-
-        # mu policy updates on this rollout; a non-finite loss on any rank skips the update on all of them
-        policy.train()
-        if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
-            with torch.no_grad():
-                old_logps = model.completion_logps(policy, batch, completion_ids, num_generations=G,
-                                                   temperature=cfg.temperature)                 # (B*G, C)
-        skipped_update = False
-        dapo_tokens = dapo_divisor(mask, world) if cfg.loss_type == "dapo" else None
-        for _ in range(cfg.num_iterations):
-            logps = model.completion_logps(policy, batch, completion_ids, num_generations=G, temperature=cfg.temperature)
-            loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
-                                         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                         loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                         importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
-                                         dapo_tokens=dapo_tokens)
-            finite = torch.tensor(float(torch.isfinite(loss)), device=device)
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if not finite.item():
-                skipped_update = True
-                break
-            engine.backward(loss)
-            engine.step()  # under ZeRO, DeepSpeed itself discards an update whose gradient norm is not finite
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        skipped_update = skipped_update or not math.isfinite(grad_norm)
-        bad_steps = bad_steps + 1 if skipped_update else 0
-        if skipped_update:
-            print0(f"warning: step {step}: update skipped, non-finite {'loss' if not finite.item() else 'gradient'}")
+        out = grpo_step(run, batch)
+        bad_steps = bad_steps + 1 if out.skipped else 0
+        if out.skipped:
+            print0(f"warning: step {step}: update skipped, non-finite {out.skipped}")
         if bad_steps >= cfg.max_bad_steps:
             raise RuntimeError(f"step {step}: {bad_steps} updates in a row skipped for a non-finite loss or gradient. "
                                f"Likely causes: learning rate too high (--learning_rate {cfg.learning_rate}), fp16/bf16 "
                                f"overflow (try --no-bf16 on a small run), a corrupt video giving NaN pixels, or a reward "
-                               f"returning NaN (rewards: {reward_names})")
+                               f"returning NaN (rewards: {run.reward_names})")
 
-        # metrics: means over all ranks
-        local = {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
-                 **{f"rewards/{n}": r.mean().item() for n, r in zip(reward_names, per_reward)},
-                 "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
-                 "truncated_ratio": truncated.float().mean().item(),
-                 "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
-                 "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
-                 "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
-                 **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
-                     completions, G, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
-                 **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
-        totals = [lengths.sum().item(), failed, tried, float(bool(preempted))]
-        summed = torch.tensor([*local.values(), *totals], dtype=torch.float64, device=device)
+        # metrics: means over all ranks (counts summed), one row per step
+        summed = torch.tensor([*out.metrics.values(), out.tokens, failed, tried, float(bool(preempted))],
+                              dtype=torch.float64, device=run.device)
         torch.distributed.all_reduce(summed)
-        row = {k: v / world for k, v in zip(local, summed.tolist())}
         tokens, failed, tried, preempt = summed[-4:].tolist()
         step_time = time.time() - t0
-        row = {"step": step, "epoch": round(epoch + position[1] / steps_per_epoch, 4), **row, "grad_norm": grad_norm,
-               "lr": scheduler.get_last_lr()[0], "step_time": step_time, "tokens_per_sec": tokens / step_time,
-               "skipped_examples": int(failed), "skipped_update": int(skipped_update)}
-        logger.log(row)
+        row = {"step": step, "epoch": round(epoch + position[1] / run.steps_per_epoch, 4),
+               **{k: v / world for k, v in zip(out.metrics, summed.tolist())}, "grad_norm": out.grad_norm,
+               "lr": run.scheduler.get_last_lr()[0], "step_time": step_time, "tokens_per_sec": tokens / step_time,
+               "skipped_examples": int(failed), "skipped_update": int(out.skipped is not None)}
+        run.logger.log(row)
         print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
-               + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in reward_names)
+               + "".join(f"{n} {row['rewards/' + n]:.3f} | " for n in run.reward_names)
                + f"len {row['completion_length']:.0f} | kl {row['kl']:.4f} | loss {row['loss']:.4f} | "
-               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s | eta {eta(time.time() - t_start, step - start_step, total_steps - step)}")
+               f"grad {row['grad_norm']:.3f} | {step_time:.1f}s | eta {eta(time.time() - t_start, step - run.start_step, total_steps - step)}")
         recent_failures = (recent_failures + [(failed, tried)])[-cfg.skip_window:]
         window_failed, window_tried = map(sum, zip(*recent_failures))
-        if window_failed > cfg.max_skip_fraction * window_tried and window_tried >= cfg.skip_window * B_max * world / 2:
+        if window_failed > cfg.max_skip_fraction * window_tried and window_tried >= cfg.skip_window * cfg.prompts_per_device * world / 2:
             raise RuntimeError(f"step {step}: {window_failed:.0f} of the last {window_tried:.0f} examples failed to load "
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
         if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
-            samples = [{"step": step, "rank": rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
-                        "question": batch["problem"][i // G], "solution": batch["solution"][i // G],
-                        "completion": completion, "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
-                        "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, samples)
-            if rank == 0:
-                with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
-                    f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
+            log_samples(run, step, batch, out.completions, out.per_reward, out.advantages)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-            checkpoint.save_model(engine, tokenizer, model_dir, checkpoint_dir, rank)
+            checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
             checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
         if preempt:
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
-            logger.close()
+            run.logger.close()
             return cfg.output_dir
 
-    checkpoint.save_model(engine, tokenizer, model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
-    logger.close()
+    checkpoint.save_model(engine, run.tokenizer, run.model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
+    run.logger.close()
     if rank == 0:
         import plot
         plot.plot_run(cfg.output_dir)
