@@ -14,6 +14,7 @@ train.py keeps the config, the rewards-to-loss math and the loop; this file know
 """
 import contextlib
 import functools
+import itertools
 import json
 import os
 
@@ -116,18 +117,66 @@ def video_features(model, batch):
 
 def position_inputs(model, batch):
     """The batch entries the family's M-RoPE needs besides the grid (Qwen2.5-VL: second_per_grid_ts (B,)), as keywords
-    for get_rope_index and the model's forward."""
+    for its position function (FAMILIES) and the model's forward."""
     keys = FAMILIES[model.config.model_type][1]
     missing = [k for k in keys if k not in batch]
     assert not missing, f"{model.config.model_type} needs batch{missing} (data.collate makes it from each video's sample fps)"
     return {k: batch[k] for k in keys}
 
 
+def release_positions(mm_token_type_ids, attention_mask, video_grid_thw, spatial_merge_size, second_per_grid_ts=None,
+                      tokens_per_second=1):
+    """M-RoPE positions by the rule Qwen2-VL and Qwen2.5-VL were released with (get_rope_index of transformers 4.45 and
+    4.49, written by the models' authors: "the text start position_ids as the max vision position_ids plus 1"; vLLM's
+    M-RoPE the same). Text: one step per token, all three axes alike. A video block of grid (t, h, w), starting at s:
+    temporal s + (arange(t) * second_per_grid_t * tokens_per_second).long() (Qwen2-VL: s + arange(t)), height and width
+    s + arange(h / merge), s + arange(w / merge); the text after it starts at the block's largest position + 1, temporal
+    row included. (transformers 5.23 moves it on by max(h, w) / merge only: other positions once t outruns h and w.)
+    Padding gets 1, as in the release code (attention never reads it). Blocks take the grids in batch order.
+    (B, P) -> (3, B, P)"""
+    B, P = mm_token_type_ids.shape
+    positions = torch.ones(3, B, P, dtype=torch.long, device=mm_token_type_ids.device)  # (3, B, P)
+    grids = iter(video_grid_thw.tolist())
+    seconds = iter(second_per_grid_ts.float().cpu() if second_per_grid_ts is not None else [None] * len(video_grid_thw))
+    for b in range(B):
+        real = attention_mask[b].bool()                                               # (P,)
+        types = mm_token_type_ids[b][real].tolist()
+        row, start = [], 0
+        for kind, run in itertools.groupby(types):  # runs of text (0) and of video (2) tokens
+            n = len(list(run))
+            if kind == 0:
+                row.append(start + torch.arange(n).expand(3, -1))                     # (3, n)
+            else:  # a video block
+                (t, h, w), second = next(grids), next(seconds)
+                h, w = h // spatial_merge_size, w // spatial_merge_size
+                assert t * h * w == n, f"release_positions: {n} video tokens in row {b} for a grid of {t} x {h} x {w}"
+                time = torch.arange(t) if second is None else (torch.arange(t) * second * tokens_per_second).long()  # (t,)
+                thw = torch.stack(torch.meshgrid(time, torch.arange(h), torch.arange(w), indexing="ij"))  # (3, t, h, w)
+                row.append(start + thw.reshape(3, -1))                                # (3, t*h*w)
+            start = int(row[-1].max()) + 1
+        positions[:, b, real] = torch.cat(row, dim=1).to(positions.device)
+    return positions
+
+
+def released_rope(model, batch):
+    """Qwen2-VL / Qwen2.5-VL: release_positions with the model's merge size and tokens per second. (3, B, P)"""
+    vision = hf_model(model).config.vision_config
+    return release_positions(batch["mm_token_type_ids"], batch["attention_mask"], batch["video_grid_thw"], vision.spatial_merge_size,
+                             tokens_per_second=getattr(vision, "tokens_per_second", 1), **position_inputs(model, batch))
+
+
+def own_rope(model, batch):
+    """The model's own get_rope_index (Qwen3-VL: each 2-frame group a t = 1 block, where it and the release rule agree).
+    (3, B, P)"""
+    return hf_model(model).model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
+                                                attention_mask=batch["attention_mask"], **position_inputs(model, batch))[0]
+
+
 def prompt_positions(model, batch):
-    """M-RoPE positions of the left-padded prompts (3, B, P) and the position of the first new token (B,)."""
-    positions, _ = hf_model(model).model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                              video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
-                                              **position_inputs(model, batch))
+    """M-RoPE positions of the left-padded prompts (3, B, P), by the family's position function (FAMILIES), and the
+    position of the first new token (B,). Every pass takes its positions from here: prefill (and so the decode steps of
+    every rollout path), the packed policy pass, the reference pass, eval, data.py --show, the tiny warm start."""
+    positions = FAMILIES[model.config.model_type][2](model, batch)                   # (3, B, P)
     return positions, positions.amax(dim=(0, 2)) + 1
 
 
@@ -374,19 +423,20 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 
-# The families this trainer runs, by config.json's model_type: (transformers class, batch entries its M-RoPE needs).
+# The families this trainer runs, by config.json's model_type: (transformers class, batch entries its M-RoPE needs, its
+# position function: the release rule, docs/models.md "Positions").
 # Everything else that differs is inside transformers: Qwen2.5-VL's vision tower has window attention (full attention
 # in a few blocks), RMSNorm and a SwiGLU MLP; its video positions count time, not frames: a temporal patch advances the
 # position by tokens_per_second * second_per_grid_ts (= temporal_patch_size / sample fps, made per video by data.py).
 # The video processor settings (patch 14, merge 2, CLIP mean/std) are the same in both published checkpoints.
 FAMILIES = {
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", ()),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",)),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", (), released_rope),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",), released_rope),
     # Qwen3-VL: 16-px patches and mean/std 0.5 (its preprocessor configs, read by data.py), a timestamp before each
     # 2-frame group (data.VideoSettings.frame_timestamps), interleaved M-RoPE with each group its own t = 1 grid (its
     # get_rope_index), DeepStack (vision features added after the first decoder layers: video_features keeps them),
     # QK-norm (inside its attention layer, which still calls packed_attention)
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", ()),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", (), own_rope),
 }
 
 

@@ -218,6 +218,7 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
         batch, labels = format_batch(tokenizer, prompts, gen, batch_size, grid_thw,
                                      3 * vision.temporal_patch_size * vision.patch_size ** 2)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     position_ids=model_lib.prompt_positions(model, batch)[0],  # the family's rule, as every pass
                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
                      video_grid_thw=batch["video_grid_thw"], **model_lib.position_inputs(model, batch)).loss
         opt.zero_grad(set_to_none=True)
