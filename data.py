@@ -304,10 +304,11 @@ def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None
 
 def video_timestamps(frame_indices, video_fps, temporal_patch_size=2):
     """Qwen3-VL's time of each group of temporal_patch_size frames, in seconds: the mean of its first and last frame's
-    index over the video's own fps, the last frame repeated to fill the last group (transformers 5.23's
-    Qwen3VLProcessor._calculate_timestamps)."""
+    seconds (index / the video's own fps), the last frame repeated to fill the last group (transformers 5.23's
+    Qwen3VLProcessor._calculate_timestamps). In that order: (a + b) / 2 / fps rounds otherwise at x.x5 (a 71-frame
+    30-fps clip: 1.9 against the processor's 2.0 seconds)."""
     idx = list(frame_indices) + [frame_indices[-1]] * (-len(frame_indices) % temporal_patch_size)
-    return [(idx[i] + idx[i + temporal_patch_size - 1]) / 2 / video_fps for i in range(0, len(idx), temporal_patch_size)]
+    return [(idx[i] / video_fps + idx[i + temporal_patch_size - 1] / video_fps) / 2 for i in range(0, len(idx), temporal_patch_size)]
 
 
 def timestamped_video(video_grid_thw, timestamps, merge_size=2):
@@ -661,8 +662,9 @@ def check_main(args):
 
 def show_video(video, model_dir, question, settings):
     """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
-    "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "prompt" (the training prompt, video expanded),
-    "input_ids", "position_ids" (3 x L, the model's own get_rope_index on its meta-device skeleton: no weights)}, and
+    "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "second_per_grid_ts" (Qwen2.5-VL, else null),
+    "prompt" (the training prompt, video expanded), "input_ids", "position_ids" (3 x L, model.prompt_positions, the
+    family's rule, on the folder's meta-device skeleton: no weights)}, and
     the patch rows (N, 3*tps*ps*ps) float32."""
     import transformers
 
@@ -680,6 +682,8 @@ def show_video(video, model_dir, question, settings):
     shown = {"family": family, "frame_indices": item["frame_indices"], "video_fps": item["video_fps"],
              "frame_size": [int(n) * s.patch_size for n in grid_thw[0, 1:]], "grid_thw": grid_thw[0].tolist(),
              "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": item["timestamps"],
+             # what every pass gets to place the video in time (Qwen2.5-VL; the other families read none)
+             "second_per_grid_ts": batch["second_per_grid_ts"].tolist() if family == "qwen2_5_vl" else None,
              "prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
     return shown, item["pixel_values_videos"]
 
