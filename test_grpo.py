@@ -5,6 +5,7 @@ The math is checked against naive loops written from the formulas (values and gr
 (video encoded once, prompt prefilled once) against slow ones (video repeated G times, transformers' own
 positions and generate); and the whole trainer by subprocess runs.
 """
+import contextlib
 import copy
 import glob
 import json
@@ -26,6 +27,7 @@ from model import (VISION_TOKENS, ModelError, add_lora, completion_logps, comple
                    lora_targets, packed_attention, packed_masks, reference, sample_completions, selective_log_softmax,
                    use_packed_attention, vision_attention)
 from model import apply_repetition_penalty, generation_repetition_penalty
+from test_positions import reference_positions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -428,17 +430,41 @@ def family_inputs(model, batch, G=1, rows=slice(None)):
     return {"second_per_grid_ts": batch["second_per_grid_ts"][rows].repeat_interleave(G)}
 
 
+@contextlib.contextmanager
+def release_rule(model):
+    """transformers' own forward and generate, their get_rope_index replaced by the release rule as test_positions
+    writes it out (transformers 5.23 places text after a video elsewhere); Qwen3-VL keeps its own (the same there)."""
+    if model.config.model_type == "qwen3_vl":
+        yield
+        return
+    tps = getattr(model.config.vision_config, "tokens_per_second", 1)
+
+    def get_rope_index(input_ids, mm_token_type_ids, video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else None
+        positions = torch.tensor(reference_positions(mm_token_type_ids.tolist(), mask.tolist(), video_grid_thw.tolist(),
+                                                     seconds=seconds, tokens_per_second=tps))   # (3, B, P)
+        return positions, (positions.amax(dim=(0, 2)) + 1 - mask.sum(1))[:, None]        # the decode's delta (B, 1)
+
+    model.model.get_rope_index = get_rope_index
+    try:
+        yield
+    finally:
+        del model.model.get_rope_index
+
+
 def slow_logps(model, batch, completion_ids, G):
-    """The seed's way: the video repeated G times, full logits, positions left to transformers."""
+    """The seed's way: the video repeated G times, full logits, positions left to transformers (by the release rule)."""
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)
     types = torch.cat([batch["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1)
     per_video = batch["video_grid_thw"].prod(-1).tolist()
     videos = torch.split(batch["pixel_values_videos"], per_video)
     pixel_values = torch.cat([v for v in videos for _ in range(G)])
-    out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, use_cache=False,
-                pixel_values_videos=pixel_values, video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0),
-                **family_inputs(model, batch, G))
+    with release_rule(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, use_cache=False,
+                    pixel_values_videos=pixel_values, video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0),
+                    **family_inputs(model, batch, G))
     C = completion_ids.size(1)
     logits = out.logits[:, -C - 1:-1]
     return torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -571,11 +597,12 @@ def test_rollout_matches_transformers_generate(tiny_setup):
     for b in range(2):
         row = batch["attention_mask"][b].bool()
         pixel_values = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())[b]
-        ref = model.generate(input_ids=batch["input_ids"][b:b + 1, row], attention_mask=batch["attention_mask"][b:b + 1, row],
-                             mm_token_type_ids=batch["mm_token_type_ids"][b:b + 1, row], pixel_values_videos=pixel_values,
-                             video_grid_thw=batch["video_grid_thw"][b:b + 1], max_new_tokens=C, do_sample=False,
-                             **family_inputs(model, batch, rows=slice(b, b + 1)),
-                             suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        with release_rule(model):
+            ref = model.generate(input_ids=batch["input_ids"][b:b + 1, row], attention_mask=batch["attention_mask"][b:b + 1, row],
+                                 mm_token_type_ids=batch["mm_token_type_ids"][b:b + 1, row], pixel_values_videos=pixel_values,
+                                 video_grid_thw=batch["video_grid_thw"][b:b + 1], max_new_tokens=C, do_sample=False,
+                                 **family_inputs(model, batch, rows=slice(b, b + 1)),
+                                 suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         ref = ref[0, row.sum():].tolist()
         for g in range(G):  # completion b*G+g belongs to prompt b
             assert ours[b * G + g, :len(ref)].tolist() == ref
@@ -603,11 +630,12 @@ def test_greedy_with_penalty_matches_generate_on_the_padded_batch(tiny_setup, tm
     kw = dict(num_generations=1, max_new_tokens=C, temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
               pad_token_id=tokenizer.pad_token_id, greedy=True)
     ours = sample_completions(model, batch, repetition_penalty=penalty, **kw)
-    ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
-                         video_grid_thw=batch["video_grid_thw"], max_new_tokens=C, do_sample=False,
-                         **family_inputs(model, batch), suppress_tokens=suppress, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id)
+    with release_rule(model):
+        ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
+                             video_grid_thw=batch["video_grid_thw"], max_new_tokens=C, do_sample=False,
+                             **family_inputs(model, batch), suppress_tokens=suppress, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id)
     ref = ref[:, batch["input_ids"].size(1):]
     assert ours.tolist() == ref[:, :ours.size(1)].tolist()
     plain = sample_completions(model, batch, **kw)  # penalty 1.0: the rollout's decoding, a different output here
