@@ -1,6 +1,7 @@
 """
 The rollout on a static KV cache, eager and compiled (model.sample_completions decode="static" / "compiled"), against
-the eager DynamicCache loop it must equal token for token. CPU, tiny model; the compiled test compiles once (~20-60 s).
+the eager DynamicCache loop it must equal token for token; and each path's own log-probs against the policy pass's.
+CPU, tiny model; each compiled test compiles once (~20-60 s).
 """
 import copy
 import re
@@ -96,3 +97,34 @@ def test_decode_step_logits_equal_the_eager_forward(tiny_setup):
                         position_ids=(next_pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]  # (4, V)
             ours = decode_step(model, token, next_pos + t, static_mask, static)                   # (4, V)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each compiled case starts and ends with dynamo's caches empty: one graph per case, never the recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("decode", ["eager", "static", "compiled"])
+def test_rollout_logps_equal_the_policy_pass(tiny_setup, decode, fresh_dynamo, monkeypatch):
+    # the rollout and the loss must see the same positions: the log-prob of each sampled token under the rollout's
+    # own logits (prefill, then each decode step) equals completion_logps, the packed policy pass, at the same weights.
+    # fp32, two left-padded prompts with videos; a position off anywhere between prefill, decode and packing fails it
+    import model as model_lib
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    seen = []  # the logits each token is drawn from, before suppression (as the policy pass scores them)
+    original = model_lib.apply_repetition_penalty
+    monkeypatch.setattr(model_lib, "apply_repetition_penalty", lambda logits, *a: seen.append(logits.clone()) or original(logits, *a))
+    G, T = 2, 0.7
+    torch.manual_seed(3)
+    completion_ids = sample_completions(model, batch, **kwargs(tokenizer, eos, [], num_generations=G, max_new_tokens=6,
+                                                               temperature=T, decode=decode))  # (B*G, C)
+    C = completion_ids.size(1)
+    assert len(seen) == C
+    rollout = torch.stack([torch.log_softmax(l / T, -1).gather(-1, tok[:, None]).squeeze(-1)
+                           for l, tok in zip(seen, completion_ids.T)], dim=1)             # (B*G, C)
+    with torch.no_grad():
+        policy = model_lib.completion_logps(model, batch, completion_ids, num_generations=G, temperature=T)  # (B*G, C)
+    torch.testing.assert_close(policy, rollout, rtol=0, atol=2e-5)
