@@ -92,6 +92,7 @@ from model import (completion_logps, completion_logps_shared_prompt, position_in
 @dataclass
 class Args:
     shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
     frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
     completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
@@ -113,7 +114,7 @@ class Args:
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
     compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
-    decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring)"})
+    decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring); or a comma list of those paths; off"})
     decode_tokens: int = field(default=0, metadata={"help": "completion tokens for the decode measurement (0: --completion_tokens)"})
 
 
@@ -133,7 +134,9 @@ def parse_args(argv=None):
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
     assert args.compile_rollout in ("auto", "on", "off"), f"--compile_rollout {args.compile_rollout}: choose auto, on or off"
-    assert args.decode in ("on", "off") and args.decode_tokens >= 0, "--decode on|off, --decode_tokens >= 0"
+    args.decodes = DECODES if args.decode == "on" else () if args.decode == "off" else tuple(args.decode.split(","))
+    assert set(args.decodes) <= set(DECODES) and args.decode_tokens >= 0, f"--decode on|off or paths of {DECODES}, --decode_tokens >= 0"
+    assert args.tiny_model in tiny.TINY_MODELS, f"--tiny_model {args.tiny_model}: choose one of {list(tiny.TINY_MODELS)}"
     args.decode_tokens = args.decode_tokens or args.completion_tokens
     assert args.decode == "off" or args.decode_tokens >= 3, "--decode_tokens: at least 3 (the per-step profile differences two lengths)"
     for name in ("gradient_checkpointing", "optimizer"):
@@ -233,13 +236,13 @@ def qwen3_vl_config(shape, tokenizer, layers=0):
                          vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0):
+def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0, tiny_family="qwen2_vl"):
     """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
     load_model's (packed_attention for the language model, `vision_attn` for the vision tower)."""
     from transformers import AutoModelForImageTextToText
     attn = {"text_config": "sdpa", "vision_config": vision_attn}
     if shape == "tiny":
-        model = tiny.build_tiny_model(tokenizer).to(device=device, dtype=dtype)
+        model = tiny.build_tiny_model(tokenizer, family=tiny_family).to(device=device, dtype=dtype)
         model.set_attn_implementation(attn)
     else:
         with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
@@ -658,7 +661,7 @@ def print_table(row, mem_label):
 def print_decode(d):
     print(f"decode ({d['decode_tokens']} tokens; prefill {d['prefill_s']:.3f}s):")
     print(f"{'path':<12}{'ms/token':>10}{'ops/token':>11}{'kernels/token':>15}")
-    for decode in DECODES:
+    for decode in [p for p in DECODES if f"ops_per_token_{p}" in d]:
         print(f"{decode:<12}{d[f'decode_ms_per_token_{decode}']:>10.2f}{d[f'ops_per_token_{decode}']:>11}"
               f"{fmt(d[f'kernels_per_token_{decode}'], ''):>15}")
     if "decode_speedup" in d:
@@ -725,7 +728,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tokenizer = tiny.build_tiny_tokenizer()
     t0 = time.perf_counter()
-    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers)
+    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
     build_s = time.perf_counter() - t0
     if args.gradient_checkpointing == "on":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
@@ -785,11 +788,12 @@ def main(argv=None):
                   f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
                   f"measured total difference {added['total']:+.3f}s")
         result = {**setup, **row}
-        if args.decode == "on":
-            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed)
+        if args.decodes:
+            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
+                                model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)
             torch.manual_seed(args.seed)
             decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
-                                            repeats=args.repeats, **step_kw)
+                                            repeats=args.repeats, decodes=args.decodes, **step_kw)
             print_decode(decode)
             if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for the README's profile
                 for name, table in tables.items():
