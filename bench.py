@@ -426,7 +426,7 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
 def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token_ids, suppress_token_ids, pad_token_id):
     """The seed's rollout: G separate `generate` calls, each encoding the video and prefilling the prompt again
     (sampling with generate's default top_k=50, as the seed's GenerationConfig). Returns (B*G, C) ordered prompt by
-    prompt, as sample_completions."""
+    prompt, as sample_completions. Timed only (its positions are transformers' own; nothing trains on its tokens)."""
     P = batch["input_ids"].size(1)
     runs = [model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=batch["pixel_values_videos"],
@@ -443,7 +443,10 @@ def baseline_logps(model, batch, completion_ids, *, num_generations):
     G, C = num_generations, completion_ids.size(1)
     videos = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)           # (B*G, P+C)
-    out = model(input_ids=input_ids,
+    # positions by the family's rule (the seed's transformers 4.49 had Qwen2.5-VL's release rule; 5.23 differs)
+    positions, next_pos = prompt_positions(model, batch)                                             # (3, B, P), (B,)
+    completion_pos = (next_pos[:, None] + torch.arange(C, device=next_pos.device))[None].expand(3, -1, -1)  # (3, B, C)
+    out = model(input_ids=input_ids, position_ids=torch.cat([positions, completion_pos], 2).repeat_interleave(G, 1),
                 attention_mask=torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1),
                 pixel_values_videos=torch.cat([v for v in videos for _ in range(G)]),               # (B*G*n, 1176)
