@@ -162,7 +162,7 @@ def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0, f
     bounds with a video, so its cap was max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min_pixels * 1.05))
     = 105,369 pixels at min_pixels 128*28*28 (a 640x480 clip: 280x364). max_pixels 0 = that rule; a positive
     max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video. factor: patch * merge (Qwen3-VL:
-    32, its cap 128*32*32, the same 128 merged patches)."""
+    32, its min_pixels 128*32*32, the same 128 merged patches, and its cap int(1.05 * 128*32*32) = 137,625 pixels)."""
     video_max = VIDEO_MAX_PIXELS // 28 ** 2 * factor ** 2
     cap = max(min(video_max, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     return smart_resize(height, width, factor, min_pixels, min(max_pixels, cap) if max_pixels > 0 else cap)
