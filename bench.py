@@ -14,6 +14,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
     python bench.py --shape tiny --only ours --threads 1 --completion_tokens 64   # decode ms/token: eager, static, compiled
+    python bench.py --shape tiny --tiny_model qwen3-vl --only ours --decode eager,static   # another family's tiny model
 
 Nothing is downloaded. `--shape 2b|7b` builds Qwen2VLForConditionalGeneration from the published config.json values
 of Qwen/Qwen2-VL-2B-Instruct / -7B-Instruct (below) with random weights, `--shape 2.5-3b|2.5-7b` likewise
@@ -66,8 +67,8 @@ Then (--decode on, the default) the rollout's decode alone, by measure_decode: p
 per decoded token for sample_completions' three paths, eager (the reference loop), static (decode_step on a static KV
 cache, eager) and compiled (that step under torch.compile, CUDA graphs on CUDA), with profiler operations per token
 (CUDA kernels per token on a GPU) and the compile time; JSON keys decode_ms_per_token_eager, _static, _compiled,
-ops_per_token_*, kernels_per_token_*, prefill_s, compile_s, decode_speedup. BENCH_PROFILE=1 prints each path's
-profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
+ops_per_token_*, kernels_per_token_*, prefill_s, compile_s, decode_speedup (--decode eager,static: those paths
+only). BENCH_PROFILE=1 prints each path's profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
 import json
