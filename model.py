@@ -424,7 +424,7 @@ def completion_logps_shared_prompt(model, batch, completion_ids, *, num_generati
 # loading
 
 # The families this trainer runs, by config.json's model_type: (transformers class, batch entries its M-RoPE needs, its
-# position function: the release rule, docs/models.md "Positions").
+# position function: docs/positions.md).
 # Everything else that differs is inside transformers: Qwen2.5-VL's vision tower has window attention (full attention
 # in a few blocks), RMSNorm and a SwiGLU MLP; its video positions count time, not frames: a temporal patch advances the
 # position by tokens_per_second * second_per_grid_ts (= temporal_patch_size / sample fps, made per video by data.py).
