@@ -26,11 +26,12 @@ accuracy 1.0 iff the completion's answer equals the truth.
              -0 == 0); otherwise case-insensitively with runs of whitespace folded
              to one space (free-form: a normalised exact match, no ROUGE).
          multiple choice: the option letters must be equal (option_letter): "B",
-             "B.", "(B)", "B)", "B: text" and "B. text" all give B. The text after
-             the letter must be that option's text (when the options are known) and
-             must not name another capital letter; two letters, a lowercase letter,
-             an option's text without its letter, or a letter outside the options
-             are wrong.
+             "B.", "(B)", "B)", "B: text", "B. text" and (options known) B's whole
+             text alone all give B. The text after the letter must be that option's
+             text (when the options are known; compared first, so "B. A blue sphere"
+             and "C. Vitamin C" are read whole) and otherwise must not name another
+             capital letter; two letters, a lowercase letter or a letter outside the
+             options are wrong. A truth is read the same way ("B. A blue sphere": B).
 
 seed_accuracy, seed_format: the seed's two rules, exactly (see their docstrings); they let through what the rules
          above refuse (a bare "3", an empty answer, a second answer block) and refuse "3.0" for "3".
@@ -157,24 +158,27 @@ def _normalize_option_text(text):
 
 
 def option_letter(answer, options=None):
-    """The one option letter an answer names, else None. "B", "B.", "(B)", "B. blue sphere" -> "B".
-    None for: no letter, a lowercase letter, two letters ("A and B", "B. C"), an option's text without its letter,
-    a letter that is not one of the options, or text after the letter that is not that option's text."""
+    """The one option letter an answer names, else None. "B", "B.", "(B)", "B. A blue sphere", "(B) A blue sphere"
+    -> "B"; with the options known, an option's whole text alone ("A blue sphere") names its letter too.
+    The text after a letter is compared with that option's own text first, so an option that holds a capital
+    letter ("A red cube", "Vitamin C", "I don't know") is read whole. None for: no letter, a lowercase letter, two
+    letters ("A and B", "B. C"), a letter that is not one of the options, or text after the letter that is not that
+    option's text."""
     if not isinstance(answer, str):
         return None
-    m = _OPTION.fullmatch(answer.strip())
-    if m is None:
-        return None
-    letter, rest = m.group(1), (m.group(2) or "").strip()
+    text = answer.strip()
     parsed = parse_options(options)
-    if parsed and letter not in parsed:
-        return None
-    if rest:
-        if _LONE_CAPITAL.search(rest):
-            return None  # "B. C" or "B) or A": two letters
-        if parsed and _normalize_option_text(rest) != parsed[letter]:
-            return None  # "B. red cube" when B is "blue sphere": a letter and another option's text
-    return letter
+    m = _OPTION.fullmatch(text)
+    if m is not None:
+        letter, rest = m.group(1), (m.group(2) or "").strip()
+        known = not parsed or letter in parsed
+        if known and (not rest or (parsed and _normalize_option_text(rest) == parsed[letter])):
+            return letter  # "B", or "B." + B's own text, whatever letters that text holds
+        if known and not parsed and not _LONE_CAPITAL.search(rest):
+            return letter  # options unknown: "B. anything" unless it names a second letter ("B. C")
+    # no letter of its own: an option's whole text ("A blue sphere", "I don't know") names that option
+    named = [k for k, v in parsed.items() if v == _normalize_option_text(text)]
+    return named[0] if len(named) == 1 else None
 
 
 def _accuracy_one(completion, solution, problem_type="numerical", options=None):

@@ -352,6 +352,37 @@ def _ans(text, thought="let me look"):
     return f"<think>{thought}</think><answer>{text}</answer>"
 
 
+# options as real multiple-choice sets write them (Video-R1-260k, NExT-QA, MVBench): texts that start with an article,
+# hold a one-letter word, are lowercase, five options. (answer, truth, options, expected)
+ARTICLES = ["A. A red cube", "B. A blue sphere", "C. Vitamin C", "D. I don't know"]
+NEXTQA = ["A. the man picks up the ball", "B. a dog runs away", "C. she waves at the camera", "D. nothing happens",
+          "E. they sit down"]
+REAL_MC = [
+    ("B. A blue sphere", "<answer>B</answer>", ARTICLES, 1.0),
+    ("(B) A blue sphere", "<answer>B</answer>", ARTICLES, 1.0),
+    ("B) a blue sphere.", "<answer>B</answer>", ARTICLES, 1.0),
+    ("C. Vitamin C", "<answer>C</answer>", ARTICLES, 1.0),
+    ("D: I don't know", "<answer>D</answer>", ARTICLES, 1.0),
+    ("A blue sphere", "<answer>B</answer>", ARTICLES, 1.0),  # the text alone: its first word is not option A
+    ("I don't know", "<answer>D</answer>", ARTICLES, 1.0),
+    ("B", "<answer>B. A blue sphere</answer>", ARTICLES, 1.0),  # a truth that carries its option's text
+    ("B. A blue sphere", "B. A blue sphere", ARTICLES, 1.0),
+    ("A", "<answer>B. A blue sphere</answer>", ARTICLES, 0.0),
+    ("A. A red cube", "<answer>B. A blue sphere</answer>", ARTICLES, 0.0),
+    ("B. A red cube", "<answer>B</answer>", ARTICLES, 0.0),  # a letter with another option's text
+    ("B. C", "<answer>B</answer>", ARTICLES, 0.0),
+    ("C", "<answer>C. Vitamin C</answer>", ARTICLES, 1.0),
+    ("E. they sit down", "<answer>E</answer>", NEXTQA, 1.0),
+    ("E", "<answer>E. they sit down</answer>", NEXTQA, 1.0),
+    ("B. A dog runs away", "<answer>B</answer>", NEXTQA, 1.0),
+    ("the man picks up the ball", "<answer>A</answer>", NEXTQA, 1.0),
+    ("e", "<answer>E</answer>", NEXTQA, 0.0),
+    ("A. I", "<answer>A</answer>", ["A. I", "B. you", "C. we"], 1.0),  # a one-letter option text
+    ("I", "<answer>A</answer>", ["A. I", "B. you", "C. we"], 1.0),
+    ("B", "<answer>B</answer>", ["A. I", "B. you", "C. we"], 1.0),
+    ("C. we", "<answer>B</answer>", ["A. I", "B. you", "C. we"], 0.0),
+]
+
 # (completion, solution, problem_type, options, expected accuracy reward, id)
 TYPED_CASES = [
     (_ans("B"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-letter"),
@@ -369,7 +400,8 @@ TYPED_CASES = [
     (_ans("B. C"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-then-letter"),
     (_ans("B) or A)"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-or-letter"),
     (_ans("AB"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-glued-letters"),
-    (_ans("blue sphere"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-text-without-letter"),
+    (_ans("blue sphere"), "<answer>B</answer>", "multiple choice", OPTIONS, 1.0, "mc-option-text-alone"),
+    (_ans("red cube or blue sphere"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-two-texts"),
     (_ans("B. red cube"), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "hack-mc-letter-other-text"),
     (_ans("E"), "<answer>E</answer>", "multiple choice", OPTIONS, 0.0, "mc-letter-not-an-option"),
     (_ans(""), "<answer>B</answer>", "multiple choice", OPTIONS, 0.0, "mc-blank"),
@@ -382,6 +414,8 @@ TYPED_CASES = [
     (_ans("B"), "<answer>B</answer>", "multiple choice", ["red cube", "blue sphere"], 1.0, "mc-unlettered-options"),
     (_ans("B. blue sphere"), "<answer>B</answer>", "multiple choice", ["red cube", "blue sphere"], 1.0,
      "mc-unlettered-options-text"),
+    *[(_ans(answer), truth, "multiple choice", options, expected, f"mc-real-{i}")
+      for i, (answer, truth, options, expected) in enumerate(REAL_MC)],
     (_ans("3.0"), "<answer>3</answer>", "numerical", None, 1.0, "num-as-today"),
     (_ans("three"), "<answer>3</answer>", "numerical", None, 0.0, "num-word"),
     (_ans("Two  Red Cars"), "<answer>two red cars</answer>", "free-form", None, 1.0, "free-normalised-exact"),
@@ -412,6 +446,9 @@ def test_option_letter_and_parse_options():
     assert parse_options(["x", "(B) y", "z"]) == {"A": "x", "B": "y", "C": "z"}
     assert [option_letter(a) for a in ("D", "D: yellow cone", "(D)", "", None, "D E", "d", "D. E", "(D) or (A)")] == \
         ["D", "D", "D", None, None, None, None, None, None]
+    assert [option_letter(a, ARTICLES) for a in ("B. A blue sphere", "(B) A blue sphere", "C. Vitamin C", "A blue sphere",
+                                                 "Vitamin C", "A", "A. A", "X", "A blue sphere and A red cube")] == \
+        ["B", "B", "C", "B", "C", "A", None, None, None]
 
 
 def test_call_reward_passes_only_what_a_reward_takes():
