@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import os
+import re
 
 import torch
 
@@ -452,17 +453,33 @@ def model_family(model_dir):
                          f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     return found
 
-def resolve_model_dir(name):
-    """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk)."""
+def resolve_model_dir(name, flag="--model_name_or_path"):
+    """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk). A path that is no
+    folder, or a failed download, is a ModelError naming `flag` (eval.py: --model)."""
     if os.path.isdir(name):
         return name
+    # "runs/nope" is shaped like a hub id too: when its first part is a local folder, it was meant as a path
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or os.path.isdir(name.split("/")[0]):
+        raise ModelError(f"{flag} {name}: no such folder (nor a hub id like Qwen/Qwen2-VL-7B-Instruct)")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name)
     except Exception as e:  # offline, unknown id, no access: say what to do instead of a hub traceback
-        raise ModelError(f"--model_name_or_path {name}: not a local folder and the hub download failed ({type(e).__name__}). "
+        raise ModelError(f"{flag} {name}: not a local folder and the hub download failed ({type(e).__name__}). "
                          f"Download it where the hub is reachable (`huggingface-cli download {name} --local-dir DIR`) "
                          f"and pass the folder, or try the offline demo: python train.py --tiny") from e
+
+
+def weight_decay_groups(model, weight_decay):
+    """The trainable parameters in two AdamW groups, as the HF Trainer behind Video-R1 splits them: weight decay for
+    matrices (linear, embedding, conv), none for biases and norm weights (here: every parameter of fewer than 2
+    dims, which also covers RMSNorms the Trainer's name patterns miss, e.g. Qwen2.5-VL's vision norm1/norm2).
+    Under ZeRO-3 a partitioned parameter's shape is its ds_shape."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):

@@ -346,6 +346,13 @@ def signal_groups(accuracy, group_size):
     return (acc >= 1).all(1).float().mean().item(), (acc <= 0).all(1).float().mean().item()
 
 
+def reward_of_kind(names, kind):
+    """The first of a run's reward names that contains `kind` ("accuracy", "format"), else None. The run's accuracy
+    reward (T-GRPO, the length bonus, all_correct/all_wrong) is reward_of_kind(names, "accuracy") or "accuracy":
+    --rewards seed_accuracy,seed_format reads seed_accuracy, a user's my_accuracy reads that."""
+    return next((n for n in names if kind in n), None)
+
+
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,

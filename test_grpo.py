@@ -841,21 +841,67 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
         assert (out / "final" / name).exists()
 
 
-def test_tgrpo_and_length_reward_run_and_log_their_metrics(tiny_data):
+# the run's accuracy reward is toy_accuracy (every completion correct) at weight 0: the total reward is the bonuses alone
+TGRPO_SCRIPT = """
+import sys, rewards, train
+rewards.REWARD_FUNCS["toy_accuracy"] = lambda completions, solutions: [1.0 for _ in completions]
+train.main(sys.argv[1:])
+"""
+
+
+def test_tgrpo_and_length_reward_run_on_the_runs_accuracy_reward(tiny_data):
     root, model_dir, train_path = tiny_data
     out = root / "tgrpo"
-    run([sys.executable, "train.py", "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
+    run([sys.executable, "-c", TGRPO_SCRIPT, "--tiny", "--model_name_or_path", model_dir, "--data", train_path,
          "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0",
          "--num_generations", "4", "--prompts_per_device", "2", "--max_completion_length", "16",
+         "--rewards", "toy_accuracy,format", "--reward_weights", "0,0", "--temporal_alpha", "0.3", "--length_bonus", "0.2",
          "--temporal_contrast", "--length_reward", "--length_window", "2,16", "--importance_sampling_level", "sequence",
          "--kl_clamp", "10", "--lr_scheduler", "cosine"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
-    for row in rows:
-        for key in ("temporal_rewards", "length_rewards", "all_correct", "all_wrong"):
-            assert 0 <= row[key] <= 1, (key, row)
-        assert row["all_correct"] + row["all_wrong"] <= 1
-    assert json.load(open(out / "run_config.json"))["temporal_contrast"] is True
+    for row in rows:  # p = p~ = 1: the T-GRPO bonus for all; every completion of >= 2 tokens gets the length bonus
+        assert row["all_correct"] == 1.0 and row["all_wrong"] == 0.0 and row["temporal_rewards"] == 1.0, row
+        assert row["length_rewards"] > 0 and row["reward"] == pytest.approx(0.3 + 0.2 * row["length_rewards"]), row
+    config = json.load(open(out / "run_config.json"))
+    assert config["temporal_contrast"] is True and config["accuracy_reward"] == "toy_accuracy"
+
+
+def test_score_reads_the_runs_accuracy_reward_and_its_bonus_decides_the_sign():
+    # a group of 4 all correct by my_accuracy (weight 0; rewards.accuracy_reward would score them 0): only the length
+    # bonus (window 3..5 tokens) separates them, so it alone decides each advantage's sign
+    import types
+    import rewards
+    my_accuracy = lambda completions, solutions: [1.0 for _ in completions]  # noqa: E731
+    names = ["my_accuracy", "format"]
+    assert rewards.reward_of_kind(names, "accuracy") == "my_accuracy" and rewards.reward_of_kind(names, "format") == "format"
+    assert rewards.reward_of_kind(["format"], "accuracy") is None
+    cfg = train.Config(num_generations=4, length_reward=True, length_bonus=0.2)
+    run = types.SimpleNamespace(cfg=cfg, reward_funcs=[my_accuracy, rewards.format_reward], reward_weights=[0.0, 0.0],
+                                accuracy_reward=my_accuracy, length_window=(3, 5), G_shuffled=2)
+    batch = {"problem_type": ["numerical"], "options": [None], "solution": ["<answer>3</answer>"], "video": ["v.mp4"]}
+    lengths = torch.tensor([4.0, 9.0, 3.0, 1.0])
+    _, reward, extra = train.score(run, batch, ["a", "b", "c", "d"], None, lengths)
+    advantages = train.group_advantages(reward, 4)
+    assert reward.tolist() == pytest.approx([0.2, 0.0, 0.2, 0.0]) and extra["all_correct"] == 1.0
+    assert (advantages > 0).tolist() == [True, False, True, False]
+
+
+def test_weight_decay_groups_follow_the_hf_trainer():
+    # the HF Trainer's rule (Video-R1's 260k recipe): no decay for biases and norm weights, decay for the rest
+    from transformers import Trainer
+    from model import weight_decay_groups
+    tokenizer = tiny.build_tiny_tokenizer()
+    model = tiny.build_tiny_model(tokenizer, family="qwen2_vl")
+    model.model.visual.blocks[0].requires_grad_(False)  # frozen parameters are in no group
+    decay, no_decay = weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    hf_decay = set(Trainer.get_decay_parameter_names(None, model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {names[id(p)] for p in decay["params"]} == hf_decay & trainable
+    assert {names[id(p)] for p in no_decay["params"]} == trainable - hf_decay
+    assert any(n.endswith(".bias") for n in trainable - hf_decay) and any("layernorm" in n for n in trainable - hf_decay)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -497,6 +497,7 @@ class Run:
     reward_names: list
     reward_funcs: list
     reward_weights: list
+    accuracy_reward: object     # what T-GRPO, the length bonus and all_correct/all_wrong read (rewards.reward_of_kind)
     G_shuffled: int             # T-GRPO's completions per prompt on the shuffled video
     length_window: tuple        # (lo, hi) completion lengths that earn the length bonus
     eos_token_ids: list         # ids that end a completion
@@ -530,6 +531,7 @@ def setup(cfg):
     np.random.seed(cfg.seed + rank)
     reward_names = [n.strip() for n in cfg.rewards.split(",")]
     reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
+    accuracy_name = rewards.reward_of_kind(reward_names, "accuracy") or "accuracy"  # T-GRPO, length bonus, all_correct
     B_max = cfg.prompts_per_device
 
     # --- data
@@ -568,8 +570,8 @@ def setup(cfg):
 
     lr_lambda = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=policy_model, model_parameters=[p for p in policy_model.parameters() if p.requires_grad], config=ds_config,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        model=policy_model, model_parameters=model.weight_decay_groups(policy_model, cfg.weight_decay), config=ds_config,
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=cfg.learning_rate),  # no decay for biases, norms
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     ref_engine = None
     if cfg.beta != 0.0 and not cfg.lora_rank:
@@ -592,7 +594,7 @@ def setup(cfg):
                 open(os.path.join(cfg.output_dir, name), "w").close()
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
-                       "steps_per_epoch": steps_per_epoch, "model_dir": model_dir}, f, indent=2)
+                       "steps_per_epoch": steps_per_epoch, "model_dir": model_dir, "accuracy_reward": accuracy_name}, f, indent=2)
     logger = MetricsLogger(cfg, rank, resumed=start_step > 0)
     print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
@@ -603,6 +605,7 @@ def setup(cfg):
     return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
                scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
                reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
+               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
                G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
                length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, logger=logger, start_step=start_step,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -652,10 +655,10 @@ def score(run, batch, completions, shuffled, lengths):
     cfg, G = run.cfg, run.cfg.num_generations
     columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
     per_reward, reward = compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
-    accuracy = compute_rewards([rewards.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
+    accuracy = compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
     extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
     if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
-        shuffled_accuracy = compute_rewards([rewards.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
+        shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
                                             **columns)[1]                                # (B*G~,)
         has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
         bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
