@@ -10,6 +10,8 @@ saves every --save_steps and reads back with --resume_from.
         rank<r>.pt                           rank r's position in its data order and its python/numpy/torch RNG states
         trainer_state.json                   {"step": ...}, written last: a checkpoint without it is incomplete
 
+A resumed run deletes, at its first save, the checkpoint folders of the run it left behind that are newer than the
+one it writes (it would write over them when it got there), so `--resume_from latest` is always the newest save.
 Only the newest --save_total_limit training states are kept (they hold the optimizer: ~12 bytes per parameter);
 the HF model files of only the newest --save_model_limit checkpoint folders (0: all). At 7B a training state is
 ~100 GB (fp32 master weights and two Adam moments, in ZeRO shards), a model folder 16.6 GB (bf16).
@@ -86,10 +88,17 @@ def save(engine, checkpoint_dir, step, position, rank, save_total_limit, save_mo
     if rank == 0:
         with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "world_size": torch.distributed.get_world_size()}, f)
+        output_dir = os.path.dirname(checkpoint_dir)
+        # a run saves in step order, so a newer checkpoint-<t> is the abandoned run's this one was resumed past: it
+        # goes (it would be written over at step t, as HF Trainer and DeepSpeed do), so `latest` is the one just written
+        for t, path in checkpoint_folders(output_dir):
+            if t > step:
+                shutil.rmtree(path, ignore_errors=True)
         assert save_total_limit >= 1, "keep at least the newest training state (train.py refuses --save_total_limit 0)"
-        for old in complete_checkpoints(os.path.dirname(checkpoint_dir))[:-save_total_limit]:
-            shutil.rmtree(os.path.join(old, STATE), ignore_errors=True)
-        rotate_models(os.path.dirname(checkpoint_dir), save_model_limit)
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            if os.path.abspath(old) != os.path.abspath(checkpoint_dir):  # never the checkpoint just written
+                shutil.rmtree(os.path.join(old, STATE), ignore_errors=True)
+        rotate_models(output_dir, save_model_limit)
     torch.distributed.barrier()
 
 
@@ -98,9 +107,7 @@ def rotate_models(output_dir, keep):
     state inside stays (a resume reads only that); a folder left empty goes."""
     if keep <= 0:
         return
-    steps = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(output_dir, "checkpoint-*"))
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))))
-    for _, path in steps[:-keep]:
+    for _, path in checkpoint_folders(output_dir)[:-keep]:
         for name in os.listdir(path):
             if name != STATE:
                 target = os.path.join(path, name)
@@ -109,14 +116,15 @@ def rotate_models(output_dir, keep):
             os.rmdir(path)
 
 
+def checkpoint_folders(output_dir):
+    """(step, path) of every checkpoint-<step> folder, complete or not, oldest first."""
+    return sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))))
+
+
 def complete_checkpoints(output_dir):
     """checkpoint-<step> folders with a complete training state, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
-        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
-        if m and os.path.exists(os.path.join(path, STATE, "trainer_state.json")):
-            found.append((int(m.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in checkpoint_folders(output_dir) if os.path.exists(os.path.join(path, STATE, "trainer_state.json"))]
 
 
 def find(output_dir, resume_from, world=None):

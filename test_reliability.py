@@ -19,15 +19,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 # the toy reward of test_grpo.py (shorter is better): the random tiny model gets a learning signal, so losses,
-# gradients and the schedule all matter for the comparison. NAN_AT makes the loss NaN at chosen steps.
+# gradients and the schedule all matter for the comparison. NAN_AT makes the loss NaN at chosen steps; TERM_AT sends
+# SIGTERM during a chosen step.
 SCRIPT = """
-import math, os, sys, rewards, train
+import math, os, signal, sys, rewards, train
 rewards.REWARD_FUNCS["short"] = lambda completions, solutions=None: [max(0.0, 1 - len(c) / 200) for c in completions]
 nan_at = {int(s) for s in os.environ.get("NAN_AT", "").split(",") if s}
 calls = [0]
 grpo_loss = train.grpo_loss
 def loss_with_nans(*args, **kwargs):
     calls[0] += 1
+    if calls[0] == int(os.environ.get("TERM_AT", "0")):  # a pre-emption that lands inside that step
+        os.kill(os.getpid(), signal.SIGTERM)
     loss, stats = grpo_loss(*args, **kwargs)
     return (loss * math.nan if calls[0] in nan_at else loss), stats
 train.grpo_loss = loss_with_nans
@@ -132,6 +135,33 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
     assert len(saved) == 1 and not (out / "final").exists()
     run(args(setup, out, "--save_steps", "0", "--max_steps", "8", "--resume_from", "latest"))
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and (out / "final").exists()
+
+
+def test_sigterm_in_the_last_step_writes_final(setup):
+    out = setup[0] / "term_last"
+    proc = run(args(setup, out, "--save_steps", "0", "--max_steps", "2"), env=dict(ENV, TERM_AT="2"))
+    assert (out / "final" / "config.json").exists() and f"done: {out}/final" in proc.stdout, proc.stdout[-2000:]
+    assert "SIGTERM: saved" not in proc.stdout and not list(out.glob("checkpoint-*"))
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_a_save_keeps_itself_and_drops_the_abandoned_runs_newer_checkpoints(tmp_path, monkeypatch):
+    # resumed from checkpoint-2 while the abandoned run's checkpoint-4 lies beside it: saving checkpoint-3 with
+    # --save_total_limit 1 keeps checkpoint-3, and `latest` is it
+    import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, path, tag):
+            os.makedirs(os.path.join(path, tag))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    for step in (2, 4, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("weights")
+        checkpoint.save(Engine(), str(tmp_path / f"checkpoint-{step}"), step, (0, step), 0, save_total_limit=1)
+    assert checkpoint.find(str(tmp_path), "latest") == str(tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert not (tmp_path / "checkpoint-2" / "training_state").exists()  # rotated: only the model files stay
 
 
 def test_an_existing_run_is_not_overwritten(setup):

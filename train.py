@@ -832,7 +832,7 @@ def train(cfg):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
             checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
-        if preempt:
+        if preempt and step < total_steps:  # in the last step: go on to write final/, as a finished run does
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
             run.logger.close()
             return cfg.output_dir
