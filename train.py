@@ -45,8 +45,9 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 17. Metrics: ours plus the seed's, under seed/ (README, What a run writes).
 18. T-GRPO (--temporal_contrast) decides p and p~ per prompt (the seed: per GPU, one prompt each); the shuffled videos
     are sampled in the same batched rollout as the normal ones (the seed: a second generate), in a frame order fixed
-    per example by --seed (the seed drew a new one each step). all_correct/all_wrong read the accuracy reward (the
-    seed: the total reward >= 2 / <= 1, i.e. accuracy + format).
+    per example by --seed (the seed drew a new one each step). T-GRPO, the length bonus and all_correct/all_wrong
+    read the run's accuracy reward: the first --rewards name containing "accuracy", else `accuracy` (run_config.json's
+    accuracy_reward), as the seed reads its accuracy column (its all_correct/all_wrong: the total reward >= 2 / <= 1).
 19. Each completion is scored by its own row's problem_type, a multiple-choice answer by its option letter ("B.", "(B)"
     are B), free-form by normalised exact match (Video-R1's later trainer took the first row's type for the whole
     batch, compared multiple-choice answers as strings and gave free-form answers ROUGE credit).
@@ -57,6 +58,8 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 21. For num_iterations > 1 the old-policy log-probs come from the policy pass itself (packed, train mode, no grad), so
     the first ratio is exactly 1, not 1 up to rounding of another code path (spurious clipping).
 22. Completions never sample the untrained embedding rows past the tokenizer (Qwen2-VL: ~400 of them).
+23. Weight decay skips biases and norm weights, as the HF Trainer behind the seed's 260k recipe, and also Qwen2.5-VL's
+    vision RMSNorms, which its name rule misses (model.weight_decay_groups).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed.
