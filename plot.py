@@ -8,12 +8,15 @@ Training curves of a run, from RUN_DIR/metrics.jsonl (written by train.py) into 
 
 The first row is the seed's figure (accuracy reward, format reward, completion length, thinking length); then the
 2B collapse (empty thinking ratio), answer variety within groups (answer entropy), KL, reward std and total reward.
+The reward panels draw the run's own accuracy-type and format-type rewards (the first of its --rewards whose name
+holds "accuracy" / "format": rewards/seed_accuracy in a seed-recipe run); the seed's metrics (seed/...) are drawn
+dashed over their panels where the run logged them.
 The png goes to --output, by default into the first run's folder.
 
 Each panel: the raw values against step as a thin line, and an exponential moving average (debiased, as
 TensorBoard's smoothing) as a thick one. When several runs were appended to one metrics.jsonl (step going back
-down), only the last is drawn. A metric the run did not log (e.g. rewards/format when trained with
---rewards accuracy) gets an "n/a" panel. Headless: matplotlib's Agg backend, no display needed.
+down), only the last is drawn. A metric no run logged gets an "n/a" panel. Headless: matplotlib's Agg backend, no
+display needed.
 """
 import argparse
 import json
@@ -25,10 +28,32 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [("rewards/accuracy", "accuracy reward"), ("rewards/format", "format reward"),
-          ("completion_length", "completion length (tokens)"), ("thinking_length", "thinking length (tokens)"),
-          ("empty_thinking_ratio", "empty thinking ratio"), ("answer_entropy", "answer entropy in a group (nats)"),
-          ("kl", "KL to reference"), ("reward_std", "reward std within groups"), ("reward", "total reward")]
+import rewards  # noqa: E402
+
+# (metric, title, the seed's metric drawn dashed where a run logged it). The two reward panels draw each run's own
+# accuracy-type and format-type reward, whatever its name (reward_key): rewards/seed_accuracy in a seed-recipe run.
+PANELS = [("rewards/accuracy", "accuracy reward", "seed/rewards/accuracy_reward"),
+          ("rewards/format", "format reward", "seed/rewards/format_reward"),
+          ("completion_length", "completion length (tokens)", None), ("thinking_length", "thinking length (tokens)", None),
+          ("empty_thinking_ratio", "empty thinking ratio", None), ("answer_entropy", "answer entropy in a group (nats)", None),
+          ("kl", "KL to reference", "seed/kl"), ("reward_std", "reward std within groups", "seed/reward_std"),
+          ("reward", "total reward", "seed/reward")]
+KINDS = {"rewards/accuracy": "accuracy", "rewards/format": "format"}
+
+
+def reward_key(run_dir, rows, key):
+    """The run's metric for a panel: for the two reward panels, rewards/<the first of its rewards whose name holds
+    "accuracy" / "format"> (its run_config.json's --rewards, else the rewards/* keys it logged); else key itself."""
+    if key not in KINDS:
+        return key
+    config = os.path.join(run_dir, "run_config.json")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            names = [n.strip() for n in json.load(f).get("rewards", "").split(",")]
+    else:
+        names = [k.removeprefix("rewards/") for row in rows for k in row if k.startswith("rewards/")]
+    name = rewards.reward_of_kind(names, KINDS[key])
+    return f"rewards/{name}" if name else key
 
 
 def ema(values, smoothing):
@@ -64,34 +89,48 @@ def plot_run(run_dir, smoothing=0.8):
 def plot_runs(run_dirs, output=None, smoothing=0.8):
     """Overlay the runs' metrics, one colour per run (raw thin, EMA thick), into output (default: the first run's
     curves.png) and return its path."""
-    runs = [(os.path.normpath(d), read_metrics(os.path.join(d, "metrics.jsonl"))) for d in run_dirs]
-    fig, axes = plt.subplots(3, 3, figsize=(14, 10))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        ax.set_title(title)
-        drawn = False
-        for k, (name, rows) in enumerate(runs):
-            points = [(r["step"], float(r[key])) for r in rows
-                      if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if not points:
-                continue
-            steps, values = zip(*points)
-            color = f"C{k % 10}"
-            ax.plot(steps, values, lw=0.7, alpha=0.35, color=color)
-            ax.plot(steps, ema(values, smoothing), lw=2.0, color=color, label=name)
-            drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, f"n/a\n(no {key} in metrics.jsonl)", ha="center", va="center", transform=ax.transAxes)
-            continue
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(runs) > 1:
-            ax.legend(fontsize="small")
-    fig.suptitle(" vs ".join(name for name, _ in runs) + f"  (thick: EMA {smoothing}, thin: raw)")
-    fig.tight_layout()
+    fig = draw(run_dirs, smoothing)
     png = output or os.path.join(run_dirs[0], "curves.png")
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def points(rows, key):
+    return [(r["step"], float(r[key])) for r in rows
+            if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def draw(run_dirs, smoothing=0.8):
+    """The figure plot_runs saves: per panel and run, its metric raw (thin) and smoothed (thick, labelled with the
+    run), and the seed's metric smoothed, dashed (labelled "RUN seed/"), where the run logged it."""
+    runs = [(os.path.normpath(d), read_metrics(os.path.join(d, "metrics.jsonl"))) for d in run_dirs]
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10))
+    for ax, (panel, title, seed_key) in zip(axes.flat, PANELS):
+        ax.set_title(title)
+        drawn = False
+        for k, (name, rows) in enumerate(runs):
+            key, color = reward_key(name, rows, panel), f"C{k % 10}"
+            if points(rows, key):
+                steps, values = zip(*points(rows, key))
+                ax.plot(steps, values, lw=0.7, alpha=0.35, color=color)
+                ax.plot(steps, ema(values, smoothing), lw=2.0, color=color,
+                        label=name if key == panel else f"{name} {key}")
+                drawn = True
+            if seed_key and points(rows, seed_key):
+                steps, values = zip(*points(rows, seed_key))
+                ax.plot(steps, ema(values, smoothing), lw=1.2, ls="--", color=color, label=f"{name} seed/")
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, f"n/a\n(no {panel} in metrics.jsonl)", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(runs) > 1 or seed_key:
+            ax.legend(fontsize="small")
+    fig.suptitle(" vs ".join(name for name, _ in runs) + f"  (thick: EMA {smoothing}, thin: raw, dashed: the seed's rule)")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -175,16 +175,36 @@ def test_plot_writes_png(tmp_path):
 
 
 def test_plot_overlays_runs(tmp_path):
-    for name, scale in (("7b", 1.0), ("2b", 0.5)):
+    # a default run, a seed-recipe run (--rewards seed_accuracy,seed_format) and one without seed/ metrics: each run
+    # draws its own accuracy and format rewards, the seed/ ones dashed where it logged them
+    runs = {"7b": ("accuracy,format", ["rewards/accuracy", "rewards/format", "seed/rewards/accuracy_reward"]),
+            "seed": ("seed_accuracy,seed_format", ["rewards/seed_accuracy", "rewards/seed_format",
+                                                   "seed/rewards/accuracy_reward", "seed/rewards/format_reward"]),
+            "2b": ("accuracy", ["rewards/accuracy"])}
+    for name, (reward_names, keys) in runs.items():
         (tmp_path / name).mkdir()
-        rows = [{"step": s, "rewards/accuracy": 0.05 * s * scale, "thinking_length": 30 * s * scale,
-                 "empty_thinking_ratio": 1 - scale, "answer_entropy": 0.3} for s in range(1, 9)]
+        rows = [{"step": s, "thinking_length": 30 * s, **{k: 0.05 * s for k in keys}} for s in range(1, 9)]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = plot.plot_runs([str(tmp_path / "7b"), str(tmp_path / "2b")])
+        if name != "2b":  # without run_config.json the logged rewards/* keys name the rewards
+            (tmp_path / name / "run_config.json").write_text(json.dumps({"rewards": reward_names}))
+    dirs = [str(tmp_path / name) for name in runs]
+    fig = plot.draw(dirs)
+    accuracy_ax, format_ax, _, thinking_ax = fig.axes[:4]
+    labels = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]  # noqa: E731
+    a, s, b = (os.path.normpath(d) for d in dirs)
+    assert labels(accuracy_ax) == [a, f"{a} seed/", f"{s} rewards/seed_accuracy", f"{s} seed/", b]
+    assert labels(format_ax) == [a, f"{s} rewards/seed_format", f"{s} seed/"]
+    assert labels(thinking_ax) == [a, s, b]
+    assert len(accuracy_ax.get_lines()) == 8 and len(thinking_ax.get_lines()) == 6  # raw + EMA per run, EMA per seed/
+    assert [t.get_text() for t in accuracy_ax.get_legend().get_texts()] == labels(accuracy_ax)
+    assert [line.get_linestyle() for line in accuracy_ax.get_lines()].count("--") == 2
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    png = plot.plot_runs(dirs[:2])
     assert png == str(tmp_path / "7b" / "curves.png") and Path(png).read_bytes()[:4] == b"\x89PNG"
-    assert [key for key, _ in plot.PANELS[:4]] == ["rewards/accuracy", "rewards/format", "completion_length", "thinking_length"]
-    assert {"empty_thinking_ratio", "answer_entropy"} <= {key for key, _ in plot.PANELS}
-    proc = subprocess.run([sys.executable, str(REPO / "plot.py"), str(tmp_path / "7b"), str(tmp_path / "2b"),
+    assert [key for key, *_ in plot.PANELS[:4]] == ["rewards/accuracy", "rewards/format", "completion_length", "thinking_length"]
+    assert {"empty_thinking_ratio", "answer_entropy"} <= {key for key, *_ in plot.PANELS}
+    proc = subprocess.run([sys.executable, str(REPO / "plot.py"), *dirs[:2],
                            "--output", str(tmp_path / "both.png")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG" and "both.png" in proc.stdout
