@@ -22,12 +22,15 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
 """
 import argparse
 import atexit
+import contextlib
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -115,11 +118,11 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
         examples.append({"video": video, "problem": row["problem"], "solution": row["solution"],
                          "problem_type": row.get("problem_type", "numerical"), "options": row.get("options") or [],
                          "index": i})
+    if not examples:  # the caller reports it in one line
+        raise ValueError(f"load_examples: no usable row in {path} (video_root={root})")
     if verbose:
         print(f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
               file=sys.stderr)
-    if not examples:
-        raise ValueError(f"load_examples: no usable row in {path} (video_root={root})")
     return examples
 
 
@@ -175,11 +178,13 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
     import decord  # imported here: a module that only builds prompts should not need it
 
     path = str(path)
+    decoder = []  # what ffmpeg and decord's C++ code write to fd 2: folded into the one error line, not the log
     try:
-        vr = decord.VideoReader(path)
-        total, video_fps = len(vr), float(vr.get_avg_fps())
+        with _decoder_messages(decoder):
+            vr = decord.VideoReader(path)
+            total, video_fps = len(vr), float(vr.get_avg_fps())
     except Exception as e:  # decord raises a bare RuntimeError (DECORDError) for missing/empty/corrupt files
-        raise VideoError(f"read_video: cannot open {path}: {str(e).splitlines()[0]}") from e
+        raise VideoError(f"read_video: cannot open {path}: {str(e).splitlines()[0]}{_folded(decoder)}") from e
     if total <= 0 or not video_fps > 0:
         raise VideoError(f"read_video: {path} has {total} frames at {video_fps} fps")
     # qwen-vl-utils' smart_nframes: fps-based count, clamped, then floored to an even number
@@ -191,9 +196,10 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
         raise VideoError(f"read_video: {path} is too short ({total} frames) to sample {FRAME_FACTOR}")
     idx = torch.linspace(0, total - 1, nframes).round().long().tolist()  # torch's float32 linspace, as Qwen's
     try:
-        frames = vr.get_batch(idx).asnumpy()  # (T, H0, W0, 3) uint8 RGB
+        with _decoder_messages(decoder):
+            frames = vr.get_batch(idx).asnumpy()  # (T, H0, W0, 3) uint8 RGB
     except Exception as e:
-        raise VideoError(f"read_video: cannot decode frames of {path}: {str(e).splitlines()[0]}") from e
+        raise VideoError(f"read_video: cannot decode frames of {path}: {str(e).splitlines()[0]}{_folded(decoder)}") from e
     sample_fps = nframes / max(total, 1e-6) * video_fps
     h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels, factor)
     if (h, w) != frames.shape[1:3]:  # torchvision returns the input untouched when the size already matches
@@ -204,6 +210,31 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
     if with_meta:
         return frames, sample_fps, {"frame_indices": idx, "video_fps": video_fps}
     return frames, sample_fps  # (T, h, w, 3) uint8
+
+
+@contextlib.contextmanager
+def _decoder_messages(sink):
+    """fd 2 (where ffmpeg and decord's C++ code print, below Python's sys.stderr) into a temporary file for the block;
+    its text is appended to sink."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            sink.append(captured.read().decode(errors="replace"))
+
+
+def _folded(messages):
+    """The decoder's lines as one suffix, their prefixes ("[12:00:00] src/video/video_reader.cc:83: ", "[mov,mp4 @
+    0x55..] ") dropped: " (decoder: ERROR opening: x.mp4, Invalid data ...; moov atom not found)"."""
+    lines = [re.sub(r"^(\[[^\]]*\] )?(\S+\.cc:\d+: )?", "", line).strip() for text in messages for line in text.splitlines()]
+    lines = list(dict.fromkeys(line for line in lines if line))
+    return f" (decoder: {'; '.join(lines)})" if lines else ""
 
 
 def video_to_patches(frames, patch_size=14, temporal_patch_size=2, merge_size=2, mean=CLIP_MEAN, std=CLIP_STD):
@@ -645,7 +676,8 @@ def format_report(path, report):
 
 
 def check_main(args):
-    """python data.py --check FILE: exit 0 when every row is usable, 1 when any is bad, 2 when FILE is not there."""
+    """python data.py --check FILE: exit 0 when every row is usable, 1 when any is bad, 2 when FILE is not there or
+    holds no row (empty, not JSON)."""
     if not os.path.isfile(args.check):
         print(f"error: --check {args.check}: no such file", file=sys.stderr)
         return 2
@@ -653,7 +685,11 @@ def check_main(args):
         print(f"error: --video_root {args.video_root}: no such folder", file=sys.stderr)
         return 2
     video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
-    report = check_dataset(args.check, args.video_root, video_settings_from_pretrained(args.model_name_or_path, **video))
+    try:
+        report = check_dataset(args.check, args.video_root, video_settings_from_pretrained(args.model_name_or_path, **video))
+    except ValueError as e:  # no row at all (an empty file) or not JSON: nothing to report row by row
+        print(f"error: --check {args.check}: {str(e).removeprefix('load_examples: ')}", file=sys.stderr)
+        return 2
     print(format_report(args.check, report))
     return 1 if report["bad"] else 0
 

@@ -240,7 +240,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
-    model_dir = resolve_model_dir(model_name)
+    model_dir = resolve_model_dir(model_name, flag="--model")
     # the seed's script left the checkpoint's generation_config.json in force; training's rollout never reads it
     penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
     header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
@@ -378,11 +378,20 @@ def main(argv=None):
         if rank == 0:
             import tiny
             tiny.save_tiny_model(cfg.model[0])
-            if not os.path.exists(cfg.data):
+            if not os.path.exists(cfg.data) and os.path.dirname(cfg.data) == os.path.dirname(TINY["data"]):
                 data.make_synthetic_dataset(os.path.dirname(cfg.data))
         if world > 1:
             torch.distributed.barrier()
-    rows = load_rows(cfg.data, cfg.video_root or None, verbose=rank == 0)
+    try:  # a missing model folder or data file, or a data file with no row: one line, exit 2 (as train.py)
+        for name in cfg.model:
+            resolve_model_dir(name, flag="--model")
+        if not os.path.isfile(cfg.data):
+            raise FileNotFoundError(f"--data {cfg.data}: no such file")
+        rows = load_rows(cfg.data, cfg.video_root or None, verbose=rank == 0)
+    except (ModelError, ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
     t0 = time.time()
     summaries = [evaluate(cfg, m, rows, out, rank=rank, world=world, device=device)

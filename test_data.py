@@ -183,13 +183,30 @@ def test_read_video_synthetic(synthetic):
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(4096), None])
-def test_read_video_bad_files_raise_video_error(tmp_path, content):
+def test_read_video_bad_files_raise_video_error(tmp_path, content, capfd):
     path = tmp_path / "bad_clip.mp4"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(data.VideoError, match="bad_clip.mp4"):
+    with pytest.raises(data.VideoError, match="bad_clip.mp4") as error:
         data.read_video(path)
     assert issubclass(data.VideoError, ValueError)
+    # the decoder's own lines (ffmpeg's "moov atom not found", decord's C++ source path) are in the one error line,
+    # not on the process's stderr between the step lines
+    assert capfd.readouterr().err == ""
+    if content == b"":
+        assert "(decoder: moov atom not found; " in str(error.value) and ".cc:" not in str(error.value), error.value
+
+
+def test_check_a_file_without_rows_is_one_error_line(tmp_path, capsys):
+    import argparse
+    from dataclasses import fields
+    for name, text in (("empty.jsonl", ""), ("broken.json", "[{not json")):
+        (tmp_path / name).write_text(text)
+        args = argparse.Namespace(check=str(tmp_path / name), video_root=None, model_name_or_path=None,
+                                  **{f.name: f.default for f in fields(data.VideoSettings)[:5]})
+        assert data.check_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --check {tmp_path / name}: ") and len(err.splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- real videos vs the Qwen reader
@@ -627,7 +644,8 @@ def test_check_reports_bad_rows_and_statistics_without_training(synthetic, tmp_p
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert f"{bad}: 5 rows, 2 good, 3 bad" in proc.stdout
-    assert f"{bad}:2: bad: read_video: cannot open" in proc.stdout
+    assert f"{bad}:2: bad: read_video: cannot open" in proc.stdout and "(decoder: " in proc.stdout
+    assert ".cc:" not in proc.stderr and "Invalid data" not in proc.stderr, proc.stderr  # folded into the bad row's line
     assert f"{bad}:3: bad: invalid JSON" in proc.stdout
     assert f"{bad}:4: bad: video file not found" in proc.stdout
     proc = subprocess.run([*cmd, "--check", str(tmp_path / "missing.jsonl")], cwd=here, env=env, capture_output=True,

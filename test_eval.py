@@ -210,6 +210,25 @@ def test_plot_overlays_runs(tmp_path):
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG" and "both.png" in proc.stdout
 
 
+def test_missing_model_or_data_is_one_error_line(setup, tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.json").write_text("[{not json")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--max_new_tokens", "4", "--num_workers", "0"]
+    for argv, message in (
+            (["--model", "runs/nope", "--data", setup["data"]], "error: --model runs/nope: no such folder"),
+            (["--model", str(tmp_path / "gone"), "--data", setup["data"]], f"error: --model {tmp_path / 'gone'}: no such folder"),
+            (["--tiny", "--model", setup["model"], "--data", "nope.jsonl"], "error: --data nope.jsonl: no such file"),
+            (["--model", setup["model"], "--data", "empty.jsonl"], "error: load_examples: no usable row in empty.jsonl"),
+            (["--model", setup["model"], "--data", "broken.json"], "error: load_examples: broken.json is not valid JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(argv + flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["broken.json", "empty.jsonl", "runs"]  # --tiny made no data in the cwd
+
+
 def test_cli_tiny_smoke(setup, tmp_path):
     # --tiny reads data/tiny-qwen2-vl and data/synthetic under the working directory: point them at the fixture
     (tmp_path / "data").mkdir()
