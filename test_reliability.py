@@ -164,6 +164,19 @@ def test_a_save_keeps_itself_and_drops_the_abandoned_runs_newer_checkpoints(tmp_
     assert not (tmp_path / "checkpoint-2" / "training_state").exists()  # rotated: only the model files stay
 
 
+def test_a_stale_extension_lock_does_not_hang_a_run(setup, tmp_path):
+    # a run killed while DeepSpeed JIT-built its CPU all-reduce op left torch's lock file: a later run that built the
+    # op would wait on it forever (FileBaton has no timeout). The op is not built (train.skip_cpu_allreduce_build).
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
+    out = tmp_path / "run"
+    proc = subprocess.run(args(setup, out, "--max_steps", "1", "--save_steps", "0"), cwd=HERE, capture_output=True,
+                          text=True, timeout=150, env=dict(ENV, TORCH_EXTENSIONS_DIR=str(extensions)))
+    assert proc.returncode == 0 and (out / "final").exists(), proc.stderr[-2000:]
+    assert os.listdir(extensions / "deepspeed_shm_comm") == ["lock"]  # nothing was built there
+
+
 def test_an_existing_run_is_not_overwritten(setup):
     out = setup[0] / "existing"
     out.mkdir()

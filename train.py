@@ -411,6 +411,8 @@ def init_distributed():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.cuda.is_available():
+        skip_cpu_allreduce_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -419,13 +421,17 @@ def init_distributed():
     else:  # ranks on one CPU share its cores: oversubscribed OpenMP threads made CPU steps ~15x slower
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        # DeepSpeed's CPU all-reduce maps each rank's buffer from /dev/shm and never unlinks it: 66 MB of RAM a rank
-        # left behind by every run. Once every rank has mapped the others' (the barrier), the names can go.
-        torch.distributed.barrier()
-        shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(shm)
     return rank, world, device
+
+
+def skip_cpu_allreduce_build():
+    """On CPU, DeepSpeed's process group JIT-compiles a shared-memory all-reduce (deepspeed_shm_comm: 35-90 s and a
+    C++ compiler on an environment's first run, under a lock file that a run killed meanwhile leaves behind, hanging
+    every later run) and maps a 66 MB /dev/shm buffer per rank that it never unlinks. Only its inference all-reduce
+    uses that op; training's collectives are gloo's. So the build is skipped: DeepSpeed falls back as on a machine
+    where the op cannot be built."""
+    import deepspeed.comm.torch
+    deepspeed.comm.torch.build_shm_op = lambda: None
 
 
 
