@@ -430,8 +430,8 @@ def skip_cpu_allreduce_build():
     every later run) and maps a 66 MB /dev/shm buffer per rank that it never unlinks. Only its inference all-reduce
     uses that op; training's collectives are gloo's. So the build is skipped: DeepSpeed falls back as on a machine
     where the op cannot be built."""
-    import deepspeed.comm.torch
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    import importlib  # not `deepspeed.comm.torch`: that name is torch itself (deepspeed.comm star-imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 
