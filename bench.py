@@ -365,8 +365,8 @@ def check_memory(args):
     eos, vision = special_token_ids(tokenizer)
     model.eval()  # as train.py's rollout
     with torch.no_grad():
-        cache = static_cache(model, prefill(model, batch, G)[0], C, bucket=1)  # exactly P + C positions
-        kv_cache = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        cache = prefill(model, batch, G)[0]  # B*G rows of P positions; the static cache's P + C, before rounding
+        kv_cache = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)) * (P + C) / P
         del cache
         completion_ids = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                             eos_token_ids=eos, suppress_token_ids=vision + eos,
