@@ -284,8 +284,8 @@ def cuda_graph_count(device):
 
 def decode_state(device):
     """What the compiled decode holds, for bench.py and the GPU tests."""
-    return {"decode_caches": sorted(_decode_caches), "decode_shapes": dict(sorted(_decode_shapes.items())),
-            "cuda_graphs": cuda_graph_count(device)}
+    return {"decode_caches": [f"{r}x{w}" for r, w in _decode_caches], "cuda_graphs": cuda_graph_count(device),
+            "decode_shapes": {f"{r}x{w}": how for (r, w), how in sorted(_decode_shapes.items())}}  # rows x width
 
 
 def decode_step(model, token, position, attention_mask, cache):
@@ -397,7 +397,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
             try:
                 logits = step(*args)[:N]                                              # (B*G, V)
             except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: the cache is untouched
-                step = pick_decode_step((R, L), logits.device, eager_because="dynamo's recompile limit was hit")
+                step = pick_decode_step((R, L), token.device, eager_because="dynamo's recompile limit was hit")
                 logits = step(*args)[:N]
             continue
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
