@@ -67,8 +67,9 @@ Then (--decode on, the default) the rollout's decode alone, by measure_decode: p
 per decoded token for sample_completions' three paths, eager (the reference loop), static (decode_step on a static KV
 cache, eager) and compiled (that step under torch.compile, CUDA graphs on CUDA), with profiler operations per token
 (CUDA kernels per token on a GPU) and the compile time; JSON keys decode_ms_per_token_eager, _static, _compiled,
-ops_per_token_*, kernels_per_token_*, prefill_s, compile_s, decode_speedup (--decode eager,static: those paths
-only). BENCH_PROFILE=1 prints each path's profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
+ops_per_token_*, kernels_per_token_*, graph_replays_per_token_*, prefill_s, compile_s, decode_speedup (--decode
+eager,static: those paths only), and what the compiled path keeps: decode_caches, decode_shapes (rows x cache width:
+compiled or eager), cuda_graphs, cudagraph_skips. BENCH_PROFILE=1 prints each path's profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
 import json
@@ -85,8 +86,8 @@ import torch
 import data
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, position_inputs, prefill, prompt_positions,
-                   rollout_decode, sample_completions, selective_log_softmax, special_token_ids, static_cache,
+from model import (completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
+                   prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
                    use_packed_attention, video_features, vision_attention)
 
 
@@ -365,8 +366,8 @@ def check_memory(args):
     eos, vision = special_token_ids(tokenizer)
     model.eval()  # as train.py's rollout
     with torch.no_grad():
-        cache = static_cache(model, prefill(model, batch, G)[0], C, bucket=1)  # exactly P + C positions
-        kv_cache = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        cache = prefill(model, batch, G)[0]  # B*G rows of P positions; the static cache's P + C, before rounding
+        kv_cache = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)) * (P + C) / P
         del cache
         completion_ids = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
                                             eos_token_ids=eos, suppress_token_ids=vision + eos,
@@ -600,7 +601,8 @@ DECODES = ("eager", "static", "compiled")
 
 
 def profile_counts(fn, device):
-    """(profiler events on the host, CUDA kernels) while fn runs, and the host events' table, top 15 by self time."""
+    """(profiler events on the host, CUDA kernels, CUDA graph replays) while fn runs, and the host events' table, top 15
+    by self time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -610,7 +612,8 @@ def profile_counts(fn, device):
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU), kernels, table
+    launches = sum(1 for e in events if e.name == "cudaGraphLaunch")
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU), kernels, launches, table
 
 
 def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repeats, decodes=DECODES, **_):
@@ -631,9 +634,14 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
         result[f"decode_ms_per_token_{decode}"] = 1000 * (seconds - half) / (C - C // 2)
         if decode == "compiled":
             result["compile_s"] = first - seconds
-        (ops, kernels, tables[decode]), (ops_short, kernels_short, _) = (profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
+        (ops, kernels, launches, tables[decode]), (ops_short, kernels_short, launches_short, _) = (
+            profile_counts(lambda: rollout(n), device) for n in (C, C - 1))
         result[f"ops_per_token_{decode}"] = ops - ops_short
         result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
+        result[f"graph_replays_per_token_{decode}"] = launches - launches_short if device.type == "cuda" else None
+    if "compiled" in decodes:  # what the compiled decode keeps: static caches, shapes, CUDA graphs (bounded, model.py)
+        from torch._dynamo.utils import counters
+        result.update(decode_state(device), cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     ids = sample_completions(model, batch, max_new_tokens=C, greedy=True, **kw)                   # (B*G, C)
     result["ops_reference_pass"] = profile_counts(lambda: completion_logps_shared_prompt(  # one batched pass, no loop
         model, batch, ids, num_generations=G, temperature=1.0), device)[0]
@@ -670,6 +678,8 @@ def print_decode(d):
               f"{fmt(d[f'kernels_per_token_{decode}'], ''):>15}")
     if "decode_speedup" in d:
         print(f"compiled decode {d['decode_speedup']:.2f}x eager per token; compile {d['compile_s']:.1f}s (once per shape)")
+        print(f"kept: static caches {d['decode_caches']}, shapes {d['decode_shapes']}, CUDA graphs {fmt(d['cuda_graphs'], '')} "
+              f"({fmt(d['graph_replays_per_token_compiled'], '')} replays a token), cudagraph skips {d['cudagraph_skips']}")
     print(f"the reference pass on these completions: {d['ops_reference_pass']} ops in all (eager, one batched forward)")
 
 

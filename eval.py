@@ -366,7 +366,7 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=train.DIST_TIMEOUT)  # compile stalls
     return rank, world, device
 
 

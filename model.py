@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 
 import torch
 
@@ -216,20 +217,76 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
-def static_cache(model, cache, max_new_tokens, bucket=256):
-    """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of P + max_new_tokens
-    positions rounded up to a multiple of `bucket`, allocated once: every decode step then reads and writes tensors of
-    the same shapes at the same addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay
-    it). The rounding: prompt lengths vary from batch to batch, and each cache width is one more compiled graph."""
+COMPILED_SHAPES_MAX = 6  # distinct (rows, width) decode shapes compiled; dynamo's recompile limit is 8 (an error under fullgraph)
+DECODE_CACHES_MAX = 2    # static caches kept alive across rollouts: stable addresses, so CUDA graphs replay, not re-record
+CUDA_GRAPHS_MAX = 16     # recorded CUDA graphs (each token checks them in turn) before all are released and recompiled
+_decode_caches = {}      # (rows, width) -> StaticCache, most recently used last
+_decode_shapes = {}      # (rows, width) -> "compiled" | "eager": which step decodes it
+
+
+def decode_shape(rows, width, bucket=256):
+    """The static cache's (rows, width) for `rows` completions and `width` = prompt + max_new_tokens positions: rows
+    padded up to a power of 2, width up to 256 x 2^k. Every distinct shape is one more compiled graph (and CUDA graph):
+    this keeps them few when prompt lengths, batch remainders or per-prompt counts vary."""
+    return 1 << (rows - 1).bit_length(), bucket << (-(-width // bucket) - 1).bit_length()
+
+
+def static_cache(model, cache, max_new_tokens):
+    """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of decode_shape(N,
+    P + max_new_tokens), rows past N zero: every decode step then reads and writes tensors of the same shapes at the same
+    addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay it). The last
+    DECODE_CACHES_MAX caches stay alive and are zeroed and reused by the next rollout of their shape, so a CUDA graph
+    recorded on one replays in every later rollout (a new cache would be a new address: a new recording, kept)."""
     from transformers import StaticCache
-    P = cache.get_seq_length()
-    static = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // bucket) * bucket)
-    for layer, prefilled in zip(static.layers, cache.layers):
-        layer.lazy_initialization(prefilled.keys, prefilled.values)  # (N, H, L, d), zeros
-        layer.keys[:, :, :P].copy_(prefilled.keys)
-        layer.values[:, :, :P].copy_(prefilled.values)
+    (N, H, P, _), layers = cache.layers[0].keys.shape, cache.layers
+    key = decode_shape(N, P + max_new_tokens)
+    static = _decode_caches.pop(key, None)
+    if static is None or len(static.layers) != len(layers) or any(  # another model: other layers, heads or dtype
+            s.keys.shape[1] != p.keys.shape[1] or s.keys.dtype != p.keys.dtype or s.keys.device != p.keys.device
+            for s, p in zip(static.layers, layers)):
+        static = StaticCache(config=model.config, max_cache_len=key[1])
+        for layer, prefilled in zip(static.layers, layers):
+            layer.lazy_initialization(prefilled.keys.new_empty(key[0], H, 1, prefilled.keys.size(-1)),
+                                      prefilled.values.new_empty(key[0], H, 1, prefilled.values.size(-1)))  # (R, H, L, d)
+    _decode_caches[key] = static
+    while len(_decode_caches) > DECODE_CACHES_MAX:
+        _decode_caches.pop(next(iter(_decode_caches)))
+    for layer, prefilled in zip(static.layers, layers):
+        layer.keys.zero_()
+        layer.values.zero_()
+        layer.keys[:N, :, :P].copy_(prefilled.keys)
+        layer.values[:N, :, :P].copy_(prefilled.values)
         layer.cumulative_length.fill_(P)  # a tensor: the write position advances on the device, no recompile
     return static
+
+
+def release_decode_caches():
+    """Drop the kept static caches, the compiled decode step and its CUDA graphs (torch._dynamo.reset: the next compiled
+    rollout compiles again)."""
+    _decode_caches.clear()
+    _decode_shapes.clear()
+    compiled_decode_step.cache_clear()
+    torch._dynamo.reset()
+
+
+def cuda_graph_count(device):
+    """CUDA graphs cudagraph trees hold on `device` (recorded and kept until released), or None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch._inductor.cudagraph_trees import get_manager
+    manager = get_manager(torch.device(device).index or 0, create_if_none_exists=False)
+    nodes, count = list(manager.get_roots()) if manager is not None else [], 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes += [child for children in node.children.values() for child in children]
+    return count
+
+
+def decode_state(device):
+    """What the compiled decode holds, for bench.py and the GPU tests."""
+    return {"decode_caches": [f"{r}x{w}" for r, w in _decode_caches], "cuda_graphs": cuda_graph_count(device),
+            "decode_shapes": {f"{r}x{w}": how for (r, w), how in sorted(_decode_shapes.items())}}  # rows x width
 
 
 def decode_step(model, token, position, attention_mask, cache):
@@ -250,6 +307,28 @@ def compiled_decode_step(mode):
     The weights are graph inputs, read at each call (dynamo inlines nn.Modules and lifts parameters): an in-place
     update, or ZeRO-3's gather that swaps p.data, is seen by the next step, never a copy taken at compile time."""
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+def pick_decode_step(shape, device, eager_because=None):
+    """The compiled decode step for a static cache of `shape` (rows, width), while at most COMPILED_SHAPES_MAX shapes
+    are compiled; past that, or once dynamo refuses (`eager_because`), decode_step uncompiled: never an error, one
+    warning. On CUDA, past CUDA_GRAPHS_MAX recorded graphs (new weight addresses, as ZeRO-3's gather may make, record
+    again) everything is released and compiled anew."""
+    if cuda_graph_count(device) and cuda_graph_count(device) > CUDA_GRAPHS_MAX:
+        warnings.warn(f"{cuda_graph_count(device)} CUDA graphs recorded for the decode step (> CUDA_GRAPHS_MAX "
+                      f"{CUDA_GRAPHS_MAX}): released, the step compiles again")
+        release_decode_caches()
+    compiled = [k for k, v in _decode_shapes.items() if v == "compiled"]
+    if eager_because is None and shape not in _decode_shapes and len(compiled) >= COMPILED_SHAPES_MAX:
+        eager_because = f"{len(compiled)} decode shapes are compiled already (COMPILED_SHAPES_MAX)"
+    if eager_because is not None:
+        if "eager" not in _decode_shapes.values():
+            warnings.warn(f"compiled rollout: decode shape {shape} (rows, cache width) runs eagerly from now on: {eager_because}")
+        _decode_shapes[shape] = "eager"
+    _decode_shapes.setdefault(shape, "compiled")
+    if _decode_shapes[shape] == "eager":
+        return decode_step
+    return compiled_decode_step("reduce-overhead" if torch.device(device).type == "cuda" else "default")
 
 
 COMPILE_ROLLOUT = ("auto", "on", "off")
@@ -283,12 +362,15 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
+    N = logits.size(0)
     if decode != "eager":
         cache = static_cache(model, cache, max_new_tokens)
-        width = cache.layers[0].max_cache_len - attention_mask.size(1)  # past the prompt: hidden until written, by causality
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), width)], 1)  # (B*G, L)
-        step = compiled_decode_step("reduce-overhead" if logits.is_cuda else "default") if decode == "compiled" else decode_step
+        R, L = cache.layers[0].keys.shape[0], cache.layers[0].max_cache_len  # rows padded to R: zero cache, never sampled
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, L - attention_mask.size(1), 0, R - N), value=1)  # (R, L)
+        next_pos = torch.nn.functional.pad(next_pos, (0, R - N))                    # (R,)
+        step = decode_step if decode == "static" else pick_decode_step((R, L), logits.device)
     logits = logits.float()
+    never = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=logits.device)  # once, not every token
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens = []
@@ -298,7 +380,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         seen = batch["input_ids"].repeat_interleave(counts, dim=0)
     for t in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        logits[:, suppress_token_ids] = -float("inf")  # a sampled <|video_pad|> would break the video-token count
+        logits.index_fill_(1, never, -float("inf"))  # a sampled <|video_pad|> would break the video-token count
         if greedy:
             token = logits.argmax(-1)                                                 # (B*G,)
         else:
@@ -308,11 +390,16 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], 1) if seen is not None else None
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:  # a host sync per token: small beside a step (see README, The rollout's decode)
+        if done.all() or t == max_new_tokens - 1:  # a host sync per token (docs/performance.md, The rollout's decode)
             break
         if decode != "eager":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's logits are used up, reuse their memory
-            logits = step(model, token, next_pos + t, attention_mask, cache)           # (B*G, V)
+            args = (model, torch.nn.functional.pad(token, (0, R - N), value=pad_token_id), next_pos + t, attention_mask, cache)
+            try:
+                logits = step(*args)[:N]                                              # (B*G, V)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: the cache is untouched
+                step = pick_decode_step((R, L), token.device, eager_because="dynamo's recompile limit was hit")
+                logits = step(*args)[:N]
             continue
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
@@ -344,11 +431,18 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
     throw away. Without left padding `packed` is just (P, C) and both calls are causal, with no boolean mask.
     query (B, H, L, d), key and value (B, H_kv, L, d) -> (B, L, H, d)"""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    (B, H, L, d), H_kv = query.shape, key.size(1)
+    if packed is None and L == 1 and H_kv < H and (attention_mask is None or attention_mask.size(1) == 1):
+        # one new token per row (decode): each KV head's query group as its rows, so the cache is read as it is, never
+        # expanded to all H heads (transformers' sdpa does that under torch.compile: a copy of the cache per layer)
+        out = torch.nn.functional.scaled_dot_product_attention(query.view(B, H_kv, H // H_kv, d), key, value,
+                                                               attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        return out.reshape(B, 1, H, d), None                                          # (B, H_kv, H/H_kv, d) -> (B, 1, H, d)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     prompt_mask, completion_mask = packed                                              # (B, 1, P, P), (B*G, 1, C, P+C)
     causal = not torch.is_tensor(prompt_mask)  # no left padding: packed = (P, C), causal calls the flash kernel takes
-    (B, H, L, _), P, C = query.shape, *(packed if causal else (prompt_mask.size(-1), completion_mask.size(-2)))
+    P, C = packed if causal else (prompt_mask.size(-1), completion_mask.size(-2))
     G = (L - P) // C
     key, value = repeat_kv(key, H // key.size(1)), repeat_kv(value, H // value.size(1))  # (B, H, L, d)
 

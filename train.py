@@ -68,6 +68,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
 import faulthandler
 import functools
 import json
@@ -401,6 +402,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# a rank compiling a new decode shape (minutes at 7B) keeps the others waiting in the next collective: longer than
+# the 10-minute default of NCCL and DeepSpeed (docs/performance.md, The rollout's decode)
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init_distributed():
     """One process (`python train.py`), torchrun or the deepspeed launcher: all end up in one process group."""
     import deepspeed
@@ -413,7 +419,7 @@ def init_distributed():
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     if not torch.cuda.is_available():
         skip_cpu_allreduce_build()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
