@@ -205,7 +205,7 @@ def mean_relative_accuracy(pred, truth, start=0.5, end=0.95, step=0.05):
     |pred - truth| / |truth| < 1 - t. An exact answer scores 1.0, one off by half the truth or more 0.0."""
     n = round((end - start) / step) + 1
     rel = abs(pred - truth) / abs(truth) if truth != 0 else (0.0 if pred == 0 else math.inf)
-    return sum(rel < 1 - (start + k * step) for k in range(n)) / n
+    return sum(rel < round(1 - (start + k * step), 12) for k in range(n)) / n  # round: 1 - 0.95 is 0.05, not 0.0500...04
 
 
 def _accuracy_one(completion, solution, problem_type="numerical", options=None):
