@@ -19,6 +19,8 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
     python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
+    python data.py --show VIDEO --model_name_or_path DIR --prompt_template video-r1 --problem_type "multiple choice" \
+        --question "What colour is the cube?" --options "A. red" "B. blue"   # Video-R1's later prompt for that row
 """
 import argparse
 import atexit
@@ -722,7 +724,7 @@ def check_main(args):
 
 # ----------------------------------------------------------------------------- what the model sees
 
-def show_video(video, model_dir, question, settings):
+def show_video(video, model_dir, question, settings, problem_type="numerical", options=None, prompt_template="default"):
     """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
     "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "second_per_grid_ts" (Qwen2.5-VL, else null),
     "prompt" (the training prompt, video expanded), "input_ids", "position_ids" (3 x L, model.prompt_positions, the
@@ -735,7 +737,8 @@ def show_video(video, model_dir, question, settings):
     family = model_lib.model_family(model_dir)  # an unknown family: ModelError before anything is read
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # the training dataset's own item: what --show prints is what a run feeds the model
-    item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": ""}], tokenizer, s)[0]
+    item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": "", "problem_type": problem_type,
+                                "options": options or []}], tokenizer, s, prompt_template=prompt_template)[0]
     if "error" in item:
         raise VideoError(item["error"])
     batch = collate([item], tokenizer.pad_token_id)
@@ -759,10 +762,15 @@ def show_main(args):
     if not os.path.isfile(args.show):
         print(f"error: --show {args.show}: no such file", file=sys.stderr)
         return 2
+    if args.problem_type not in rewards.PROBLEM_TYPES or (args.problem_type == "multiple choice") != bool(args.options):
+        print(f"error: --problem_type {args.problem_type!r}: one of {list(rewards.PROBLEM_TYPES)}; --options only and "
+              f"always with multiple choice", file=sys.stderr)
+        return 2
     video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
     try:
         shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
-                                         video_settings_from_pretrained(args.model_name_or_path, **video))
+                                         video_settings_from_pretrained(args.model_name_or_path, **video),
+                                         args.problem_type, args.options, args.prompt_template)
     except (model_lib.ModelError, VideoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -785,6 +793,9 @@ if __name__ == "__main__":
     ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO (JSON, last line); no weights read")
     ap.add_argument("--question", default="How many objects are in the video?", help="--show: the question")
     ap.add_argument("--save_pixels", metavar="FILE.npy", default=None, help="--show: also write the patch rows (float32)")
+    ap.add_argument("--problem_type", default="numerical", help=f"--show: the question's type, one of {rewards.PROBLEM_TYPES}")
+    ap.add_argument("--options", nargs="+", default=None, help='--show: multiple choice options, e.g. "A. red" "B. blue"')
+    ap.add_argument("--prompt_template", default="default", choices=PROMPT_TEMPLATE_NAMES, help="--show: whose words (as train.py)")
     for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
         ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
     args = ap.parse_args()
