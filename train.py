@@ -59,7 +59,8 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 22. Completions never sample the untrained embedding rows past the tokenizer (Qwen2-VL: ~400 of them).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
-eval.py --protocol seed.
+eval.py --protocol seed. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
+video_r1_accuracy,seed_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
 """
 import argparse
 import collections
