@@ -19,6 +19,8 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
     python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
+    python data.py --show VIDEO --model_name_or_path DIR --prompt_template video-r1 --problem_type "multiple choice" \
+        --question "What colour is the cube?" --options "A. red" "B. blue"   # Video-R1's later prompt for that row
 """
 import argparse
 import atexit
@@ -55,8 +57,37 @@ PROMPT_TEMPLATES = {
                         "answer (the option letter only, e.g. A) in <answer> </answer> tags."),
     "free-form": ("{problem}  Output the thinking process in <think> </think> and final answer (a short text) "
                   "in <answer> </answer> tags."),
+    "OCR": ("{problem}  Output the thinking process in <think> </think> and final answer (the text, transcribed) "
+            "in <answer> </answer> tags."),
+    "regression": ("{problem}  Output the thinking process in <think> </think> and final answer (a number) "
+                   "in <answer> </answer> tags."),
 }
 assert set(PROMPT_TEMPLATES) == set(rewards.PROBLEM_TYPES)
+# Video-R1's later trainer (src/r1-v/src/open_r1/grpo.py: QUESTION_TEMPLATE, TYPE_TEMPLATE), byte for byte. Its question
+# is the problem, then for multiple choice "Options:\n" and each option verbatim followed by "\n" (format_question).
+VIDEO_R1_QUESTION = (
+    "{Question}\n"
+    "Please think about this question as if you were a human pondering deeply. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break "
+    "it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer between the "
+    "<answer> </answer> tags.")
+VIDEO_R1_TYPE_SUFFIX = {
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "numerical": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> tags.",
+    "free-form": " Please provide your text answer within the <answer> </answer> tags.",
+    "regression": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+}
+# its eval script (src/eval_bench.py) words the last sentence differently: "between the <think> and </think> tags"
+VIDEO_R1_EVAL_QUESTION = VIDEO_R1_QUESTION.replace("the <think> </think> tags", "the <think> and </think> tags").replace(
+    "the <answer> </answer> tags.", "the <answer> and </answer> tags.")
+# --prompt_template NAME (train.py, eval.py, data.py --show): NAME -> (question template, per-type suffixes); "default"
+# is PROMPT_TEMPLATES above
+VIDEO_R1_TEMPLATES = {"video-r1": (VIDEO_R1_QUESTION, VIDEO_R1_TYPE_SUFFIX),
+                      "video-r1-eval": (VIDEO_R1_EVAL_QUESTION, VIDEO_R1_TYPE_SUFFIX)}
+PROMPT_TEMPLATE_NAMES = ("default", *VIDEO_R1_TEMPLATES)
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
@@ -308,9 +339,15 @@ def video_settings_from_pretrained(model_dir, **overrides):
 
 # ----------------------------------------------------------------------------- prompts
 
-def format_question(problem, problem_type="numerical", options=None, template=None):
+def format_question(problem, problem_type="numerical", options=None, template=None, prompt_template="default"):
     """The question text for one row: its type's template (or `template`: eval's seed protocol asks with the seed eval
-    script's words); multiple choice lists the options, one a line."""
+    script's words); multiple choice lists the options, one a line. prompt_template "video-r1" / "video-r1-eval":
+    Video-R1's question built as its code builds it (options verbatim, each followed by a newline)."""
+    if prompt_template in VIDEO_R1_TEMPLATES:
+        question_template, suffixes = VIDEO_R1_TEMPLATES[prompt_template]
+        question = problem + "Options:\n" + "".join(o + "\n" for o in options or []) if problem_type == "multiple choice" else problem
+        return question_template.format(Question=question) + suffixes[problem_type]
+    assert prompt_template == "default", f"prompt_template {prompt_template!r}: choose one of {PROMPT_TEMPLATE_NAMES}"
     # options that carry no letter get their place's letter, as rewards.parse_options reads them
     lettered = [o.strip() if _has_letter(o) else f"{chr(ord('A') + i)}. {o.strip()}" for i, o in enumerate(options or [])]
     return (template or PROMPT_TEMPLATES[problem_type]).format(problem=problem, options="\n".join(lettered))
@@ -321,11 +358,11 @@ def _has_letter(option):
     return m is not None and m.group(2) is not None
 
 
-def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None, template=None):
+def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None, template=None, prompt_template="default"):
     """The chat-formatted prompt (one video, then the question), ending with the assistant turn opener."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"build_prompt_text: tokenizer {type(tokenizer).__name__} has no chat template")
-    question = format_question(problem, problem_type, options, template)
+    question = format_question(problem, problem_type, options, template, prompt_template)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if text.count(VIDEO_PLACEHOLDER) != 1:
@@ -405,9 +442,10 @@ class VideoPromptDataset(torch.utils.data.Dataset):
     The order comes from (shuffle_seed, example index): the same for a video in every epoch, and on resume."""
 
     def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=None,
-                 shuffled_frames=False, shuffle_seed=0):
+                 shuffled_frames=False, shuffle_seed=0, prompt_template="default"):
         self.examples, self.tokenizer, self.s, self.max_prompt_length = examples, tokenizer, settings, max_prompt_length
         self.template = template  # None: each row's problem_type's; eval's seed protocol: the seed eval script's words
+        self.prompt_template = prompt_template  # a PROMPT_TEMPLATE_NAMES entry: whose words each type is asked in
         self.shuffled_frames, self.shuffle_seed = shuffled_frames, shuffle_seed
 
     def __len__(self):
@@ -424,7 +462,8 @@ class VideoPromptDataset(torch.utils.data.Dataset):
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
                                                   s.image_mean, s.image_std)
-        text = build_prompt_text(self.tokenizer, ex["problem"], meta["problem_type"], meta["options"], self.template)
+        text = build_prompt_text(self.tokenizer, ex["problem"], meta["problem_type"], meta["options"], self.template,
+                                 self.prompt_template)
         timestamps = video_timestamps(info["frame_indices"], info["video_fps"], s.temporal_patch_size) if s.frame_timestamps else None
         input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size, timestamps)
         if self.max_prompt_length is not None and len(input_ids) > self.max_prompt_length:
@@ -576,6 +615,8 @@ def _write_clip(path, objects, positions, size, fps):
 def _make_example(rng, name, size, num_frames, fps, out_dir):
     """One clip and one counting question about it (colour, shape, motion or total), as a DVD-counting row."""
     objects, positions = _sample_scene(rng, size, num_frames)
+    for o, (_, x) in zip(objects, positions[0]):
+        o["x"] = float(x)  # where it starts, left to right (_make_260k_row)
     pick = objects[int(rng.integers(len(objects)))]  # ask about a colour/shape in the scene: fewer trivial 0s
     color, shape = pick["color"], pick["shape"]
     problem, n = [(f"How many {color} objects are in the video?", sum(o["color"] == color for o in objects)),
@@ -606,9 +647,30 @@ def _make_mc_example(rng, video_filename, objects):
             "options": options, "solution": f"<answer>{letter}</answer>"}
 
 
+def _make_260k_row(i, counting, mc, objects):
+    """Row i about one clip in Video-R1-260k's layout (a JSON list record: problem_id, problem, data_type, problem_type,
+    options, process, solution, path, data_source), its problem_type the i-th of rewards.PROBLEM_TYPES in turn:
+    numerical (the counting question), multiple choice (the mc question), free-form (describe the objects), OCR (read
+    out their colours), regression (the widest object's width in pixels). Objects are named left to right."""
+    problem_type = rewards.PROBLEM_TYPES[i % len(rewards.PROBLEM_TYPES)]
+    named = sorted(objects, key=lambda o: o["x"])  # by x in the first frame
+    problem, options, answer = {
+        "numerical": (counting["problem"], [], counting["solution"][len("<answer>"):-len("</answer>")]),
+        "multiple choice": (mc["problem"], mc["options"], mc["solution"][len("<answer>"):-len("</answer>")]),
+        "free-form": ("Describe the objects in the video from left to right.", [],
+                      ", ".join(f"a {o['color']} {o['shape']}" for o in named)),
+        "OCR": ("Read out the colours of the objects from left to right.", [], " ".join(o["color"] for o in named)),
+        "regression": ("How wide, in pixels, is the widest object?", [], f"{2 * max(o['r'] for o in objects):g}"),
+    }[problem_type]
+    return {"problem_id": i, "problem": problem, "data_type": "video", "problem_type": problem_type, "options": options,
+            "process": "", "solution": f"<answer>{answer}</answer>", "path": counting["video_filename"],
+            "data_source": "synthetic"}
+
+
 def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 112), num_frames=16, fps=8):
     """Write videos/*.mp4, DVD-counting-style train.jsonl / test.jsonl and, about the same clips, multiple-choice
-    train_mc.jsonl / test_mc.jsonl under out_dir. size is (H, W). Returns the two counting paths."""
+    train_mc.jsonl / test_mc.jsonl and Video-R1-260k-layout train_260k.json / test_260k.json (all five problem types
+    in turn, _make_260k_row) under out_dir. size is (H, W). Returns the two counting paths."""
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -620,6 +682,8 @@ def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 11
         paths[-1].write_text("".join(json.dumps(row) + "\n" for row, _ in made))
         mc = [_make_mc_example(mc_rng, row["video_filename"], objects) for row, objects in made]
         (out_dir / f"{split}_mc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mc))
+        rows = [_make_260k_row(i, row, mc[i], objects) for i, (row, objects) in enumerate(made)]
+        (out_dir / f"{split}_260k.json").write_text(json.dumps(rows, indent=1))
     return tuple(paths)
 
 
@@ -696,7 +760,7 @@ def check_main(args):
 
 # ----------------------------------------------------------------------------- what the model sees
 
-def show_video(video, model_dir, question, settings):
+def show_video(video, model_dir, question, settings, problem_type="numerical", options=None, prompt_template="default"):
     """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
     "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "second_per_grid_ts" (Qwen2.5-VL, else null),
     "prompt" (the training prompt, video expanded), "input_ids", "position_ids" (3 x L, model.prompt_positions, the
@@ -709,7 +773,8 @@ def show_video(video, model_dir, question, settings):
     family = model_lib.model_family(model_dir)  # an unknown family: ModelError before anything is read
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # the training dataset's own item: what --show prints is what a run feeds the model
-    item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": ""}], tokenizer, s)[0]
+    item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": "", "problem_type": problem_type,
+                                "options": options or []}], tokenizer, s, prompt_template=prompt_template)[0]
     if "error" in item:
         raise VideoError(item["error"])
     batch = collate([item], tokenizer.pad_token_id)
@@ -733,10 +798,15 @@ def show_main(args):
     if not os.path.isfile(args.show):
         print(f"error: --show {args.show}: no such file", file=sys.stderr)
         return 2
+    if args.problem_type not in rewards.PROBLEM_TYPES or (args.problem_type == "multiple choice") != bool(args.options):
+        print(f"error: --problem_type {args.problem_type!r}: one of {list(rewards.PROBLEM_TYPES)}; --options only and "
+              f"always with multiple choice", file=sys.stderr)
+        return 2
     video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
     try:
         shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
-                                         video_settings_from_pretrained(args.model_name_or_path, **video))
+                                         video_settings_from_pretrained(args.model_name_or_path, **video),
+                                         args.problem_type, args.options, args.prompt_template)
     except (model_lib.ModelError, VideoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -759,6 +829,9 @@ if __name__ == "__main__":
     ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO (JSON, last line); no weights read")
     ap.add_argument("--question", default="How many objects are in the video?", help="--show: the question")
     ap.add_argument("--save_pixels", metavar="FILE.npy", default=None, help="--show: also write the patch rows (float32)")
+    ap.add_argument("--problem_type", default="numerical", help=f"--show: the question's type, one of {rewards.PROBLEM_TYPES}")
+    ap.add_argument("--options", nargs="+", default=None, help='--show: multiple choice options, e.g. "A. red" "B. blue"')
+    ap.add_argument("--prompt_template", default="default", choices=PROMPT_TEMPLATE_NAMES, help="--show: whose words (as train.py)")
     for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
         ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
     args = ap.parse_args()

@@ -7,6 +7,8 @@ Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as tra
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
     python eval.py --tiny --data data/synthetic/test_mc.jsonl   # the same on the multiple-choice split
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
+    python eval.py --model runs/video-r1-260k/final --data Evaluation/ --protocol video-r1   # Video-R1's benchmark suite
+    python eval.py --tiny --protocol video-r1         # the same on the synthetic 260k-layout test split
 
 What is shared with train.py, so that "correct in eval" means "accuracy reward 1.0 in training" and nothing else:
 the prompt template of each problem_type, video decoding and settings (data.VideoPromptDataset / collate), the sampler
@@ -14,6 +16,9 @@ the prompt template of each problem_type, video decoding and settings (data.Vide
 (rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
 --protocol seed instead decodes and scores as the seed's eval script did, so a number can be set beside its table:
 its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser (SEED_PROMPT_TEMPLATE, seed_number).
+--protocol video-r1 decodes and scores as Video-R1's later eval script (src/eval_bench.py): its prompt, temperature 0.1,
+top_p 0.001, 1,024 new tokens, its answer fallback and reward_fn, one output file per benchmark in its layout
+(evaluate_video_r1; docs/video-r1-recipe.md).
 
 Output, one JSON file per model (fractions in [0, 1]; the printed table shows percent):
     {"model", "data", "protocol", "repetition_penalty", "accuracy", "accuracy_by_type", "format_rate",
@@ -61,7 +66,7 @@ from model import (COMPILE_ROLLOUT, ModelError, decode_completions, generation_r
 @dataclass
 class Config:
     model: list = field(default_factory=list, metadata={"help": "model folder or hub id; repeat to compare models side by side"})
-    data: str = field(default="", metadata={"help": "test JSONL (or JSON list) of video_filename/problem/solution"})
+    data: str = field(default="", metadata={"help": "test JSONL (or JSON list) of video_filename/problem/solution; --protocol video-r1: one or more eval_*.json files or folders of them"})
     video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
     output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); default results/<model>-<data>.json"})
     tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
@@ -77,7 +82,8 @@ class Config:
     max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
     compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
-    protocol: str = field(default="train", metadata={"help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); see README, Evaluation"})
+    protocol: str = field(default="train", metadata={"help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); see README, Evaluation"})
+    prompt_template: str = field(default="default", metadata={"help": "--protocol train: the question's words, data.PROMPT_TEMPLATE_NAMES (video-r1: its trainer's); --protocol video-r1 always asks in its eval script's"})
 
 
 # --tiny: the tiny model and the test split next to train.TINY's train split, with train.TINY's video settings
@@ -94,7 +100,12 @@ TINY = dict(model=[train.TINY["model_name_or_path"]],
 SEED_PROMPT_TEMPLATE = ("{problem} First output the thinking process in <think> </think> and final answer (number) "
                         "in <answer> </answer> tags.")
 SEED = dict(max_new_tokens=256)
-PROTOCOLS = ("train", "seed")
+# --protocol video-r1, from Video-R1's src/eval_bench.py: SamplingParams(temperature=0.1, top_p=0.001, max_tokens=1024)
+# and LLM(max_model_len=16384); its videos take its vendored qwen-vl-utils' defaults, which are this project's (fps 2,
+# 4-16 frames, 128*28*28 pixels under the reader's cap: data.frame_size)
+VIDEO_R1 = dict(max_new_tokens=1024, max_prompt_length=16384)
+VIDEO_R1_SAMPLING = dict(temperature=0.1, top_p=0.001)
+PROTOCOLS = ("train", "seed", "video-r1")
 
 
 def seed_number(text):
@@ -104,16 +115,27 @@ def seed_number(text):
 
 
 def parse_config(argv=None):
-    parser = train.dataclass_parser(Config, __doc__, model=dict(action="append", default=None))
+    parser = train.dataclass_parser(Config, __doc__, model=dict(action="append", default=None), data=dict(nargs="+", default=None))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})
     if args.protocol == "seed":  # the seed's token budget, even with --tiny
         parser.set_defaults(**SEED)
+    elif args.protocol == "video-r1":  # its token budget; --tiny: the synthetic 260k-layout test split
+        parser.set_defaults(**VIDEO_R1, **({"data": os.path.join(os.path.dirname(TINY["data"]), "test_260k.json")} if args.tiny else {}))
     elif args.protocol not in PROTOCOLS:
         parser.error(f"--protocol {args.protocol!r}: choose one of {PROTOCOLS}")
     args = vars(parser.parse_args(argv))
     args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
+    args["data"] = [args["data"]] if isinstance(args["data"], str) else args["data"] or []
+    if args["protocol"] == "video-r1":
+        args["data"] = video_r1_files(args["data"], parser)
+    elif len(args["data"]) > 1:
+        parser.error(f"--data: one file (several files or a folder only with --protocol video-r1), got {args['data']}")
+    else:
+        args["data"] = args["data"][0] if args["data"] else ""
+    if args["prompt_template"] not in data.PROMPT_TEMPLATE_NAMES:
+        parser.error(f"--prompt_template {args['prompt_template']!r}: choose one of {data.PROMPT_TEMPLATE_NAMES}")
     if not args["model"] or not args["data"]:
         parser.error("give --model DIR (one or more) and --data FILE, or --tiny")
     if args["compile_rollout"] not in COMPILE_ROLLOUT:
@@ -245,7 +267,8 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
     header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
               "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
-              **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
+              **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
+              **({"prompt_template": cfg.prompt_template} if cfg.prompt_template != "default" else {})}
     my_partial, all_partials = partial_paths(output, rank)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     done = read_partial(all_partials, header)
@@ -274,7 +297,8 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
             dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution", "problem_type", "options")}
                                                for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
-                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None)
+                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None,
+                                              prompt_template=cfg.prompt_template if cfg.protocol == "train" else "default")
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                                  collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
             bar = tqdm(total=todo, unit="ex", desc=os.path.basename(os.path.normpath(model_name)), disable=rank != 0, file=sys.stderr)
@@ -374,6 +398,8 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = parse_config(argv)
     rank, world, device = init_distributed()
+    if cfg.protocol == "video-r1":
+        return main_video_r1(cfg, world, device)
     if cfg.tiny:  # made on first use, on rank 0, while the others wait
         if rank == 0:
             import tiny
@@ -402,6 +428,211 @@ def main(argv=None):
     if world > 1:
         torch.distributed.barrier()  # ranks leave together, no collective in flight when the group closes (train.main)
         torch.distributed.destroy_process_group()
+    return summaries
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --protocol video-r1: Video-R1's src/eval_bench.py, one output file per benchmark in its layout
+
+def video_r1_files(paths, parser=None):
+    """--data under --protocol video-r1: files as given, a folder as its *.json files in name order."""
+    files = []
+    for p in paths:
+        found = sorted(glob.glob(os.path.join(glob.escape(p), "*.json"))) if os.path.isdir(p) else [p]
+        if not found and parser is not None:
+            parser.error(f"--data {p}: a folder without *.json files")
+        files += found
+    return files
+
+
+def benchmark_name(data_path):
+    """eval_mvbench.json -> mvbench, as eval_bench.py names its benchmarks."""
+    return Path(data_path).stem.removeprefix("eval_")
+
+
+def video_r1_output_paths(cfg):
+    """[[output file per data file] per model]: <folder>/<data stem>_output.json; the folder is --output with one model,
+    else <--output or results/video-r1>/<model path with / as _>."""
+    def folder(m):
+        return cfg.output if cfg.output and len(cfg.model) == 1 else \
+            os.path.join(cfg.output or os.path.join("results", "video-r1"), m.strip("/").replace("/", "_"))
+    return [[os.path.join(folder(m), Path(d).stem + "_output.json") for d in cfg.data] for m in cfg.model]
+
+
+def video_r1_think(output):
+    r"""eval_bench.py's extract_think: the stripped group of the first <think>\s*(.*?)\s*</think> (DOTALL), else ""."""
+    match = re.search(r"<think>\s*(.*?)\s*</think>", output, re.DOTALL)
+    return match.group(1).strip() if match else ""
+
+
+def video_r1_row(raw, output, error=None):
+    """One `results` row as eval_bench.py writes it: the data row, then output, prediction, reward, correct and (when
+    the output has a thought) process; a row whose video could not be read gets its "<answer>error</answer>" output
+    (reward 0.0, counted in mean_acc as it counts it) and the reason under "error"."""
+    row = dict(raw)
+    row["output"] = output
+    row["prediction"] = rewards.video_r1_prediction(output)
+    row["reward"] = rewards.video_r1_eval_reward(output, row.get("solution", ""), row.get("problem_type", ""))
+    row["correct"] = row["reward"] == 1.0
+    if video_r1_think(output):
+        row["process"] = f"<think>{video_r1_think(output)}</think>"
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def video_r1_final_acc(results):
+    """eval_bench.py's final_acc: mean_acc over the non-regression rows, mean_mra over the regression rows (0.0 when
+    none), as float32 torch means. It averaged only the rows scored since the last restart; here every row. mean_acc of
+    no row: None (its torch mean of nothing was NaN)."""
+    acc = [r["reward"] for r in results if r.get("problem_type") != "regression"]
+    mra = [r["reward"] for r in results if r.get("problem_type") == "regression"]
+    return {"mean_acc": torch.tensor(acc).mean().item() if acc else None,
+            "mean_mra": torch.tensor(mra).mean().item() if mra else 0.0}
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
+
+
+def evaluate_video_r1(cfg, data_path, output, ctx):
+    """One benchmark file, as eval_bench.py: rows in file order, in batches of --batch_size; after each batch the output
+    file is rewritten with every row so far, and a re-run continues after the rows found there (refusing a file written
+    with other settings or for another data file). ctx: {"model_dir", "tokenizer", "settings", "device", "model"
+    (loaded on first need)}. Returns {"benchmark", "data", "output", "n", "errors", "by_type", "final_acc"}."""
+    from tqdm import tqdm
+
+    with open(data_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, list):
+        raise ValueError(f"{data_path}: expected a JSON list of rows (Video-R1's eval layout), got {type(raw).__name__}")
+    raw = raw[:cfg.limit] if cfg.limit > 0 else raw
+    bad = []
+    try:
+        examples = data.load_examples(data_path, cfg.video_root or None, skipped=bad, verbose=False)
+    except ValueError:
+        if not bad:
+            raise
+        examples = []
+    by_index, reasons = {e["index"]: e for e in examples}, {b["index"]: b["reason"] for b in bad}
+    settings = {"model": os.path.abspath(ctx["model_dir"]), "data": os.path.abspath(data_path), "protocol": "video-r1",
+                "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length, **VIDEO_R1_SAMPLING,
+                **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
+    results = []
+    if os.path.exists(output):  # resume, as eval_bench.py does: the rows already in the output file stay
+        with open(output, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("settings") != settings:
+            raise ValueError(f"{output} was written with settings {previous.get('settings')}, this run has {settings}; "
+                             f"delete it or choose another --output")
+        results = previous["results"][:len(raw)]
+        for i, r in enumerate(results):
+            if (r.get("path"), r.get("problem")) != (raw[i].get("path"), raw[i].get("problem")):
+                raise ValueError(f"{output}: result {i} is not row {i + 1} of {data_path}; delete it or choose another --output")
+    start, name = len(results), benchmark_name(data_path)
+    print(f"{name}: {len(raw)} rows, {start} already in {output}, {len(raw) - start} to go", file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if start < len(raw):
+        tokenizer, device = ctx["tokenizer"], ctx["device"]
+        if ctx.get("model") is None:
+            ctx["model"] = load_model(ctx["model_dir"], bf16=torch.cuda.is_available(), device=device).to(device).eval()
+        model = ctx["model"]
+        eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
+        # a row that data.load_examples refused gets a video that cannot be read: an error item with the others
+        unusable = {"video": "", "problem": "", "solution": "", "problem_type": "numerical", "options": []}
+        dataset = data.VideoPromptDataset([by_index.get(i + 1, unusable) for i in range(len(raw))], tokenizer,
+                                          ctx["settings"], max_prompt_length=cfg.max_prompt_length, prompt_template="video-r1-eval")
+        batches = [list(range(i, min(i + cfg.batch_size, len(raw)))) for i in range(start, len(raw), cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                             collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))
+        bar = tqdm(total=len(raw), initial=start, unit="ex", desc=name, file=sys.stderr)
+        for rows, batch in zip(batches, loader):
+            outputs = {it["index"]: (OUTPUT_ON_ERROR, reasons.get(it["index"] + 1, it["error"])) for it in batch["skipped"]}
+            if batch["solution"]:
+                torch.manual_seed(rows[0])  # a batch samples the same whether the run was resumed or not
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                completion_ids = sample_completions(
+                    model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos_token_ids,
+                    suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
+                    decode=rollout_decode(cfg.compile_rollout, device), **VIDEO_R1_SAMPLING).cpu()   # (B, C)
+                mask = train.completion_mask(completion_ids, eos_token_ids)                             # (B, C)
+                for i, text in zip(batch["index"], decode_completions(tokenizer, completion_ids, mask)):
+                    outputs[i] = (text, None)
+            results += [video_r1_row(raw[i], *outputs[i]) for i in rows]
+            write_json(output, {"results": results, "settings": settings})
+            bar.update(len(rows))
+        bar.close()
+    final_acc = video_r1_final_acc(results)
+    write_json(output, {"results": results, "final_acc": [final_acc], "settings": settings})
+    by_type = {}
+    for r in results:
+        by_type.setdefault(r.get("problem_type", ""), []).append(r["reward"])
+    return {"benchmark": name, "data": data_path, "output": output, "n": len(results),
+            "errors": [{"row": i + 1, "reason": r["error"]} for i, r in enumerate(results) if "error" in r],
+            "by_type": {t: (len(v), sum(v) / len(v)) for t, v in sorted(by_type.items())}, "final_acc": final_acc}
+
+
+# eval_bench.py's output for a batch it could not read (there: the whole batch of 64; here: the row)
+OUTPUT_ON_ERROR = "<answer>error</answer>"
+
+
+def format_video_r1_tables(models, summaries):
+    """One table per benchmark (rows by problem type: count and mean reward, then mean_acc and mean_mra, in percent;
+    a column per model) and a summary table (a line per benchmark, a column per model: mean_acc / mean_mra)."""
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    def table(title, lines):
+        width = max(len(name) for name, _ in lines)
+        cols = [max(len(v[i]) for _, v in lines) for i in range(len(models))]
+        return [title] + [f"  {name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, cols)) for name, values in lines]
+
+    out = []
+    for b in range(len(summaries[0])):
+        per_model = [s[b] for s in summaries]
+        types = sorted({t for s in per_model for t in s["by_type"]})
+        lines = [("model", list(models)),
+                 *[(f"{t} (n, mean reward %)", [f"{s['by_type'][t][0]}, {pct(s['by_type'][t][1])}" if t in s["by_type"] else "-"
+                                                for s in per_model]) for t in types],
+                 ("mean_acc (%)", [pct(s["final_acc"]["mean_acc"]) for s in per_model]),
+                 ("mean_mra (%)", [pct(s["final_acc"]["mean_mra"]) for s in per_model]),
+                 ("rows", [str(s["n"]) for s in per_model]),
+                 ("rows not read (scored 0)", [str(len(s["errors"])) for s in per_model])]
+        out += table(f"{per_model[0]['benchmark']} ({per_model[0]['data']})", lines)
+        for m, s in zip(models, per_model):
+            out += [f"  not read ({m}): row {e['row']}: {e['reason']}" for e in s["errors"]]
+    lines = [("benchmark", [f"{m} mean_acc / mean_mra" for m in models])]
+    lines += [(s[0]["benchmark"], [f"{pct(x[b]['final_acc']['mean_acc'])} / {pct(x[b]['final_acc']['mean_mra'])}"
+                                   for x in summaries]) for b, s in enumerate(zip(*summaries))]
+    return "\n".join(out + table("summary (%)", lines))
+
+
+def main_video_r1(cfg, world, device):
+    """--protocol video-r1: every model on every benchmark file, then the tables. One process (its script: one vLLM
+    engine); outputs per model per benchmark (video_r1_output_paths)."""
+    from transformers import AutoTokenizer
+    if world > 1:
+        raise SystemExit("error: --protocol video-r1 runs in one process (python eval.py, not torchrun)")
+    if cfg.tiny:
+        import tiny
+        tiny.save_tiny_model(cfg.model[0])
+        if not all(os.path.exists(d) for d in cfg.data):
+            data.make_synthetic_dataset(os.path.dirname(cfg.data[0]))
+    t0, summaries = time.time(), []
+    for model_name, outputs in zip(cfg.model, video_r1_output_paths(cfg)):
+        model_dir = resolve_model_dir(model_name)
+        ctx = {"model_dir": model_dir, "tokenizer": AutoTokenizer.from_pretrained(model_dir), "device": device,
+               "settings": data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
+                                                               max_frames=cfg.max_frames, min_pixels=cfg.min_pixels,
+                                                               max_pixels=cfg.max_pixels)}
+        summaries.append([evaluate_video_r1(cfg, d, out, ctx) for d, out in zip(cfg.data, outputs)])
+        for s in summaries[-1]:
+            print(f"wrote {s['output']}", file=sys.stderr)
+    print(format_video_r1_tables(cfg.model, summaries))
+    print(f"{len(cfg.data)} benchmark(s), {len(cfg.model)} model(s), {time.time() - t0:.1f}s")
     return summaries
 
 

@@ -32,6 +32,16 @@ accuracy 1.0 iff the completion's answer equals the truth.
              and "C. Vitamin C" are read whole) and otherwise must not name another
              capital letter; two letters, a lowercase letter or a letter outside the
              options are wrong. A truth is read the same way ("B. A blue sphere": B).
+         OCR: 1 - word error rate (word_error_rate: Levenshtein distance over
+             whitespace-separated words / the truth's word count), case-folded,
+             clipped to [0, 1]: partial credit.
+         regression: mean relative accuracy, as VSI-Bench scores it: the share of
+             the ten thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth|
+             < 1 - t (mean_relative_accuracy); a non-number answer scores 0.0.
+
+video_r1_accuracy: Video-R1's later trainer's rule exactly (src/r1-v/src/open_r1/grpo.py; see its docstring);
+         its format rule is seed_format's, so its recipe is --rewards video_r1_accuracy,seed_format.
+video_r1_eval_reward: its eval script's reward_fn (src/eval_bench.py), for eval.py --protocol video-r1.
 
 seed_accuracy, seed_format: the seed's two rules, exactly (see their docstrings); they let through what the rules
          above refuse (a bare "3", an empty answer, a second answer block) and refuse "3.0" for "3".
@@ -56,7 +66,8 @@ TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 # Optional sign, digits, optional "." and digits. ASCII only, no exponent.
 # No nested quantifiers, so matching is linear.
 _NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")
-PROBLEM_TYPES = ("numerical", "multiple choice", "free-form")
+# Video-R1-260k's five problem types (its grpo.py's TYPE_TEMPLATE keys)
+PROBLEM_TYPES = ("numerical", "multiple choice", "free-form", "OCR", "regression")
 # An option letter: "B", "(B)", then optionally ". text", ") text", ": text". Linear: no nested quantifiers.
 _OPTION = re.compile(r"\(?([A-Z])\)?(?:[.:)]\s*(.*))?", re.DOTALL)
 _LONE_CAPITAL = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z])")
@@ -181,7 +192,29 @@ def option_letter(answer, options=None):
     return named[0] if len(named) == 1 else None
 
 
+def word_error_rate(reference, hypothesis):
+    """Word-level Levenshtein distance (substitutions, insertions, deletions) / the reference's word count (at
+    least 1), words split on whitespace. Can exceed 1 (a long wrong hypothesis). Cross-checked against jiwer."""
+    ref, hyp = reference.split(), hypothesis.split()
+    row = list(range(len(hyp) + 1))  # distances from the empty reference prefix
+    for i, r in enumerate(ref, 1):
+        prev_diag, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev_diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev_diag + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def mean_relative_accuracy(pred, truth, start=0.5, end=0.95, step=0.05):
+    """VSI-Bench's MRA: the share of thresholds t in start, start + step, ..., end (ten by default) with
+    |pred - truth| / |truth| < 1 - t. An exact answer scores 1.0, one off by half the truth or more 0.0."""
+    n = round((end - start) / step) + 1
+    rel = abs(pred - truth) / abs(truth) if truth != 0 else (0.0 if pred == 0 else math.inf)
+    return sum(rel < round(1 - (start + k * step), 12) for k in range(n)) / n  # round: 1 - 0.95 is 0.05, not 0.0500...04
+
+
 def _accuracy_one(completion, solution, problem_type="numerical", options=None):
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"accuracy_reward: unknown problem_type {problem_type!r}; known: {PROBLEM_TYPES}")
     pred = extract_answer(completion)
     truth = _truth(solution)
     if not pred or not truth:
@@ -189,8 +222,12 @@ def _accuracy_one(completion, solution, problem_type="numerical", options=None):
     if problem_type == "multiple choice":
         letter = option_letter(pred, options)
         return 1.0 if letter is not None and letter == option_letter(truth, options) else 0.0
-    if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"accuracy_reward: unknown problem_type {problem_type!r}; known: {PROBLEM_TYPES}")
+    if problem_type == "OCR":
+        return max(0.0, min(1.0, 1.0 - word_error_rate(_normalize_text(truth), _normalize_text(pred))))
+    if problem_type == "regression":
+        if not (_NUMBER.fullmatch(pred) and _NUMBER.fullmatch(truth)):
+            return 0.0
+        return mean_relative_accuracy(float(pred), float(truth))
     return 1.0 if _answers_match(pred, truth) else 0.0
 
 
@@ -353,9 +390,126 @@ def reward_of_kind(names, kind):
     return next((n for n in names if kind in n), None)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Video-R1's later trainer (src/r1-v/src/open_r1/grpo.py, accuracy_reward) and eval script (src/eval_bench.py,
+# reward_fn), rule for rule
+
+def _video_r1_answer(text):
+    r"""Its extract_answer: the stripped group of the FIRST re.search(r'<answer>\s*(.*?)\s*</answer>', DOTALL), else ""."""
+    match = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.DOTALL)
+    return match.group(1).strip() if match else ""
+
+
+def _video_r1_number(text):
+    """Its normalize_number: float() of the text without commas, else None ("1e3", " 7 ", "nan", "inf" are numbers)."""
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _video_r1_numerical(output_ans, gt_ans):
+    """Its numerical rule: both or neither side has a "." or ",", and the numbers agree after round(x, 2)."""
+    if (("." in gt_ans) or ("," in gt_ans)) != (("." in output_ans) or ("," in output_ans)):
+        return 0.0
+    gt, out = _video_r1_number(gt_ans), _video_r1_number(output_ans)
+    if gt is None or out is None:
+        return 0.0
+    return 1.0 if round(gt, 2) == round(out, 2) else 0.0
+
+
+def _rouge_mean_f(reference, hypothesis):
+    """The mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score 0.1.2, Porter stemmer), as its
+    compute_rouge_score."""
+    from rouge_score import rouge_scorer
+    scores = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(reference, hypothesis)
+    return (scores["rouge1"].fmeasure + scores["rouge2"].fmeasure + scores["rougeL"].fmeasure) / 3
+
+
+def _video_r1_accuracy_one(content, sol, problem_type):
+    if not isinstance(content, str) or not isinstance(sol, str):
+        return 0.0  # its re.search raised TypeError, swallowed: 0.0
+    output_ans, gt_ans = _video_r1_answer(content), _video_r1_answer(sol)
+    if problem_type == "multiple choice":
+        return 1.0 if output_ans.strip() == gt_ans.strip() else 0.0
+    if problem_type == "numerical":
+        return _video_r1_numerical(output_ans, gt_ans)
+    if problem_type == "OCR":
+        return max(0.0, min(1.0, 1 - word_error_rate(gt_ans, output_ans)))
+    if problem_type == "free-form":
+        return max(0.0, min(1.0, _rouge_mean_f(gt_ans, output_ans)))
+    if problem_type == "regression":
+        gt, out = _video_r1_number(gt_ans), _video_r1_number(output_ans)
+        if gt is None or out is None:
+            return 0.0  # it set 0.0, then abs(None - x) raised TypeError, swallowed: 0.0 all the same
+        rel_diff = (abs(out - gt) + 1e-9) / (abs(gt) + 1e-9)
+        # max(0.0, nan) is 0.0: a "nan" answer scores 1.0, as in its code
+        return 1 - min(1.0, max(0.0, rel_diff))
+    return 0.0
+
+
+def video_r1_accuracy(completions, solutions, problem_type=None, **kwargs):
+    r"""Video-R1's later accuracy_reward (src/r1-v/src/open_r1/grpo.py), each completion by its own row's problem_type
+    (it took the first row's type for the whole batch: the same at its one prompt per GPU). answer = the stripped
+    text of the FIRST <answer>\s*(.*?)\s*</answer> (DOTALL), "" without one, on both sides (an untagged solution
+    is "", so a completion without a tag matches it as multiple choice).
+        multiple choice  string equality of the two answers ("B." != "B")
+        numerical        0.0 if one side has a "." or "," and the other not; else float() of each without commas,
+                         equal after round(x, 2) (so "1e3" == "1000", "nan" never equal)
+        OCR              1 - word error rate (case-sensitive words), clipped to [0, 1]
+        free-form        mean of ROUGE-1/2/L F-measures (rouge-score, stemmer on), clipped to [0, 1]
+        regression       1 - clip((|out - gt| + 1e-9) / (|gt| + 1e-9), 0, 1): partial credit; a truth of 0 scores
+                         0.0 even for "0"; "nan" scores 1.0 (max(0.0, nan) is 0.0); a non-number 0.0
+        other types      0.0
+    Its try/except turned every error into 0.0; the two it could meet are kept as 0.0: a non-string completion, and
+    a regression answer that is not a number (its code set 0.0, then computed with None and raised). Its prints and
+    DEBUG_MODE log are not reproduced."""
+    completions, solutions = list(completions), list(solutions)
+    types = list(problem_type) if problem_type is not None else ["numerical"] * len(completions)
+    if not len(types) == len(solutions) == len(completions):
+        raise ValueError(f"video_r1_accuracy: {len(completions)} completions, {len(solutions)} solutions, "
+                         f"{len(types)} problem types")
+    return [_video_r1_accuracy_one(c, s, t) for c, s, t in zip(completions, solutions, types)]
+
+
+def video_r1_mra(pred, truth):
+    """eval_bench.py's mean_relative_accuracy, in float32 torch as it computes it: rel = |pred - truth| / (|truth| +
+    1e-8), thresholds torch.arange(0.5, 0.975, 0.05) (ten), the share with rel < 1 - threshold."""
+    import torch
+    pred, truth = torch.tensor(pred, dtype=torch.float32), torch.tensor(truth, dtype=torch.float32)
+    rel_error = torch.abs(pred - truth) / (torch.abs(truth) + 1e-8)
+    thresholds = torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)  # (10,)
+    return (rel_error < (1 - thresholds)).float().mean().item()
+
+
+def video_r1_prediction(output):
+    """eval_bench.py's prediction: the answer (as _video_r1_answer), or the whole output when that is ""."""
+    return _video_r1_answer(output) or output
+
+
+def video_r1_eval_reward(output, solution, problem_type):
+    """eval_bench.py's reward_fn for one output: the answer falls back to the whole output (video_r1_prediction);
+        multiple choice  stripped string equality
+        numerical        as video_r1_accuracy's
+        regression       video_r1_mra(float(pred), float(truth)), 0.0 if either is not a number
+        other types      0.0 (OCR and free-form rows count as wrong in its mean_acc)"""
+    if not isinstance(output, str) or not isinstance(solution, str):
+        return 0.0  # its try/except: 0.0
+    output_ans, gt_ans = video_r1_prediction(output), _video_r1_answer(solution)
+    if problem_type == "multiple choice":
+        return 1.0 if output_ans.strip() == gt_ans.strip() else 0.0
+    if problem_type == "numerical":
+        return _video_r1_numerical(output_ans, gt_ans)
+    if problem_type == "regression":
+        gt, out = _video_r1_number(gt_ans), _video_r1_number(output_ans)
+        return 0.0 if gt is None or out is None else video_r1_mra(out, gt)
+    return 0.0
+
+
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "seed_accuracy": seed_accuracy,  # --rewards seed_accuracy,seed_format: the seed's reward signal
     "seed_format": seed_format,
+    "video_r1_accuracy": video_r1_accuracy,  # --rewards video_r1_accuracy,seed_format: Video-R1's later reward signal
 }

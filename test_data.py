@@ -115,7 +115,7 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
          "path": "./LLaVA-Video/a.mp4"},
         {"problem": "What?", "data_type": "image", "problem_type": "numerical", "solution": "<answer>1</answer>",
          "path": "./LLaVA-Video/a.mp4"},                                                       # 4: an image row
-        {"problem": "Read it", "data_type": "video", "problem_type": "OCR", "solution": "<answer>x</answer>",
+        {"problem": "Read it", "data_type": "video", "problem_type": "essay", "solution": "<answer>x</answer>",
          "path": "./LLaVA-Video/a.mp4"},                                                       # 5: unknown type
         {"problem": "Pick", "data_type": "video", "problem_type": "multiple choice", "options": [],
          "solution": "<answer>A</answer>", "path": "./LLaVA-Video/a.mp4"},                     # 6: no options
@@ -132,7 +132,7 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
         (1, video, "multiple choice", ["A. red", "B. blue"]), (2, video, "numerical", []), (3, video, "free-form", [])]
     reasons = {s["index"]: s["reason"] for s in skipped}
     assert sorted(reasons) == [4, 5, 6, 7, 8]
-    assert "data_type 'image'" in reasons[4] and "'OCR'" in reasons[5] and "options" in reasons[6]
+    assert "data_type 'image'" in reasons[4] and "'essay'" in reasons[5] and "options" in reasons[6]
     assert "options" in reasons[7] and "'video_filename'" in reasons[8]
     err = capsys.readouterr().err
     assert f"{path}:5: skipped:" in err and "loaded 3 of 8 rows" in err
@@ -432,7 +432,7 @@ def test_prompt_per_problem_type(tokenizer):
     assert data.PROMPT_TEMPLATE == ("{problem}  Output the thinking process in <think> </think> and final answer "
                                     "(number) in <answer> </answer> tags.")
     assert data.format_question("How many?") == data.PROMPT_TEMPLATE.format(problem="How many?")
-    assert set(data.PROMPT_TEMPLATES) == {"numerical", "multiple choice", "free-form"}
+    assert set(data.PROMPT_TEMPLATES) == {"numerical", "multiple choice", "free-form", "OCR", "regression"}
     mc = data.format_question("What shape?", "multiple choice", ["A. square", "B. circle", "triangle"])
     assert mc.startswith("What shape?\nOptions:\nA. square\nB. circle\nC. triangle\n") and "option letter" in mc
     free = data.format_question("Describe it.", "free-form")
@@ -651,3 +651,62 @@ def test_check_reports_bad_rows_and_statistics_without_training(synthetic, tmp_p
     proc = subprocess.run([*cmd, "--check", str(tmp_path / "missing.jsonl")], cwd=here, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "error: --check" in proc.stderr and "missing.jsonl" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- Video-R1-260k: all five types, its prompts
+
+# Video-R1's src/r1-v/src/open_r1/grpo.py (QUESTION_TEMPLATE, TYPE_TEMPLATE) and src/eval_bench.py, character for character
+VIDEO_R1_HEAD = ("Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue "
+                 "using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or "
+                 "other natural language thought expressions It's encouraged to include self-reflection or verification "
+                 "in the reasoning process. ")
+VIDEO_R1_TRAIN_TAIL = ("Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
+                       "between the <answer> </answer> tags.")
+VIDEO_R1_EVAL_TAIL = ("Provide your detailed reasoning between the <think> and </think> tags, and then give your final "
+                      "answer between the <answer> and </answer> tags.")
+VIDEO_R1_SUFFIX = {
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "numerical": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> tags.",
+    "free-form": " Please provide your text answer within the <answer> </answer> tags.",
+    "regression": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+}
+
+
+@pytest.mark.parametrize("problem_type", list(VIDEO_R1_SUFFIX))
+def test_video_r1_prompt_templates_byte_for_byte(problem_type, tokenizer):
+    options = ["A. red", "B. blue"] if problem_type == "multiple choice" else []
+    question = "What is it?" + ("Options:\nA. red\nB. blue\n" if options else "")  # its options: verbatim, no lettering
+    for name, tail in (("video-r1", VIDEO_R1_TRAIN_TAIL), ("video-r1-eval", VIDEO_R1_EVAL_TAIL)):
+        expected = f"{question}\n{VIDEO_R1_HEAD}{tail}{VIDEO_R1_SUFFIX[problem_type]}"
+        got = data.format_question("What is it?", problem_type, options, prompt_template=name)
+        assert got.encode() == expected.encode(), name
+        text = data.build_prompt_text(tokenizer, "What is it?", problem_type, options, prompt_template=name)
+        assert text.count(expected) == 1 and text.index(data.VIDEO_PLACEHOLDER) < text.index(expected)
+    assert data.format_question("What is it?", problem_type, options) != expected  # the default stays ours
+    assert "default" in data.PROMPT_TEMPLATE_NAMES
+
+
+def test_synthetic_260k_split_has_all_five_types(synthetic, tokenizer):
+    """train_260k.json / test_260k.json: a JSON list in Video-R1-260k's layout about the synthetic clips, every
+    problem type in turn, each solution worth 1.0 to our accuracy and (up to its regression quirk) Video-R1's."""
+    import rewards
+    out, _, _ = synthetic
+    raw = json.loads((out / "train_260k.json").read_text())
+    assert [r["problem_type"] for r in raw] == [*rewards.PROBLEM_TYPES, rewards.PROBLEM_TYPES[0]]
+    assert all(set(r) == {"problem_id", "problem", "data_type", "problem_type", "options", "process", "solution", "path",
+                          "data_source"} and r["path"].startswith("./videos/") for r in raw)
+    examples = data.load_examples(out / "train_260k.json", verbose=False)
+    assert len(examples) == 6 and all(os.path.isfile(e["video"]) for e in examples)
+    sols, types = [e["solution"] for e in examples], [e["problem_type"] for e in examples]
+    completions = [f"<think>x</think>{s}" for s in sols]
+    assert rewards.accuracy_reward(completions, sols, problem_type=types, options=[e["options"] for e in examples]) == [1.0] * 6
+    assert rewards.video_r1_accuracy(completions, sols, problem_type=types) == pytest.approx([1.0] * 6)
+    item = data.VideoPromptDataset(examples[1:2], tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56),
+                                   prompt_template="video-r1")[0]
+    prompt = tokenizer.decode(item["input_ids"])
+    assert examples[1]["problem"] + "Options:\n" + "".join(o + "\n" for o in examples[1]["options"]) in prompt
+    assert prompt.rstrip().endswith(VIDEO_R1_SUFFIX["multiple choice"] + "<|im_end|>\n<|im_start|>assistant")
+    report = data.check_dataset(out / "test_260k.json", settings=data.VideoSettings(max_frames=4, min_pixels=56 * 56,
+                                                                                     max_pixels=56 * 56), progress=False)
+    assert report["rows"] == 3 and report["bad"] == [] and len(report["clips"]) == 3

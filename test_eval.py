@@ -323,3 +323,120 @@ def test_cli_tiny_seed_protocol(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "results" / "data_tiny-qwen2-vl-test.json").read_text())
     assert saved["protocol"] == "seed" and saved["n"] == 2 and "seed (penalty" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --protocol video-r1: Video-R1's eval_bench.py on files in its released layout
+
+# the six files Video-R1 released (Video-R1-eval), each a JSON list in the 260k layout with paths relative to the
+# file; here two rows each about the synthetic clips, with the type mix of each benchmark and one unreadable video
+VIDEO_R1_BENCHMARKS = {"mvbench": ("multiple choice", "multiple choice"), "tempcompass": ("multiple choice", "multiple choice"),
+                       "videomme": ("multiple choice", "multiple choice"), "videommmu": ("multiple choice", "numerical"),
+                       "vsibench": ("multiple choice", "regression"), "mmvu": ("multiple choice", "free-form")}
+
+
+@pytest.fixture(scope="module")
+def video_r1_files(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("Evaluation")
+    rows = json.loads((Path(setup["data"]).parent / "test_260k.json").read_text())
+    by_type = {}
+    for r in rows:
+        by_type.setdefault(r["problem_type"], r)
+    for i, (name, types) in enumerate(VIDEO_R1_BENCHMARKS.items()):
+        (root / name).mkdir()
+        out = []
+        for j, t in enumerate(types):
+            row = dict(by_type[t], problem_id=j + 1, data_source=name)
+            video = Path(setup["data"]).parent / row["path"]
+            os.symlink(video, root / name / f"{j}.mp4")
+            out.append(dict(row, path=f"./{name}/{j}.mp4"))
+        if name == "videomme":
+            out[1]["path"] = "./videomme/missing.mp4"  # eval_bench.py scores an unreadable video as wrong
+        (root / f"eval_{name}.json").write_text(json.dumps(out, indent=2))
+    return root
+
+
+def video_r1_argv(setup, folder, output, *more):
+    return ["--tiny", "--model", setup["model"], "--protocol", "video-r1", "--data", str(folder), "--output", str(output),
+            "--max_new_tokens", "8", "--batch_size", "1", "--num_workers", "0", *more]
+
+
+def test_video_r1_protocol_flags(setup, video_r1_files):
+    cfg = ev.parse_config(["--model", "m", "--protocol", "video-r1", "--data", str(video_r1_files)])
+    assert (cfg.max_new_tokens, cfg.max_prompt_length) == (1024, 16384) and ev.VIDEO_R1_SAMPLING == {"temperature": 0.1, "top_p": 0.001}
+    assert [Path(d).name for d in cfg.data] == sorted(f"eval_{n}.json" for n in VIDEO_R1_BENCHMARKS)
+    assert (cfg.fps, cfg.min_frames, cfg.max_frames, cfg.min_pixels, cfg.max_pixels) == (2.0, 4, 16, 0, 0)  # its reader's
+    two = ev.parse_config(["--model", "m", "--protocol", "video-r1", "--data", "a.json", "b.json"])
+    assert two.data == ["a.json", "b.json"]
+    assert ev.video_r1_output_paths(two) == [[os.path.join("results", "video-r1", "m", f) for f in ("a_output.json", "b_output.json")]]
+    two.output = "out"
+    assert ev.video_r1_output_paths(two) == [[os.path.join("out", "a_output.json"), os.path.join("out", "b_output.json")]]
+    assert ev.parse_config(["--tiny", "--protocol", "video-r1"]).data == [os.path.join("data", "synthetic", "test_260k.json")]
+    with pytest.raises(SystemExit):
+        ev.parse_config(["--model", "m", "--data", "a.json", "b.json"])  # several files: only with --protocol video-r1
+    with pytest.raises(SystemExit):
+        ev.parse_config(["--model", "m", "--data", "a.json", "--prompt_template", "r1"])
+
+
+KILL_AFTER = """
+import os, sys, eval as ev
+calls, write = [0], ev.write_json
+def write_then_die(path, obj):
+    write(path, obj)
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AFTER"]):
+        os._exit(9)  # killed between two batches of the second benchmark
+ev.write_json = write_then_die
+ev.main(sys.argv[1:])
+"""
+
+
+def test_video_r1_protocol_scores_each_benchmark_and_resumes_after_a_kill(setup, video_r1_files, tmp_path, capsys):
+    whole = ev.main(video_r1_argv(setup, video_r1_files, tmp_path / "whole"))
+    text = capsys.readouterr().out
+    assert len(whole) == 1 and [s["benchmark"] for s in whole[0]] == sorted(VIDEO_R1_BENCHMARKS)
+    for s in whole[0]:
+        saved = json.loads(Path(s["output"]).read_text())
+        assert Path(s["output"]).name == f"eval_{s['benchmark']}_output.json" and set(saved) == {"results", "final_acc", "settings"}
+        raw = json.loads((video_r1_files / f"eval_{s['benchmark']}.json").read_text())
+        assert len(saved["results"]) == len(raw) == 2
+        for row, r in zip(saved["results"], raw):
+            assert {k: row[k] for k in r if k != "process"} == {k: v for k, v in r.items() if k != "process"}
+            assert row["prediction"] == rewards.video_r1_prediction(row["output"])
+            assert row["reward"] == rewards.video_r1_eval_reward(row["output"], r["solution"], r["problem_type"])
+            assert row["correct"] == (row["reward"] == 1.0)
+        acc = [r["reward"] for r in saved["results"] if r["problem_type"] != "regression"]
+        mra = [r["reward"] for r in saved["results"] if r["problem_type"] == "regression"]
+        assert saved["final_acc"] == [{"mean_acc": pytest.approx(sum(acc) / len(acc)),
+                                       "mean_mra": pytest.approx(sum(mra) / len(mra)) if mra else 0.0}]
+        assert f"{s['benchmark']} (" in text
+    videomme = json.loads((tmp_path / "whole" / "eval_videomme_output.json").read_text())["results"]
+    assert videomme[1]["output"] == ev.OUTPUT_ON_ERROR and videomme[1]["reward"] == 0.0 and "not found" in videomme[1]["error"]
+    assert "summary (%)" in text and "not read" in text and "mean_mra (%)" in text
+
+    # killed after the first row of the second benchmark, then run again: the same files, the first rows not redone
+    argv = video_r1_argv(setup, video_r1_files, tmp_path / "resumed")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", KILL_AFTER="4")
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    partial = json.loads((tmp_path / "resumed" / "eval_mvbench_output.json").read_text())
+    assert len(partial["results"]) == 1 and "final_acc" not in partial  # eval_mvbench sorts second
+    ev.main(argv)
+    assert "mvbench: 2 rows, 1 already in" in capsys.readouterr().err
+    for s in whole[0]:
+        name = Path(s["output"]).name
+        assert json.loads((tmp_path / "resumed" / name).read_text())["results"] == json.loads(Path(s["output"]).read_text())["results"]
+    with pytest.raises(ValueError, match="delete it or choose another --output"):  # other settings never mix in
+        ev.main(video_r1_argv(setup, video_r1_files, tmp_path / "resumed", "--max_frames", "2"))
+
+
+def test_show_takes_the_problem_type_options_and_template(setup, capsys):
+    import argparse
+    video = str(Path(setup["data"]).parent / "videos" / "test_00000.mp4")
+    args = argparse.Namespace(show=video, model_name_or_path=setup["model"], question="What shape?", save_pixels=None,
+                              problem_type="multiple choice", options=["A. circle", "B. square"], prompt_template="video-r1",
+                              fps=2.0, min_frames=4, max_frames=4, min_pixels=0, max_pixels=0)
+    assert data.show_main(args) == 0
+    shown = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert data.format_question("What shape?", "multiple choice", ["A. circle", "B. square"], prompt_template="video-r1") in shown["prompt"]
+    assert data.show_main(argparse.Namespace(**{**vars(args), "options": None})) == 2  # multiple choice needs options

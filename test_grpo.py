@@ -958,3 +958,25 @@ def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys):
                          "--max_new_tokens", "16", "--num_workers", "0", "--output", str(tmp_path / "mc.json")])
     assert summaries[0]["n"] == 4 and set(summaries[0]["accuracy_by_type"]) == {"multiple choice"}
     assert "multiple choice (%)" in capsys.readouterr().out
+
+
+def test_tiny_run_on_all_five_video_r1_types_with_its_reward_and_prompt(tiny_data):
+    """Video-R1's later recipe on a 260k-layout split of all five problem types: its accuracy rule, its words."""
+    import rewards
+    root, model_dir, train_path = tiny_data
+    out, split = root / "video-r1", os.path.join(os.path.dirname(train_path), "train_260k.json")
+    assert {r["problem_type"] for r in json.load(open(split))} == set(rewards.PROBLEM_TYPES)
+    run([sys.executable, "train.py", "--tiny", "--model_name_or_path", model_dir, "--data", split,
+         "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0", "--num_generations", "2",
+         "--prompts_per_device", "5", "--max_completion_length", "8", "--log_samples_steps", "1",
+         "--rewards", "video_r1_accuracy,format", "--prompt_template", "video-r1"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rewards/video_r1_accuracy"] <= 1 for r in rows)
+    assert json.load(open(out / "run_config.json"))["prompt_template"] == "video-r1"
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    for s in samples:  # each completion scored by its own row's type
+        row = next(r for r in json.load(open(split)) if r["problem"] == s["question"] and r["solution"] == s["solution"])
+        assert s["rewards"]["video_r1_accuracy"] == pytest.approx(
+            rewards.video_r1_accuracy([s["completion"]], [s["solution"]], problem_type=[row["problem_type"]])[0])
+    with pytest.raises(train.ConfigError, match="--prompt_template 'r1'"):
+        train.validate_config(train.parse_config(["--tiny", "--output_dir", str(out), "--prompt_template", "r1"]))

@@ -435,8 +435,8 @@ def test_accuracy_by_problem_type(completion, solution, problem_type, options, e
 def test_accuracy_default_type_is_numerical_and_unknown_type_raises():
     comps, sols = [_ans("3"), _ans("B")], ["3", "B"]
     assert accuracy_reward(comps, sols) == accuracy_reward(comps, sols, problem_type=["numerical"] * 2) == [1.0, 1.0]
-    with pytest.raises(ValueError, match="OCR"):
-        accuracy_reward(comps[:1], sols[:1], problem_type=["OCR"])
+    with pytest.raises(ValueError, match="essay"):
+        accuracy_reward(comps[:1], sols[:1], problem_type=["essay"])
     with pytest.raises(ValueError, match="problem types"):
         accuracy_reward(comps, sols, problem_type=["numerical"])
 
@@ -517,3 +517,155 @@ def test_findings_metrics_group_by_prompt_and_type():
     assert m["answer_entropy"] == pytest.approx(math.log(2) / 2) and m["answer_mode_share"] == 0.75
     plain = findings_metrics(completions, 2, lambda text: len(text.split()))  # all numerical: "(B)" and "B. red cube" differ
     assert plain["answer_entropy"] == pytest.approx(math.log(2) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video-R1-260k's other two types in our accuracy, and Video-R1's later rules (grpo.py, eval_bench.py) exactly
+
+import re  # noqa: E402
+
+import rewards  # noqa: E402
+
+# (completion, solution, problem_type, expected accuracy reward, id): OCR = 1 - WER (case-folded), regression = MRA
+OCR_REGRESSION_CASES = [
+    (_ans("red blue green"), "<answer>red blue green</answer>", "OCR", 1.0, "ocr-exact"),
+    (_ans("Red  BLUE green"), "<answer>red blue green</answer>", "OCR", 1.0, "ocr-case-and-spaces"),
+    (_ans("red green"), "<answer>red blue green</answer>", "OCR", pytest.approx(2 / 3), "ocr-one-deleted"),
+    (_ans("red blue blue green"), "<answer>red blue green</answer>", "OCR", pytest.approx(2 / 3), "ocr-one-inserted"),
+    (_ans("a b c d e f g"), "<answer>red</answer>", "OCR", 0.0, "ocr-clipped-at-0"),
+    (_ans(""), "<answer>red</answer>", "OCR", 0.0, "ocr-blank"),
+    ("red", "<answer>red</answer>", "OCR", 0.0, "hack-ocr-no-tag"),
+    (_ans("20"), "<answer>20</answer>", "regression", 1.0, "reg-exact"),
+    (_ans("20.0"), "<answer>20</answer>", "regression", 1.0, "reg-exact-decimal"),
+    (_ans("19"), "<answer>20</answer>", "regression", pytest.approx(0.9), "reg-5pct-off"),     # 0.05 < 1 - t for t < 0.95
+    (_ans("18.5"), "<answer>20</answer>", "regression", pytest.approx(0.9), "reg-7.5pct-off"),
+    (_ans("15"), "<answer>20</answer>", "regression", pytest.approx(0.5), "reg-25pct-off"),    # t = 0.50 .. 0.70
+    (_ans("10"), "<answer>20</answer>", "regression", 0.0, "reg-half-off"),
+    (_ans("0"), "<answer>0</answer>", "regression", 1.0, "reg-zero-truth-exact"),
+    (_ans("1"), "<answer>0</answer>", "regression", 0.0, "reg-zero-truth-off"),
+    (_ans("about 20"), "<answer>20</answer>", "regression", 0.0, "reg-not-a-number"),
+]
+
+
+@pytest.mark.parametrize("completion,solution,problem_type,expected", [c[:4] for c in OCR_REGRESSION_CASES],
+                         ids=[c[4] for c in OCR_REGRESSION_CASES])
+def test_accuracy_ocr_and_regression(completion, solution, problem_type, expected):
+    assert accuracy_reward([completion], [solution], problem_type=[problem_type]) == [expected]
+
+
+WER_CASES = [("a b c", "a b c"), ("a b c", "a x c"), ("a b c", "a c"), ("a b c", "a b b c"), ("a b c", ""),
+             ("one two three four", "four three two one"), ("the cat sat on the mat", "the the cat sat mat on"),
+             ("x", "y z w v"), ("A b", "a b"), ("a b c d e f", "b a c e d")]
+
+
+@pytest.mark.parametrize("reference,hypothesis", WER_CASES)
+def test_word_error_rate_matches_jiwer(reference, hypothesis):
+    jiwer = pytest.importorskip("jiwer")
+    assert rewards.word_error_rate(reference, hypothesis) == pytest.approx(jiwer.wer(reference, hypothesis))
+
+
+def test_word_error_rate_of_an_empty_reference_counts_per_one_word():
+    assert rewards.word_error_rate("", "") == 0.0 and rewards.word_error_rate("", "a b") == 2.0  # Video-R1's max(1, m)
+    assert rewards.word_error_rate("red  blue\ngreen", "red blue green") == 0.0  # words split on any whitespace
+
+
+def test_mean_relative_accuracy_thresholds():
+    # relative errors just inside / outside each threshold's 1 - t: 0.5, 0.45, ..., 0.05
+    assert [rewards.mean_relative_accuracy(100 + e, 100) for e in (0, 4, 6, 26, 49, 51, -49)] == \
+        [1.0, 1.0, 0.9, 0.5, 0.1, 0.0, 0.1]
+
+
+# (completion, solution, problem_type, expected video_r1_accuracy, id)
+VIDEO_R1_CASES = [
+    (_ans("B"), "<answer>B</answer>", "multiple choice", 1.0, "mc-equal"),
+    (_ans(" B "), "<answer>B</answer>", "multiple choice", 1.0, "mc-stripped"),
+    (_ans("B."), "<answer>B</answer>", "multiple choice", 0.0, "mc-string-not-letter"),
+    (_ans("B. blue sphere"), "<answer>B</answer>", "multiple choice", 0.0, "mc-letter-and-text"),
+    ("<answer>A</answer><answer>B</answer>", "<answer>B</answer>", "multiple choice", 0.0, "mc-first-answer-counts"),
+    ("B", "B", "multiple choice", 1.0, "mc-untagged-both-empty"),
+    ("<answer>\nB\n</answer>", "<answer>B</answer>", "multiple choice", 1.0, "mc-multiline"),
+    (_ans("3"), "<answer>3</answer>", "numerical", 1.0, "num-equal"),
+    (_ans("3.0"), "<answer>3</answer>", "numerical", 0.0, "num-decimal-mismatch"),
+    (_ans("3.001"), "<answer>3.0</answer>", "numerical", 1.0, "num-rounded-to-2"),
+    (_ans("3.01"), "<answer>3.0</answer>", "numerical", 0.0, "num-rounded-differs"),
+    (_ans("1,000"), "<answer>1.000</answer>", "numerical", 0.0, "num-comma-is-thousands"),
+    (_ans("1,000"), "<answer>1000.0</answer>", "numerical", 1.0, "num-comma-counts-as-decimal-mark"),
+    (_ans("1e3"), "<answer>1000</answer>", "numerical", 1.0, "num-float-syntax"),
+    (_ans("three"), "<answer>3</answer>", "numerical", 0.0, "num-word"),
+    (_ans("nan"), "<answer>nan</answer>", "numerical", 0.0, "num-nan-never-equal"),
+    (_ans("red blue green"), "<answer>red blue green</answer>", "OCR", 1.0, "ocr-exact"),
+    (_ans("red green"), "<answer>red blue green</answer>", "OCR", pytest.approx(2 / 3), "ocr-wer"),
+    (_ans("Red blue green"), "<answer>red blue green</answer>", "OCR", pytest.approx(2 / 3), "ocr-case-sensitive"),
+    (_ans("a b c d e"), "<answer>red</answer>", "OCR", 0.0, "ocr-clipped"),
+    (_ans("red cube"), "<answer>red cube</answer>", "free-form", pytest.approx(1.0), "free-exact"),
+    # ROUGE-1 F 0.8, ROUGE-2 F 2/3, ROUGE-L F 0.8, by hand
+    (_ans("red cube"), "<answer>a red cube</answer>", "free-form", pytest.approx((0.8 + 2 / 3 + 0.8) / 3), "free-rouge"),
+    (_ans("red cubes"), "<answer>a red cube</answer>", "free-form", pytest.approx((0.8 + 2 / 3 + 0.8) / 3), "free-stemmed"),
+    (_ans("blue sphere"), "<answer>a red cube</answer>", "free-form", 0.0, "free-no-overlap"),
+    (_ans("20"), "<answer>20</answer>", "regression", pytest.approx(1 - 1e-9 / (20 + 1e-9)), "reg-exact-nearly-1"),
+    (_ans("15"), "<answer>20</answer>", "regression", pytest.approx(0.75), "reg-relative-diff"),
+    (_ans("50"), "<answer>20</answer>", "regression", 0.0, "reg-clipped"),
+    (_ans("0"), "<answer>0</answer>", "regression", 0.0, "reg-zero-truth-scores-0"),
+    (_ans("nan"), "<answer>20</answer>", "regression", 1.0, "reg-nan-scores-1"),
+    (_ans("about 20"), "<answer>20</answer>", "regression", 0.0, "reg-not-a-number-swallowed"),
+    (_ans("3"), "<answer>3</answer>", "essay", 0.0, "unknown-type"),
+    (None, "<answer>3</answer>", "numerical", 0.0, "not-a-string-swallowed"),
+]
+
+
+@pytest.mark.parametrize("completion,solution,problem_type,expected", [c[:4] for c in VIDEO_R1_CASES],
+                         ids=[c[4] for c in VIDEO_R1_CASES])
+def test_video_r1_accuracy(completion, solution, problem_type, expected):
+    assert rewards.video_r1_accuracy([completion], [solution], problem_type=[problem_type]) == [expected]
+
+
+def test_video_r1_accuracy_scores_each_completion_by_its_own_type():
+    comps = [_ans("B"), _ans("red green"), _ans("15")]
+    sols = ["<answer>B</answer>", "<answer>red blue green</answer>", "<answer>20</answer>"]
+    types = ["multiple choice", "OCR", "regression"]
+    got = call_reward(REWARD_FUNCS["video_r1_accuracy"], comps, sols, problem_type=types, options=[OPTIONS, [], []])
+    assert got == [1.0, pytest.approx(2 / 3), pytest.approx(0.75)]
+    with pytest.raises(ValueError, match="problem types"):
+        rewards.video_r1_accuracy(comps, sols, problem_type=types[:1])
+
+
+def test_video_r1_format_is_seed_format():
+    """grpo.py's format_reward: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", content, re.DOTALL)."""
+    def theirs(c):
+        return 1.0 if re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", c, re.DOTALL) else 0.0
+    cases = [c for c, _, _ in FORMAT_CASES if isinstance(c, str)] + [" <think>a</think><answer>1</answer>",
+                                                                      "<think>a</think><answer>1</answer>\n"]
+    assert rewards.seed_format(cases) == [theirs(c) for c in cases]
+
+
+# (output, solution, problem_type, expected eval_bench reward_fn, id)
+VIDEO_R1_EVAL_CASES = [
+    (_ans("B"), "<answer>B</answer>", "multiple choice", 1.0, "mc-equal"),
+    ("B", "<answer>B</answer>", "multiple choice", 1.0, "mc-fallback-whole-output"),
+    (" B\n", "<answer>B</answer>", "multiple choice", 1.0, "mc-fallback-stripped"),
+    ("The answer is B", "<answer>B</answer>", "multiple choice", 0.0, "mc-fallback-whole-sentence"),
+    ("<answer></answer>B", "<answer>B</answer>", "multiple choice", 0.0, "mc-empty-answer-falls-back"),
+    (_ans("3.0"), "<answer>3</answer>", "numerical", 0.0, "num-decimal-mismatch"),
+    ("42", "<answer>42</answer>", "numerical", 1.0, "num-fallback"),
+    (_ans("20"), "<answer>20</answer>", "regression", 1.0, "reg-exact"),
+    (_ans("18.5"), "<answer>20</answer>", "regression", pytest.approx(0.9, abs=1e-6), "reg-mra"),
+    (_ans("15"), "<answer>20</answer>", "regression", pytest.approx(0.5, abs=1e-6), "reg-mra-half"),
+    ("15", "<answer>20</answer>", "regression", pytest.approx(0.5, abs=1e-6), "reg-fallback"),
+    (_ans("nan"), "<answer>20</answer>", "regression", 0.0, "reg-nan"),
+    (_ans("x"), "<answer>20</answer>", "regression", 0.0, "reg-not-a-number"),
+    (_ans("red cube"), "<answer>red cube</answer>", "free-form", 0.0, "free-form-scores-0"),
+    (_ans("red"), "<answer>red</answer>", "OCR", 0.0, "ocr-scores-0"),
+]
+
+
+@pytest.mark.parametrize("output,solution,problem_type,expected", [c[:4] for c in VIDEO_R1_EVAL_CASES],
+                         ids=[c[4] for c in VIDEO_R1_EVAL_CASES])
+def test_video_r1_eval_reward(output, solution, problem_type, expected):
+    assert rewards.video_r1_eval_reward(output, solution, problem_type) == expected
+
+
+def test_video_r1_mra_is_float32():
+    # float32 rounding: 2/3 relative error of 0.4 of the thresholds, as eval_bench's torch code returns it
+    assert rewards.video_r1_mra(2.0, 3.0) == pytest.approx(0.4) and rewards.video_r1_mra(2.0, 3.0) != 0.4
+    assert rewards.video_r1_prediction("<think>x</think><answer> 7 </answer>") == "7"
+    assert rewards.video_r1_prediction("7 apples") == "7 apples"

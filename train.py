@@ -62,7 +62,8 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
     vision RMSNorms, which its name rule misses (model.weight_decay_groups).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
-eval.py --protocol seed.
+eval.py --protocol seed. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
+video_r1_accuracy,seed_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
 """
 import argparse
 import collections
@@ -108,6 +109,7 @@ class Config:
     max_pixels: int = field(default=0, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
     max_prompt_length: int = field(default=4096, metadata={"help": "longer prompts (video tokens included) are skipped, never truncated"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding videos"})
+    prompt_template: str = field(default="default", metadata={"help": "default (per type; numerical: the seed's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
     # GRPO
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
     prompts_per_device: int = field(default=1, metadata={"help": "prompts per rank per step (each gets G completions)"})
@@ -216,6 +218,8 @@ def validate_config(cfg):
     if cfg.min_pixels < 0 or cfg.max_pixels < 0:
         raise ConfigError(f"--min_pixels {cfg.min_pixels} / --max_pixels {cfg.max_pixels}: min 0 (128 merged patches) or a "
                           f"bound, max 0 (the seed's reader's cap) or a cap")
+    if cfg.prompt_template not in data.PROMPT_TEMPLATE_NAMES:
+        raise ConfigError(f"--prompt_template {cfg.prompt_template!r}: choose one of {data.PROMPT_TEMPLATE_NAMES}")
     if cfg.loss_type not in LOSS_TYPES:
         raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.scale_rewards not in ("group", "none"):
@@ -567,7 +571,8 @@ def setup(cfg):
     except ValueError as e:  # no usable row: a data problem, reported like a wrong flag
         raise ConfigError(str(e)) from e
     dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
-                                      shuffled_frames=cfg.temporal_contrast, shuffle_seed=cfg.seed)
+                                      shuffled_frames=cfg.temporal_contrast, shuffle_seed=cfg.seed,
+                                      prompt_template=cfg.prompt_template)
     steps_per_epoch = len(dataset) // (world * B_max)
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
