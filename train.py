@@ -685,6 +685,62 @@ def rollout(run, batch):
     return completion_ids, shuffled_ids
 
 
+# one rollout of a batch: completion ids (B*G, C), loss mask (B*G, C), lengths (B*G,) (tokens, EOS included), truncated
+# (B*G,), the completion texts and T-GRPO's shuffled-video texts (or None)
+Sampled = collections.namedtuple("Sampled", "completion_ids mask lengths truncated completions shuffled")
+
+
+def sample(run, batch):
+    """The rollout of a batch, with its masks and texts (Sampled)."""
+    completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
+    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
+    truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
+    lengths = mask.sum(1).float()                                                         # (B*G,)
+    completions = model.decode_completions(run.tokenizer, completion_ids, mask)
+    if run.cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
+        mask = mask * (~truncated)[:, None].int()
+    shuffled = None if shuffled_ids is None else model.decode_completions(
+        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
+    return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
+
+
+def dynamic_sampling(run, batch, sampled):
+    """DAPO's dynamic sampling: a group whose G rewards are equal has no advantage and teaches nothing; it is replaced by
+    a group of a further prompt, batch after batch, until this rank has prompts_per_device informative groups or
+    --max_resample extra rollouts were spent. The ranks decide together, so every rank takes the same rollouts (ZeRO-3
+    gathers the weights for each; a rank already full rolls out and discards). Groups still missing are filled with
+    equal-reward ones whose tokens leave the loss (and DAPO's token count). Returns (the step's batch, its Sampled,
+    (epoch, batch index, examples failed, tried) of the extra batches or None, metrics)."""
+    cfg, G, B = run.cfg, run.cfg.num_generations, run.cfg.prompts_per_device
+    rounds, drawn = [(batch, sampled)], None
+    informative = lambda b, s: score(run, b, s.completions, s.shuffled, s.lengths.cpu())[1].view(-1, G).std(1) > 0  # (B,)
+    flags = [informative(batch, sampled)]
+    while len(rounds) <= cfg.max_resample:
+        need = torch.tensor(float(sum(f.sum().item() for f in flags) < B), device=run.device)
+        torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # any rank short: all roll out again
+        if not need.item():
+            break
+        epoch, batch_index, batch, failed, tried = next_batch(run)
+        drawn = (epoch, batch_index, failed + (drawn[2] if drawn else 0), tried + (drawn[3] if drawn else 0))
+        rounds.append((batch, sample(run, batch)))
+        flags.append(informative(*rounds[-1]))
+    # informative groups first, in the order drawn; then, if short, equal-reward ones
+    groups = sorted(((r, b) for r, f in enumerate(flags) for b in range(len(f))), key=lambda rb: not flags[rb[0]][rb[1]])[:B]
+    pick = lambda name, n=G: [getattr(rounds[r][1], name)[b * n:(b + 1) * n] for r, b in groups]
+    C = max(s.completion_ids.size(1) for _, s in rounds)
+    padded = lambda rows, value: torch.cat([torch.nn.functional.pad(x, (0, C - x.size(1)), value=value) for x in rows])
+    keep = torch.tensor([bool(flags[r][b]) for r, b in groups], device=run.device).repeat_interleave(G)  # (B*G,)
+    sampled = Sampled(padded(pick("completion_ids"), run.tokenizer.pad_token_id), padded(pick("mask"), 0) * keep[:, None],
+                      torch.cat(pick("lengths")), torch.cat(pick("truncated")), sum(pick("completions"), []),
+                      None if sampled.shuffled is None else sum(pick("shuffled", run.G_shuffled), []))
+    items = [data.uncollate(b) for b, _ in rounds]
+    batch = data.collate([items[r][b] for r, b in groups], run.tokenizer.pad_token_id)
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    metrics = {"dynamic/groups_dropped": sum((~f).sum().item() for f in flags), "dynamic/rollouts": len(rounds),
+               "dynamic/groups_filled": len(groups) - int(keep.sum()) // G}
+    return batch, sampled, drawn, metrics
+
+
 def score(run, batch, completions, shuffled, lengths):
     """The rewards of B*G completions, completion i answering prompt i // G: per reward (R, B*G), the weighted total
     with T-GRPO's and the length bonus (B*G,), and the accuracy-based metrics. shuffled: T-GRPO's B*G~ completions on
@@ -783,8 +839,8 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
 
 # what grpo_step returns: this rank's metrics (by name), the rollout for samples.jsonl (texts, per-reward scores
 # (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why the update was skipped (None, "loss",
-# "gradient")
-StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped")
+# "gradient"), the batch trained on, and (epoch, batch index, failed, tried) of the batches --dynamic_sampling added
+StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped batch drawn")
 
 
 def grpo_step(run, batch):
@@ -792,18 +848,13 @@ def grpo_step(run, batch):
     cfg, G = run.cfg, run.cfg.num_generations
     # rollout: G completions per prompt, with the policy's current weights
     t_rollout = time.time()
-    completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
+    sampled, drawn, dynamic = sample(run, batch), None, {}
+    if cfg.dynamic_sampling:  # groups of equal rewards replaced by groups of further prompts
+        batch, sampled, drawn, dynamic = dynamic_sampling(run, batch, sampled)
     rollout_time = time.time() - t_rollout
-    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
-    completions = model.decode_completions(run.tokenizer, completion_ids, mask)
-    lengths = mask.sum(1).float()                                                          # (B*G,)
-    truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
-    if cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
-        mask = mask * (~truncated)[:, None].int()
+    completion_ids, mask, lengths, truncated, completions, shuffled = sampled             # (B*G, C), (B*G, C), (B*G,) x2
 
     # rewards -> advantages, within each group of G
-    shuffled = None if shuffled_ids is None else model.decode_completions(
-        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
     per_reward, reward, extra = score(run, batch, completions, shuffled, lengths.cpu())   # (R, B*G), (B*G,)
     advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(run.device)      # (B*G,)
 
@@ -814,7 +865,8 @@ def grpo_step(run, batch):
     metrics = step_metrics(run, batch, completions, reward=reward, per_reward=per_reward, extra=extra, lengths=lengths,
                            truncated=truncated, loss=loss, loss_stats=loss_stats, logps=logps, ref_logps=ref_logps,
                            mask=mask, rollout_time=rollout_time)
-    return StepResult(metrics, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped)
+    return StepResult({**metrics, **dynamic}, completions, per_reward, advantages, lengths.sum().item(), grad_norm,
+                      skipped, batch, drawn)
 
 
 def log_samples(run, step, batch, completions, per_reward, advantages):
@@ -843,8 +895,10 @@ def train(cfg):
     for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
         epoch, batch_index, batch, failed, tried = next_batch(run)
-        position = (epoch, batch_index + 1)
         out = grpo_step(run, batch)
+        if out.drawn:  # --dynamic_sampling took further batches: the data position and load counts include them
+            epoch, batch_index, failed, tried = out.drawn[0], out.drawn[1], failed + out.drawn[2], tried + out.drawn[3]
+        position = (epoch, batch_index + 1)
         bad_steps = bad_steps + 1 if out.skipped else 0
         if out.skipped:
             print0(f"warning: step {step}: update skipped, non-finite {out.skipped}")
@@ -876,7 +930,7 @@ def train(cfg):
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
         if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
-            log_samples(run, step, batch, out.completions, out.per_reward, out.advantages)
+            log_samples(run, step, out.batch, out.completions, out.per_reward, out.advantages)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
