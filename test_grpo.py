@@ -889,6 +889,17 @@ def test_zero3_load_is_partitioned_and_equal(tiny_data):
     assert "partitioned all True" in run([sys.executable, "-c", PARTITION_SCRIPT, model_dir, port]).stdout
 
 
+# rank 0's groups all have reward variance, rank 1's none: under --dynamic_sampling rank 1 keeps asking for more
+RANK_SPLIT_SCRIPT = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import rewards, train
+rewards.REWARD_FUNCS["rank_split"] = lambda completions, solutions: [
+    float(os.environ["RANK"] == "0" and i % 2) for i in range(len(completions))]
+train.main(sys.argv[1:])
+"""
+
+
 def test_deepspeed_two_ranks_zero3(tiny_data):
     root, model_dir, train_path = tiny_data
     out = root / "ds"
@@ -896,11 +907,20 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     with socket.socket() as sock:  # a free port: a fixed one can still be held by an earlier run's store
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
-         "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0",
-         "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo"])  # dapo: all ranks' token count
+    (root / "rank_split.py").write_text(RANK_SPLIT_SCRIPT)
+    # dapo: all ranks' token count; dynamic sampling with ranks that drop different numbers of groups must not hang;
+    # the entropy threshold is gathered from ranks holding different token counts
+    run([deepspeed, "--num_gpus", "2", "--master_port", port, str(root / "rank_split.py"), "--tiny",
+         "--model_name_or_path", model_dir, "--data", train_path, "--output_dir", str(out), "--max_steps", "2",
+         "--num_workers", "0", "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo",
+         "--rewards", "rank_split,accuracy,format", "--reward_weights", "1,0,0", "--dynamic_sampling",
+         "--max_resample", "2", "--top_entropy_quantile", "0.5"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # means over the 2 ranks: rank 0 drops 0 groups, rank 1 all 2 of each of its 3 rollouts
+        assert r["dynamic/rollouts"] == 3 and r["dynamic/groups_dropped"] == 3 and r["dynamic/groups_filled"] == 1
+        assert r["frac_zero_std_groups"] == 0.5 and 0 < r["entropy_threshold"] and math.isfinite(r["loss"])
+    assert r["epoch"] == 1.5  # 2 steps x 3 batches of the 4 an epoch holds
     # DeepSpeed's CPU all-reduce buffers (/dev/shm, 66 MB a rank) are unlinked, not left behind run after run
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",
