@@ -962,6 +962,8 @@ def test_tgrpo_and_length_reward_run_and_log_their_metrics(tiny_data):
     (["--length_window", "320"], "--length_window '320'"),
     (["--lr_scheduler", "constant"], "--lr_scheduler must be linear or cosine"),
     (["--kl_clamp", "-1"], "--kl_clamp"),
+    (["--top_entropy_quantile", "0"], "--top_entropy_quantile must be in (0, 1]"),
+    (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])

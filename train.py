@@ -228,8 +228,7 @@ def validate_config(cfg):
     if cfg.lr_scheduler not in ("linear", "cosine") or cfg.kl_clamp < 0 or cfg.shuffled_generations < 0:
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
     if not 0 < cfg.top_entropy_quantile <= 1 or cfg.cispo_epsilon_max <= 0 or cfg.max_resample < 0:
-        raise ConfigError(f"--top_entropy_quantile {cfg.top_entropy_quantile} must be in (0, 1] (1: off); --cispo_epsilon_max "
-                          f"{cfg.cispo_epsilon_max} above 0; --max_resample {cfg.max_resample} at least 0")
+        raise ConfigError("--top_entropy_quantile must be in (0, 1] (1: off), --cispo_epsilon_max above 0, --max_resample >= 0")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
@@ -391,15 +390,9 @@ def high_entropy_mask(entropies, mask, top_quantile, all_entropies):
 
 def gather_entropies(entropies, mask):
     """The entropies of every rank's completion tokens, one (M,) tensor (a collective; ranks hold different counts)."""
-    local = entropies[mask.bool()].float()                                     # (n,)
-    count = torch.tensor([local.numel()], device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(counts, count)
-    padded = local.new_zeros(max(c.item() for c in counts))
-    padded[:local.numel()] = local
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    torch.distributed.all_gather(gathered, padded)
-    return torch.cat([g[:c.item()] for g, c in zip(gathered, counts)])         # (M,)
+    gathered = [None] * torch.distributed.get_world_size()  # a few thousand floats a rank: as objects, no padding
+    torch.distributed.all_gather_object(gathered, entropies[mask.bool()].float().cpu())
+    return torch.cat(gathered)                                                 # (M,)
 
 
 def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
@@ -685,8 +678,7 @@ def rollout(run, batch):
     return completion_ids, shuffled_ids
 
 
-# one rollout of a batch: completion ids (B*G, C), loss mask (B*G, C), lengths (B*G,) (tokens, EOS included), truncated
-# (B*G,), the completion texts and T-GRPO's shuffled-video texts (or None)
+# one batch's rollout: ids (B*G, C), loss mask (B*G, C), lengths and truncated (B*G,), texts, T-GRPO's shuffled texts or None
 Sampled = collections.namedtuple("Sampled", "completion_ids mask lengths truncated completions shuffled")
 
 
@@ -705,12 +697,11 @@ def sample(run, batch):
 
 
 def dynamic_sampling(run, batch, sampled):
-    """DAPO's dynamic sampling: a group whose G rewards are equal has no advantage and teaches nothing; it is replaced by
-    a group of a further prompt, batch after batch, until this rank has prompts_per_device informative groups or
-    --max_resample extra rollouts were spent. The ranks decide together, so every rank takes the same rollouts (ZeRO-3
-    gathers the weights for each; a rank already full rolls out and discards). Groups still missing are filled with
-    equal-reward ones whose tokens leave the loss (and DAPO's token count). Returns (the step's batch, its Sampled,
-    (epoch, batch index, examples failed, tried) of the extra batches or None, metrics)."""
+    """DAPO's dynamic sampling: a group of equal rewards has no advantage, so it is replaced by one of a further prompt,
+    batch after batch, until this rank has prompts_per_device informative groups or --max_resample extra rollouts were
+    spent. The ranks decide together: each takes the same rollouts (ZeRO-3 gathers the weights for each; a full rank
+    rolls out and discards). Missing groups are filled by equal-reward ones with no tokens in the loss (nor in DAPO's
+    count). Returns (batch, Sampled, (epoch, batch index, failed, tried) of the extra batches or None, metrics)."""
     cfg, G, B = run.cfg, run.cfg.num_generations, run.cfg.prompts_per_device
     rounds, drawn = [(batch, sampled)], None
     informative = lambda b, s: score(run, b, s.completions, s.shuffled, s.lengths.cpu())[1].view(-1, G).std(1) > 0  # (B,)
@@ -778,12 +769,9 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
     them. Returns (the last pass's log-probs (B*G, C), its loss and stats, grad norm, why the update was skipped:
     None, "loss" or "gradient")."""
     cfg, policy, top_entropy = run.cfg, run.policy, run.cfg.top_entropy_quantile < 1.0
-
-    def passes():  # the policy's log-probs (B*G, C) and, for --top_entropy_quantile, its entropies (B*G, C)
-        out = model.completion_logps(policy, batch, completion_ids, num_generations=cfg.num_generations,
-                                     temperature=cfg.temperature, entropy=top_entropy)
-        return out if top_entropy else (out, None)
-
+    logps_of = functools.partial(model.completion_logps, policy, batch, completion_ids, num_generations=cfg.num_generations,
+                                 temperature=cfg.temperature, entropy=top_entropy)
+    passes = lambda: logps_of() if top_entropy else (logps_of(), None)  # log-probs (B*G, C), entropies (B*G, C) or None
     policy.train()
     old_logps = None
     if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
@@ -793,19 +781,18 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
     skipped = None
     for _ in range(cfg.num_iterations):
         logps, entropies = passes()                                                     # (B*G, C), (B*G, C) or None
-        entropy_mask = entropy_stats = None
+        entropy_mask = None
         if top_entropy:  # the threshold is over every rank's tokens, recomputed each pass as the policy moves
             entropy_mask, threshold = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile,
                                                         gather_entropies(entropies, mask))  # (B*G, C)
-            entropy_stats = {"entropy": ((entropies * mask).sum() / mask.sum().clamp(min=1)).item(),
-                             "entropy_threshold": threshold}
         loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
                                      epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                      loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                      importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
                                      dapo_tokens=dapo_tokens, cispo_epsilon_max=cfg.cispo_epsilon_max,
                                      entropy_mask=entropy_mask)
-        loss_stats.update(entropy_stats or {})
+        if top_entropy:
+            loss_stats.update(entropy=((entropies * mask).sum() / mask.sum().clamp(min=1)).item(), entropy_threshold=threshold)
         finite = torch.tensor(float(torch.isfinite(loss)), device=run.device)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not finite.item():
@@ -865,8 +852,8 @@ def grpo_step(run, batch):
     metrics = step_metrics(run, batch, completions, reward=reward, per_reward=per_reward, extra=extra, lengths=lengths,
                            truncated=truncated, loss=loss, loss_stats=loss_stats, logps=logps, ref_logps=ref_logps,
                            mask=mask, rollout_time=rollout_time)
-    return StepResult({**metrics, **dynamic}, completions, per_reward, advantages, lengths.sum().item(), grad_norm,
-                      skipped, batch, drawn)
+    return StepResult({**metrics, **dynamic}, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped,
+                      batch, drawn)
 
 
 def log_samples(run, step, batch, completions, per_reward, advantages):
