@@ -13,6 +13,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2b --memory 1 --layers 2 --check_memory   # + the one-process terms measured on CPU
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
+    python bench.py --shape tiny --dynamic_sampling --only ours   # what each extra rollout of --dynamic_sampling costs
     python bench.py --shape tiny --only ours --threads 1 --completion_tokens 64   # decode ms/token: eager, static, compiled
     python bench.py --shape tiny --tiny_model qwen3-vl --only ours --decode eager,static   # another family's tiny model
 
@@ -42,6 +43,9 @@ A step, phase by phase (each way times the same work: B prompts x G completions 
 With --temporal_contrast a third way, "tgrpo", is ours with T-GRPO's rollout (train.py --temporal_contrast): the B
 prompts on their shuffled videos join the rollout, G // 2 completions each, one more vision pass per prompt; the
 other phases are ours (shuffled completions never enter the loss). Scoring them (decode + accuracy) is not timed.
+With --dynamic_sampling: what train.py --dynamic_sampling adds per extra rollout, i.e. ours' rollout phase of another
+batch of the same shape, plus joining the kept groups of two batches into one (data.uncollate, data.collate), timed;
+scoring the extra groups is not timed. JSON keys dynamic_extra_rollout_s, dynamic_join_s.
 
 Where this departs from a real training step, and why:
  1. EOS ids are suppressed (never sampled), so every completion has exactly --completion_tokens tokens and runs compare.
@@ -115,6 +119,7 @@ class Args:
     check_memory: bool = field(default=False, metadata={"help": "--memory with --layers: also measure, on CPU in bf16 at those layers, what one process allocates (the rollout's KV cache, the policy pass's peak) beside the estimate"})
     threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "also report what each extra rollout of train.py --dynamic_sampling adds to ours' step (see docstring)"})
     compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
     decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring); or a comma list of those paths; off"})
     decode_tokens: int = field(default=0, metadata={"help": "completion tokens for the decode measurement (0: --completion_tokens)"})
@@ -134,6 +139,7 @@ def parse_args(argv=None):
     assert not args.check_memory or (args.memory and args.layers), "--check_memory: with --memory N and --layers L (a CPU-sized model)"
     assert args.num_generations >= 2, "GRPO needs at least 2 completions per prompt"
     assert not (args.sweep and args.temporal_contrast), "--temporal_contrast: without --sweep (one measurement)"
+    assert not args.dynamic_sampling or (args.only != "baseline" and not args.sweep), "--dynamic_sampling: ours, without --sweep"
     assert min(args.frames, args.completion_tokens, args.prompts, args.repeats) >= 1, "counts must be at least 1"
     assert args.compile_rollout in ("auto", "on", "off"), f"--compile_rollout {args.compile_rollout}: choose auto, on or off"
     args.decodes = DECODES if args.decode == "on" else () if args.decode == "off" else tuple(args.decode.split(","))
@@ -591,6 +597,12 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
         row["speedup"] = {p: row["baseline"][p]["time_s"] / row["ours"][p]["time_s"] for p in row["ours"]}
     if args.temporal_contrast:  # what T-GRPO adds to ours, phase by phase
         row["tgrpo_added_s"] = {p: row["tgrpo"][p]["time_s"] - row["ours"][p]["time_s"] for p in row["ours"]}
+    if args.dynamic_sampling:  # an extra rollout is ours' rollout phase again; joining two batches' groups timed here
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            data.collate(data.uncollate(batch) + data.uncollate(batch), tokenizer.pad_token_id)
+        row["dynamic_join_s"] = (time.perf_counter() - t0) / args.repeats
+        row["dynamic_extra_rollout_s"] = row["ours"]["rollout"]["time_s"]
     return row
 
 
@@ -801,6 +813,11 @@ def main(argv=None):
             print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
                   f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
                   f"measured total difference {added['total']:+.3f}s")
+        if args.dynamic_sampling:
+            extra, total = row["dynamic_extra_rollout_s"] + row["dynamic_join_s"], row["ours"]["total"]["time_s"]
+            print(f"dynamic sampling adds {extra:.3f}s per extra rollout ({100 * extra / total:+.1f}% of ours' step: rollout "
+                  f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
+                  f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
         result = {**setup, **row}
         if args.decodes:
             batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,

@@ -509,6 +509,21 @@ def collate(items, pad_token_id):
     return batch
 
 
+def uncollate(batch):
+    """collate's inverse: the batch's examples as items, unpadded, so that examples of several batches can be collated
+    into one (train.py --dynamic_sampling). collate(uncollate(batch), pad_token_id) equals the batch."""
+    sizes = batch["video_grid_thw"].prod(1).tolist()  # patch rows per video
+    pixels = {k: batch[k].split(sizes) for k in ("pixel_values_videos", "pixel_values_videos_shuffled") if k in batch}
+    items = []
+    for b in range(len(batch["solution"])):
+        keep = batch["attention_mask"][b].bool()
+        item = {k: batch[k][b] for k in ("problem", "solution", "video", "index", "problem_type", "options")}
+        item.update({k: batch[k][b][keep] for k in ("input_ids", "mm_token_type_ids")}, **{k: v[b] for k, v in pixels.items()})
+        item.update({k: batch[k][b:b + 1] for k in ("video_grid_thw", "second_per_grid_ts") if k in batch})
+        items.append(item)
+    return items
+
+
 def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
     """This rank's example indices for one epoch: one shuffle per epoch from the seed, the tail that cannot fill a
     step on every rank dropped, rank r taking every world-th index (ranks never share a prompt)."""

@@ -30,12 +30,15 @@ class ModelError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # log-probs and special tokens
 
-def selective_log_softmax(logits, index, temperature=1.0):
+def selective_log_softmax(logits, index, temperature=1.0, entropy=False):
     """log softmax(logits / temperature)[index], in fp32 (fp64 stays fp64) one row at a time. With grad it keeps
     only the logits themselves for the backward (their dtype, bf16 in training) and one logsumexp per position:
     autograd through the fp32 rows would keep an fp32 copy of all of them, 2x the bf16 logits (4,096 x 151,936 at the
-    seed's G=8 x 512 tokens: 2.3 GiB more per GPU). (N, T, V), (N, T) -> (N, T)"""
-    return SelectiveLogSoftmax.apply(logits, index, temperature)
+    seed's G=8 x 512 tokens: 2.3 GiB more per GPU). (N, T, V), (N, T) -> (N, T)
+    entropy=True: also each position's entropy -sum p log p of the same distribution (N, T), no grad, from the same
+    row while it is in memory (--top_entropy_quantile)."""
+    out = SelectiveLogSoftmax.apply(logits, index, temperature, entropy)
+    return out if entropy else out[0]
 
 
 class SelectiveLogSoftmax(torch.autograd.Function):
@@ -43,25 +46,31 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     (onehot(index) - softmax(logits / T)) / T times the incoming gradient; softmax recomputed from the saved logsumexp."""
 
     @staticmethod
-    def forward(ctx, logits, index, temperature):
-        log_probs, lse = [], []
+    def forward(ctx, logits, index, temperature, entropy):
+        log_probs, lse, entropies = [], [], []
         for row_logits, row_index in zip(logits, index):                              # (T, V), (T,)
             row = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32)) / temperature  # only this row
             lse.append(torch.logsumexp(row, dim=-1))                                   # (T,)
             log_probs.append(row.gather(-1, row_index[:, None]).squeeze(-1) - lse[-1])
+            if entropy:  # H = lse - sum p * logit: one more (T, V) temporary, freed with the row
+                entropies.append(lse[-1] - (row - lse[-1][:, None]).exp_().mul_(row).sum(-1))  # (T,)
         ctx.save_for_backward(logits, index, torch.stack(lse))                         # (N, T, V), (N, T), (N, T)
         ctx.temperature = temperature
-        return torch.stack(log_probs)                                                  # (N, T)
+        if not entropy:
+            return (torch.stack(log_probs),)                                           # (N, T)
+        entropies = torch.stack(entropies)                                             # (N, T)
+        ctx.mark_non_differentiable(entropies)
+        return torch.stack(log_probs), entropies
 
     @staticmethod
-    def backward(ctx, grad):                                                           # (N, T)
+    def backward(ctx, grad, *_):                                                       # (N, T); the entropy's: none
         logits, index, lse = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)                                         # (N, T, V)
         for n in range(logits.size(0)):  # one fp32 (T, V) row at a time
             row = logits[n].to(lse.dtype, copy=True).div_(ctx.temperature).sub_(lse[n, :, None]).exp_()  # softmax
             row.mul_(-grad[n, :, None]).scatter_add_(-1, index[n, :, None], grad[n, :, None])
             grad_logits[n] = row.div_(ctx.temperature)
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -472,13 +481,13 @@ def use_packed_attention(model):
     return model
 
 
-def completion_logps(model, batch, completion_ids, *, num_generations, temperature):
+def completion_logps(model, batch, completion_ids, *, num_generations, temperature, entropy=False):
     """
     Per-token log-probs (B*G, C) of the completions under `model`, grad flowing: the policy pass. Each prompt and its G
     completions are packed into one row, [prompt | completion 1 | ... | completion G], which packed_attention splits
     again, so the video is encoded and the prompt's ~1,200 tokens run once per prompt rather than once per completion:
     B*(P+G*C) positions instead of B*G*(P+C), gradient checkpointing untouched. Every completion gets the M-RoPE
-    positions it had in the rollout (starting where its prompt ends).
+    positions it had in the rollout (starting where its prompt ends). entropy=True: (log-probs, entropies (B*G, C), no grad).
     """
     assert model.config.text_config._attn_implementation == "packed_sdpa", "load with load_model, or use_packed_attention(model)"
     (B, P), G, C = batch["input_ids"].shape, num_generations, completion_ids.size(1)
@@ -494,7 +503,7 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
                 packed=packed_masks(batch["attention_mask"], G, C) if padded else (P, C), use_cache=False,
                 logits_to_keep=keep.flatten())
     logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
-    return selective_log_softmax(logits, completion_ids, temperature)                 # (B*G, C)
+    return selective_log_softmax(logits, completion_ids, temperature, entropy)       # (B*G, C)
 
 
 @torch.no_grad()

@@ -499,6 +499,28 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
 
 
+def test_uncollate_inverts_collate_and_recombines_batches(synthetic, tokenizer):
+    # --dynamic_sampling joins examples of several batches: collate(uncollate(b)) is b, and any selection of the
+    # uncollated examples collates as those examples would have directly (prompts of other lengths re-padded)
+    _, train, _ = synthetic
+    examples = data.load_examples(train)
+    examples = [examples[0], dict(examples[1], problem="How many circles are there? " * 5), examples[2]]
+    ds = data.VideoPromptDataset(examples, tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56),
+                                 shuffled_frames=True)
+    items, pad_id = [ds[i] for i in range(3)], tokenizer.pad_token_id
+    first, second = data.collate(items[:2], pad_id), data.collate(items[2:], pad_id)
+
+    def same(a, b):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+
+    same(data.collate(data.uncollate(first), pad_id), first)
+    mixed = data.collate([data.uncollate(second)[0], data.uncollate(first)[0]], pad_id)
+    same(mixed, data.collate([items[2], items[0]], pad_id))
+    assert "pixel_values_videos_shuffled" in mixed and mixed["input_ids"].shape[1] < first["input_ids"].shape[1]
+
+
 def test_overlong_prompt_is_skipped_not_truncated(synthetic, tokenizer):
     _, train, _ = synthetic
     examples = data.load_examples(train)[:1]

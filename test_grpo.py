@@ -45,14 +45,20 @@ def naive_advantages(rewards, G, scale, eps=1e-4):
     return torch.tensor(out)
 
 
-def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len):
+def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len, cispo_max=5.0,
+               keep=None):
     N, T = logps.shape
     terms = [[None] * T for _ in range(N)]
     for i in range(N):
         for t in range(T):
             old = logps[i, t].detach() if old_logps is None else old_logps[i, t]
             ratio = torch.exp(logps[i, t] - old)
-            term = -torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
+            if loss_type == "cispo":  # MiniMax-M1: sg(min(ratio, eps_max)) * A * log pi
+                term = -float(min(ratio.item(), cispo_max)) * adv[i] * logps[i, t]
+            else:
+                term = -torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
+            if keep is not None and not keep[i][t]:  # a low-entropy token: no policy term
+                term = term * 0
             if beta != 0:
                 d = ref_logps[i, t] - logps[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
@@ -64,7 +70,7 @@ def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, 
             rows.append(sum(terms[i]) / n if n > 0 else torch.zeros(()))
         return sum(rows) / N
     total = sum(terms[i][t] for i in range(N) for t in range(T))
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return total / max(int(mask.sum()), 1)
     return total / (N * max_len)
 
@@ -110,7 +116,7 @@ def test_completion_mask_matches_naive():
     assert train.completion_mask(ids, eos).tolist() == expected
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
@@ -123,11 +129,12 @@ def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
     adv = torch.randn(N)
     mask = (torch.rand(N, T) > 0.3).int()
     mask[2] = 0  # a completion with no token contributes 0, never NaN
-    kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T)
+    kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T,
+              cispo_epsilon_max=1.3)  # cispo: a cap the off-policy ratios pass
     loss, stats = train.grpo_loss(logps, old, ref, adv, mask, **kw)
     (grad,) = torch.autograd.grad(loss, logps)
     logps2 = logps.detach().clone().requires_grad_(True)
-    ref_loss = naive_loss(logps2, old, ref, adv, mask, beta, 0.2, 0.28, loss_type, T)
+    ref_loss = naive_loss(logps2, old, ref, adv, mask, beta, 0.2, 0.28, loss_type, T, cispo_max=1.3)
     (ref_grad,) = torch.autograd.grad(ref_loss, logps2)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
@@ -139,7 +146,7 @@ def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
 
 def test_grpo_loss_all_masked_is_zero_not_nan():
     logps = torch.zeros(2, 3, requires_grad=True)
-    for loss_type in ("grpo", "dapo", "dr_grpo"):
+    for loss_type in train.LOSS_TYPES:
         loss, _ = train.grpo_loss(logps, None, None, torch.ones(2), torch.zeros(2, 3, dtype=torch.int), beta=0.0,
                                   epsilon_low=0.2, epsilon_high=0.2, loss_type=loss_type, max_completion_length=3)
         assert loss.item() == 0.0
@@ -152,6 +159,68 @@ def test_on_policy_gradient_is_the_policy_gradient():
                               epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=2)
     (grad,) = torch.autograd.grad(loss, logps)
     torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
+
+
+def test_cispo_capped_tokens_keep_their_gradient():
+    # where the clipped GRPO objective's gradient is 0 (ratio past 1 + eps, A > 0), CISPO's is -min(ratio, cap) * A / n
+    logps, old = torch.zeros(1, 2, requires_grad=True), torch.tensor([[-1.0, -3.0]])  # ratios e, e^3 = 20.1
+    for loss_type, expected in (("dapo", [0.0, 0.0]), ("cispo", [-math.e / 2, -5.0 / 2])):
+        loss, stats = train.grpo_loss(logps, old, None, torch.ones(1), torch.ones(1, 2), beta=0.0, epsilon_low=0.2,
+                                      epsilon_high=0.2, loss_type=loss_type, max_completion_length=2)
+        torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.tensor([expected]))
+    assert stats["clip_ratio"] == 0.5  # cispo: the share of tokens whose weight the cap bound
+
+
+def naive_quantile(values, q):
+    """numpy's / torch's default 'linear' quantile, written out: position q * (n - 1) in the sorted values."""
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo = math.floor(pos)
+    return values[lo] + (pos - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.5, 1.0])
+def test_high_entropy_mask_matches_the_definition_over_all_ranks(rho):
+    # two ranks simulated: the threshold is the (1 - rho) quantile of both ranks' completion tokens, never one rank's
+    g = torch.Generator().manual_seed(0)
+    ent = [torch.rand(3, 6, generator=g) * 4, torch.rand(2, 9, generator=g)]      # rank 1: low entropies, other shape
+    masks = [(torch.rand(3, 6, generator=g) > 0.3).int(), (torch.rand(2, 9, generator=g) > 0.2).int()]
+    pooled = [e.item() for ent_r, m in zip(ent, masks) for e, keep in zip(ent_r.flatten(), m.flatten()) if keep]
+    threshold = naive_quantile(pooled, 1 - rho)
+    all_entropies = torch.cat([e[m.bool()] for e, m in zip(ent, masks)])
+    kept = 0
+    for ent_r, m in zip(ent, masks):
+        ours, ours_threshold = train.high_entropy_mask(ent_r, m, rho, all_entropies)
+        naive = [[bool(m[i, t]) and ent_r[i, t].item() >= threshold for t in range(m.size(1))] for i in range(m.size(0))]
+        assert ours.tolist() == naive and ours_threshold == pytest.approx(threshold, rel=1e-6)
+        kept += int(ours.sum())
+    assert abs(kept - rho * len(pooled)) <= 1  # the top rho share of all tokens
+    own = train.high_entropy_mask(ent[1], masks[1], 0.2, ent[1][masks[1].bool()])[0]  # rank 1 alone would keep some
+    assert own.any() and (rho == 1.0 or not train.high_entropy_mask(ent[1], masks[1], 0.2, all_entropies)[0].any())
+
+
+def test_high_entropy_mask_equals_trls():
+    trl = pytest.importorskip("trl")
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(1)
+    entropies, mask = torch.rand(4, 7, generator=g) * 3, (torch.rand(4, 7, generator=g) > 0.3).int()
+    fake = SimpleNamespace(accelerator=SimpleNamespace(pad_across_processes=lambda t, **kw: t, gather=lambda t: t))
+    theirs = trl.GRPOTrainer.get_high_entropy_mask(fake, entropies, mask, 1 - 0.2)
+    ours = train.high_entropy_mask(entropies, mask, 0.2, entropies[mask.bool()])[0]
+    assert ours.tolist() == theirs.bool().tolist()
+
+
+def test_entropy_mask_keeps_the_kl_and_the_token_count():
+    torch.manual_seed(2)
+    logps, old, ref = -torch.rand(4, 5, requires_grad=True), -torch.rand(4, 5), -torch.rand(4, 5)
+    adv, mask, keep = torch.randn(4), (torch.rand(4, 5) > 0.2).int(), torch.rand(4, 5) > 0.6
+    for loss_type in train.LOSS_TYPES:
+        loss, _ = train.grpo_loss(logps, old, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
+                                  loss_type=loss_type, max_completion_length=5, entropy_mask=keep)
+        naive = naive_loss(logps, old, ref, adv, mask, 0.04, 0.2, 0.2, loss_type, 5, keep=keep)
+        torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.autograd.grad(naive, logps)[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _dapo_problem():
@@ -348,6 +417,15 @@ def test_selective_log_softmax_gradient_matches_autograd_and_keeps_only_the_logi
     assert sum(saved) <= logits.nbytes + index.nbytes + 3 * 5 * 8, saved  # no fp32 copy of the (N, T, V) logits
     with torch.no_grad():  # the reference pass: the same numbers without a graph
         torch.testing.assert_close(selective_log_softmax(ours_in, index, 0.7), ours.detach())
+    # entropy=True: the same log-probs and gradient, plus -sum p log p of each position, no grad, nothing more saved
+    ent_in, saved_ent = logits.detach().clone().requires_grad_(), []  # (fp64: naive_in is logits itself)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_ent.append(t.nbytes) or t, lambda t: t):
+        ours_ent, entropy = selective_log_softmax(ent_in, index, 0.7, entropy=True)
+    ours_ent.backward(upstream.to(ours.dtype))
+    p = torch.softmax(logits.detach().double() / 0.7, -1)
+    torch.testing.assert_close(entropy.double(), -(p * p.log()).sum(-1), **tol)
+    assert torch.equal(ours_ent, ours.detach()) and torch.equal(ent_in.grad, ours_in.grad)
+    assert not entropy.requires_grad and saved_ent == saved
 
 
 def test_rewards_follow_their_own_prompt():
@@ -812,6 +890,17 @@ def test_zero3_load_is_partitioned_and_equal(tiny_data):
     assert "partitioned all True" in run([sys.executable, "-c", PARTITION_SCRIPT, model_dir, port]).stdout
 
 
+# rank 0's groups all have reward variance, rank 1's none: under --dynamic_sampling rank 1 keeps asking for more
+RANK_SPLIT_SCRIPT = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import rewards, train
+rewards.REWARD_FUNCS["rank_split"] = lambda completions, solutions: [
+    float(os.environ["RANK"] == "0" and i % 2) for i in range(len(completions))]
+train.main(sys.argv[1:])
+"""
+
+
 def test_deepspeed_two_ranks_zero3(tiny_data):
     root, model_dir, train_path = tiny_data
     out = root / "ds"
@@ -819,11 +908,20 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     with socket.socket() as sock:  # a free port: a fixed one can still be held by an earlier run's store
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
-         "--data", train_path, "--output_dir", str(out), "--max_steps", "2", "--num_workers", "0",
-         "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo"])  # dapo: all ranks' token count
+    (root / "rank_split.py").write_text(RANK_SPLIT_SCRIPT)
+    # dapo: all ranks' token count; dynamic sampling with ranks that drop different numbers of groups must not hang;
+    # the entropy threshold is gathered from ranks holding different token counts
+    run([deepspeed, "--num_gpus", "2", "--master_port", port, str(root / "rank_split.py"), "--tiny",
+         "--model_name_or_path", model_dir, "--data", train_path, "--output_dir", str(out), "--max_steps", "2",
+         "--num_workers", "0", "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo",
+         "--rewards", "rank_split,accuracy,format", "--reward_weights", "1,0,0", "--dynamic_sampling",
+         "--max_resample", "2", "--top_entropy_quantile", "0.5"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # means over the 2 ranks: rank 0 drops 0 groups, rank 1 all 2 of each of its 3 rollouts
+        assert r["dynamic/rollouts"] == 3 and r["dynamic/groups_dropped"] == 3 and r["dynamic/groups_filled"] == 1
+        assert r["frac_zero_std_groups"] == 0.5 and 0 < r["entropy_threshold"] and math.isfinite(r["loss"])
+    assert r["epoch"] == 1.5  # 2 steps x 3 batches of the 4 an epoch holds
     # DeepSpeed's CPU all-reduce op is not built, so no /dev/shm buffer (66 MB a rank) is left behind run after run
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",
@@ -911,6 +1009,8 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--length_window", "320"], "--length_window '320'"),
     (["--lr_scheduler", "constant"], "--lr_scheduler must be linear or cosine"),
     (["--kl_clamp", "-1"], "--kl_clamp"),
+    (["--top_entropy_quantile", "0"], "--top_entropy_quantile must be in (0, 1]"),
+    (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])

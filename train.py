@@ -124,7 +124,7 @@ class Config:
     beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model"})
     epsilon_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
     epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (N * max_len))"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (N * max_len)), cispo (docs/methods.md)"})
     num_iterations: int = field(default=1, metadata={"help": "mu: optimizer updates per rollout"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions that never emitted EOS from the loss"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion, exp of its mean token log-ratio; the GSPO paper clips it at --epsilon_low 3e-4 --epsilon_high 4e-4)"})
@@ -137,6 +137,11 @@ class Config:
     length_reward: bool = field(default=False, metadata={"help": "in a group with more than one correct completion, +length_bonus to correct ones whose length is in --length_window"})
     length_window: str = field(default="320,512", metadata={"help": "lo,hi: completion lengths (tokens, EOS included) that earn the length bonus"})
     length_bonus: float = field(default=0.2, metadata={"help": "the length reward's bonus"})
+    # methods adopted since Video-R1 (docs/methods.md)
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace groups of equal rewards by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
+    max_resample: int = field(default=4, metadata={"help": "--dynamic_sampling: most extra rollouts per step"})
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off)"})
+    cispo_epsilon_max: float = field(default=5.0, metadata={"help": "--loss_type cispo: the cap on the importance weight"})
     # optimisation
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, decayed to 0 by --lr_scheduler"})
     lr_scheduler: str = field(default="linear", metadata={"help": "linear or cosine decay to 0 after the warmup"})
@@ -175,7 +180,7 @@ TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.
             max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
             max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
             log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
 
 
 def dataclass_parser(cls, description, **special):
@@ -230,6 +235,8 @@ def validate_config(cfg):
         raise ConfigError(f"--importance_sampling_level {cfg.importance_sampling_level!r}: choose token or sequence")
     if cfg.lr_scheduler not in ("linear", "cosine") or cfg.kl_clamp < 0 or cfg.shuffled_generations < 0:
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
+    if not 0 < cfg.top_entropy_quantile <= 1 or cfg.cispo_epsilon_max <= 0 or cfg.max_resample < 0:
+        raise ConfigError("--top_entropy_quantile must be in (0, 1] (1: off), --cispo_epsilon_max above 0, --max_resample >= 0")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
@@ -321,13 +328,15 @@ def split_rollout(completion_ids, num_normal, eos_token_ids):
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
-              max_completion_length, importance_sampling_level="token", kl_clamp=0.0, dapo_tokens=None):
+              max_completion_length, importance_sampling_level="token", kl_clamp=0.0, dapo_tokens=None,
+              cispo_epsilon_max=5.0, entropy_mask=None):
     """
     logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T).
     old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
     when beta == 0. importance_sampling_level "sequence" is GSPO: one ratio per completion, clipped as a whole.
-    dapo_tokens: what dapo divides this rank's token sum by (None: this batch's own count; train() passes all ranks'
-    count / world size, so the averaged gradients are one token mean over the step).
+    dapo_tokens: what dapo (and cispo) divides this rank's token sum by (None: this batch's own count; train() passes all
+    ranks' count / world size, so the averaged gradients are one token mean over the step). entropy_mask (N, T): only
+    its tokens keep the policy term (--top_entropy_quantile); the KL term and the token count are unchanged.
     Returns (scalar loss, dict of detached stats).
     """
     mask = mask.to(logps.dtype)
@@ -340,15 +349,20 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_lo
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)                                               # (N, T) or (N, 1)
     adv = advantages[:, None]                                                  # (N, 1)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)                         # (N, T)
+    if loss_type == "cispo":  # the weight is capped and detached, so no token loses its gradient (no clip zeroes it)
+        per_token = -torch.clamp(ratio, max=cispo_epsilon_max).detach() * adv * logps  # (N, T)
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)                     # (N, T)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask                                   # (N, T)
     kl = None
     if beta != 0.0:
         kl = per_token_kl(logps, ref_logps, clamp=kl_clamp)                    # (N, T)
         per_token = per_token + beta * kl
     if loss_type == "grpo":      # mean over each completion's tokens, then over completions; empty rows give 0
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "dapo":    # every token of the batch weighs the same
+    elif loss_type in ("dapo", "cispo"):  # every token of the batch weighs the same
         loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if dapo_tokens is None else dapo_tokens)
     elif loss_type == "dr_grpo":  # a constant normaliser: no length bias
         loss = (per_token * mask).sum() / (mask.size(0) * max_completion_length)
@@ -356,6 +370,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_lo
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     n_tokens = mask.sum().clamp(min=1)
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    if loss_type == "cispo":  # the tokens whose weight was capped
+        is_clipped = ratio.expand_as(mask) > cispo_epsilon_max
     stats = {"clip_ratio": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item(),
              "kl": 0.0 if kl is None else ((kl * mask).sum() / n_tokens).item()}
     return loss, stats
@@ -368,6 +384,23 @@ def dapo_divisor(mask, world):
     n = mask.sum().to(torch.float64)
     torch.distributed.all_reduce(n)
     return max(n.item(), 1.0) / world
+
+
+def high_entropy_mask(entropies, mask, top_quantile, all_entropies):
+    """--top_entropy_quantile rho ("Beyond the 80/20 Rule"; TRL's get_high_entropy_mask): True on this rank's completion
+    tokens whose entropy is >= the (1 - rho) quantile (torch.quantile, linear interpolation) of all_entropies, every
+    rank's completion-token entropies. (N, T), (N, T), float, (M,) -> (N, T) bool, threshold (float)"""
+    if all_entropies.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool), 0.0
+    threshold = torch.quantile(all_entropies.float(), 1 - top_quantile)
+    return (entropies >= threshold) & mask.bool(), threshold.item()
+
+
+def gather_entropies(entropies, mask):
+    """The entropies of every rank's completion tokens, one (M,) tensor (a collective; ranks hold different counts)."""
+    gathered = [None] * torch.distributed.get_world_size()  # a few thousand floats a rank: as objects, no padding
+    torch.distributed.all_gather_object(gathered, entropies[mask.bool()].float().cpu())
+    return torch.cat(gathered)                                                 # (M,)
 
 
 def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
@@ -668,6 +701,60 @@ def rollout(run, batch):
     return completion_ids, shuffled_ids
 
 
+# one batch's rollout: ids (B*G, C), loss mask (B*G, C), lengths and truncated (B*G,), texts, T-GRPO's shuffled texts or None
+Sampled = collections.namedtuple("Sampled", "completion_ids mask lengths truncated completions shuffled")
+
+
+def sample(run, batch):
+    """The rollout of a batch, with its masks and texts (Sampled)."""
+    completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
+    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
+    truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
+    lengths = mask.sum(1).float()                                                         # (B*G,)
+    completions = model.decode_completions(run.tokenizer, completion_ids, mask)
+    if run.cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
+        mask = mask * (~truncated)[:, None].int()
+    shuffled = None if shuffled_ids is None else model.decode_completions(
+        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
+    return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
+
+
+def dynamic_sampling(run, batch, sampled):
+    """DAPO's dynamic sampling: a group of equal rewards has no advantage, so it is replaced by one of a further prompt,
+    batch after batch, until this rank has prompts_per_device informative groups or --max_resample extra rollouts were
+    spent. The ranks decide together: each takes the same rollouts (ZeRO-3 gathers the weights for each; a full rank
+    rolls out and discards). Missing groups are filled by equal-reward ones with no tokens in the loss (nor in DAPO's
+    count). Returns (batch, Sampled, (epoch, batch index, failed, tried) of the extra batches or None, metrics)."""
+    cfg, G, B = run.cfg, run.cfg.num_generations, run.cfg.prompts_per_device
+    rounds, drawn = [(batch, sampled)], None
+    informative = lambda b, s: score(run, b, s.completions, s.shuffled, s.lengths.cpu())[1].view(-1, G).std(1) > 0  # (B,)
+    flags = [informative(batch, sampled)]
+    while len(rounds) <= cfg.max_resample:
+        need = torch.tensor(float(sum(f.sum().item() for f in flags) < B), device=run.device)
+        torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # any rank short: all roll out again
+        if not need.item():
+            break
+        epoch, batch_index, batch, failed, tried = next_batch(run)
+        drawn = (epoch, batch_index, failed + (drawn[2] if drawn else 0), tried + (drawn[3] if drawn else 0))
+        rounds.append((batch, sample(run, batch)))
+        flags.append(informative(*rounds[-1]))
+    # informative groups first, in the order drawn; then, if short, equal-reward ones
+    groups = sorted(((r, b) for r, f in enumerate(flags) for b in range(len(f))), key=lambda rb: not flags[rb[0]][rb[1]])[:B]
+    pick = lambda name, n=G: [getattr(rounds[r][1], name)[b * n:(b + 1) * n] for r, b in groups]
+    C = max(s.completion_ids.size(1) for _, s in rounds)
+    padded = lambda rows, value: torch.cat([torch.nn.functional.pad(x, (0, C - x.size(1)), value=value) for x in rows])
+    keep = torch.tensor([bool(flags[r][b]) for r, b in groups], device=run.device).repeat_interleave(G)  # (B*G,)
+    sampled = Sampled(padded(pick("completion_ids"), run.tokenizer.pad_token_id), padded(pick("mask"), 0) * keep[:, None],
+                      torch.cat(pick("lengths")), torch.cat(pick("truncated")), sum(pick("completions"), []),
+                      None if sampled.shuffled is None else sum(pick("shuffled", run.G_shuffled), []))
+    items = [data.uncollate(b) for b, _ in rounds]
+    batch = data.collate([items[r][b] for r, b in groups], run.tokenizer.pad_token_id)
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    metrics = {"dynamic/groups_dropped": sum((~f).sum().item() for f in flags), "dynamic/rollouts": len(rounds),
+               "dynamic/groups_filled": len(groups) - int(keep.sum()) // G}
+    return batch, sampled, drawn, metrics
+
+
 def score(run, batch, completions, shuffled, lengths):
     """The rewards of B*G completions, completion i answering prompt i // G: per reward (R, B*G), the weighted total
     with T-GRPO's and the length bonus (B*G,), and the accuracy-based metrics. shuffled: T-GRPO's B*G~ completions on
@@ -704,23 +791,31 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
     """num_iterations (mu) optimizer updates on one rollout; a non-finite loss on any rank skips the update on all of
     them. Returns (the last pass's log-probs (B*G, C), its loss and stats, grad norm, why the update was skipped:
     None, "loss" or "gradient")."""
-    cfg, policy = run.cfg, run.policy
-    passes = functools.partial(model.completion_logps, policy, batch, completion_ids, num_generations=cfg.num_generations,
-                               temperature=cfg.temperature)
+    cfg, policy, top_entropy = run.cfg, run.policy, run.cfg.top_entropy_quantile < 1.0
+    logps_of = functools.partial(model.completion_logps, policy, batch, completion_ids, num_generations=cfg.num_generations,
+                                 temperature=cfg.temperature, entropy=top_entropy)
+    passes = lambda: logps_of() if top_entropy else (logps_of(), None)  # log-probs (B*G, C), entropies (B*G, C) or None
     policy.train()
     old_logps = None
     if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
         with torch.no_grad():
-            old_logps = passes()                                                        # (B*G, C)
-    dapo_tokens = dapo_divisor(mask, run.world) if cfg.loss_type == "dapo" else None
+            old_logps = passes()[0]                                                     # (B*G, C)
+    dapo_tokens = dapo_divisor(mask, run.world) if cfg.loss_type in ("dapo", "cispo") else None
     skipped = None
     for _ in range(cfg.num_iterations):
-        logps = passes()                                                                # (B*G, C)
+        logps, entropies = passes()                                                     # (B*G, C), (B*G, C) or None
+        entropy_mask = None
+        if top_entropy:  # the threshold is over every rank's tokens, recomputed each pass as the policy moves
+            entropy_mask, threshold = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile,
+                                                        gather_entropies(entropies, mask))  # (B*G, C)
         loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
                                      epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                      loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                      importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
-                                     dapo_tokens=dapo_tokens)
+                                     dapo_tokens=dapo_tokens, cispo_epsilon_max=cfg.cispo_epsilon_max,
+                                     entropy_mask=entropy_mask)
+        if top_entropy:
+            loss_stats.update(entropy=((entropies * mask).sum() / mask.sum().clamp(min=1)).item(), entropy_threshold=threshold)
         finite = torch.tensor(float(torch.isfinite(loss)), device=run.device)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not finite.item():
@@ -742,7 +837,7 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
     columns = dict(problem_type=batch["problem_type"], options=batch["options"])
     return {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
             **{f"rewards/{n}": r.mean().item() for n, r in zip(run.reward_names, per_reward)},
-            "kl": loss_stats["kl"], "clip_ratio": loss_stats["clip_ratio"], "completion_length": lengths.mean().item(),
+            **loss_stats, "completion_length": lengths.mean().item(),  # kl, clip_ratio; entropy, entropy_threshold
             "truncated_ratio": truncated.float().mean().item(),
             "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
             "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
@@ -754,8 +849,8 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
 
 # what grpo_step returns: this rank's metrics (by name), the rollout for samples.jsonl (texts, per-reward scores
 # (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why the update was skipped (None, "loss",
-# "gradient")
-StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped")
+# "gradient"), the batch trained on, and (epoch, batch index, failed, tried) of the batches --dynamic_sampling added
+StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped batch drawn")
 
 
 def grpo_step(run, batch):
@@ -763,18 +858,13 @@ def grpo_step(run, batch):
     cfg, G = run.cfg, run.cfg.num_generations
     # rollout: G completions per prompt, with the policy's current weights
     t_rollout = time.time()
-    completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
+    sampled, drawn, dynamic = sample(run, batch), None, {}
+    if cfg.dynamic_sampling:  # groups of equal rewards replaced by groups of further prompts
+        batch, sampled, drawn, dynamic = dynamic_sampling(run, batch, sampled)
     rollout_time = time.time() - t_rollout
-    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
-    completions = model.decode_completions(run.tokenizer, completion_ids, mask)
-    lengths = mask.sum(1).float()                                                          # (B*G,)
-    truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
-    if cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
-        mask = mask * (~truncated)[:, None].int()
+    completion_ids, mask, lengths, truncated, completions, shuffled = sampled             # (B*G, C), (B*G, C), (B*G,) x2
 
     # rewards -> advantages, within each group of G
-    shuffled = None if shuffled_ids is None else model.decode_completions(
-        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
     per_reward, reward, extra = score(run, batch, completions, shuffled, lengths.cpu())   # (R, B*G), (B*G,)
     advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(run.device)      # (B*G,)
 
@@ -785,7 +875,8 @@ def grpo_step(run, batch):
     metrics = step_metrics(run, batch, completions, reward=reward, per_reward=per_reward, extra=extra, lengths=lengths,
                            truncated=truncated, loss=loss, loss_stats=loss_stats, logps=logps, ref_logps=ref_logps,
                            mask=mask, rollout_time=rollout_time)
-    return StepResult(metrics, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped)
+    return StepResult({**metrics, **dynamic}, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped,
+                      batch, drawn)
 
 
 def log_samples(run, step, batch, completions, per_reward, advantages):
@@ -814,8 +905,10 @@ def train(cfg):
     for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
         epoch, batch_index, batch, failed, tried = next_batch(run)
-        position = (epoch, batch_index + 1)
         out = grpo_step(run, batch)
+        if out.drawn:  # --dynamic_sampling took further batches: the data position and load counts include them
+            epoch, batch_index, failed, tried = out.drawn[0], out.drawn[1], failed + out.drawn[2], tried + out.drawn[3]
+        position = (epoch, batch_index + 1)
         bad_steps = bad_steps + 1 if out.skipped else 0
         if out.skipped:
             print0(f"warning: step {step}: update skipped, non-finite {out.skipped}")
@@ -847,7 +940,7 @@ def train(cfg):
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
         if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
-            log_samples(run, step, batch, out.completions, out.per_reward, out.advantages)
+            log_samples(run, step, out.batch, out.completions, out.per_reward, out.advantages)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
