@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 import data
+import runtime
 import tiny
 import train
 from model import (completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
@@ -126,7 +127,7 @@ class Args:
 
 
 def parse_args(argv=None):
-    args = Args(**vars(train.dataclass_parser(Args, __doc__).parse_args(argv)))
+    args = Args(**vars(runtime.dataclass_parser(Args, __doc__).parse_args(argv)))
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")

@@ -1,6 +1,6 @@
 """
-Checkpoints: the HF model folders train.py writes (save_model), and the training state for exact resume that it
-saves every --save_steps and reads back with --resume_from.
+What a run writes: the HF model folders (save_model), the training state for exact resume that it saves every
+--save_steps and reads back with --resume_from, and metrics.jsonl (MetricsLogger).
 
     OUTPUT_DIR/checkpoint-<step>/            an HF model folder (weights, tokenizer, preprocessor config), kept;
                                              with LoRA the adapter in peft's format instead of the weights
@@ -16,6 +16,7 @@ Only the newest --save_total_limit training states are kept (they hold the optim
 the HF model files of only the newest --save_model_limit checkpoint folders (0: all). At 7B a training state is
 ~100 GB (fp32 master weights and two Adam moments, in ZeRO shards), a model folder 16.6 GB (bf16).
 """
+import dataclasses
 import glob
 import json
 import os
@@ -179,3 +180,40 @@ def truncate_jsonl(path, max_step):
                 keep.append(line)
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+class MetricsLogger:
+    """metrics.jsonl + optional wandb / tensorboard on rank 0; a no-op elsewhere, so callers need no `if`."""
+
+    def __init__(self, cfg, rank, resumed):
+        self.active = rank == 0
+        self.backend = None
+        if not self.active:
+            return
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if resumed else "w")
+        name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
+        if cfg.report_to == "wandb":
+            import wandb
+            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg), resume="allow")
+        elif cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.backend = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+
+    def log(self, row):
+        if not self.active:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if hasattr(self.backend, "add_scalar"):
+            for k, v in row.items():
+                self.backend.add_scalar(k, v, row["step"])
+        elif self.backend is not None:
+            self.backend.log(row, step=row["step"])
+
+    def close(self):
+        if self.active:
+            self.file.close()
+            if hasattr(self.backend, "close"):
+                self.backend.close()
+            elif self.backend is not None:
+                self.backend.finish()

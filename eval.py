@@ -58,6 +58,7 @@ import torch
 
 import data
 import rewards
+import runtime
 import train
 from model import (COMPILE_ROLLOUT, ModelError, decode_completions, generation_repetition_penalty, load_model, model_family,
                    resolve_model_dir, rollout_decode, sample_completions, special_token_ids)
@@ -115,7 +116,7 @@ def seed_number(text):
 
 
 def parse_config(argv=None):
-    parser = train.dataclass_parser(Config, __doc__, model=dict(action="append", default=None), data=dict(nargs="+", default=None))
+    parser = runtime.dataclass_parser(Config, __doc__, model=dict(action="append", default=None), data=dict(nargs="+", default=None))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})
@@ -382,22 +383,10 @@ def output_paths(cfg):
     return paths
 
 
-def init_distributed():
-    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs alone without a process group."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=train.DIST_TIMEOUT)  # compile stalls
-    return rank, world, device
-
-
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = parse_config(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = runtime.init_distributed(use_deepspeed=False)
     if cfg.protocol == "video-r1":
         return main_video_r1(cfg, world, device)
     if cfg.tiny:  # made on first use, on rank 0, while the others wait

@@ -9,9 +9,8 @@ import warnings
 import pytest
 import torch
 
-import eval as evaluate
 import model as model_lib
-import train
+import runtime
 from model import decode_shape, decode_step, packed_attention, prefill, sample_completions, static_cache
 from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
 
@@ -134,6 +133,6 @@ def test_process_groups_wait_for_a_compile(monkeypatch):
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999")):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    train.init_distributed()
-    evaluate.init_distributed()
-    assert seen["train"]["timeout"] == seen["eval"]["timeout"] == train.DIST_TIMEOUT >= datetime.timedelta(minutes=30)
+    runtime.init_distributed()                     # train.py's
+    runtime.init_distributed(use_deepspeed=False)  # eval.py's
+    assert seen["train"]["timeout"] == seen["eval"]["timeout"] == runtime.DIST_TIMEOUT >= datetime.timedelta(minutes=30)

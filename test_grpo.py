@@ -865,9 +865,9 @@ def test_toy_reward_is_learned(tiny_data):
 
 
 PARTITION_SCRIPT = """
-import os, sys, deepspeed, torch, model, train
+import os, sys, deepspeed, torch, model, runtime
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-train.skip_cpu_allreduce_build()
+runtime.skip_cpu_allreduce_build()
 deepspeed.init_distributed(dist_backend="gloo")
 plain = model.load_model(sys.argv[1], bf16=False).state_dict()
 model.partition_at_load({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})

@@ -166,7 +166,7 @@ def test_a_save_keeps_itself_and_drops_the_abandoned_runs_newer_checkpoints(tmp_
 
 def test_a_stale_extension_lock_does_not_hang_a_run(setup, tmp_path):
     # a run killed while DeepSpeed JIT-built its CPU all-reduce op left torch's lock file: a later run that built the
-    # op would wait on it forever (FileBaton has no timeout). The op is not built (train.skip_cpu_allreduce_build).
+    # op would wait on it forever (FileBaton has no timeout). The op is not built (runtime.skip_cpu_allreduce_build).
     extensions = tmp_path / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").write_text("")

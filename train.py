@@ -16,60 +16,19 @@ advantages; compute per-token log-probs of the policy (with grad), the reference
 num_iterations > 1, the old policy; minimise the clipped GRPO objective with a k3 KL penalty. The model passes (rollout,
 log-probs, loading) are in model.py; this file holds the config, the rewards-to-loss math and the loop.
 
-Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of early 2025), and why:
- 1. The G completions of a prompt come from one batched generation: the prompt is prefilled once and its KV
-    cache repeated G times (the seed made G separate generate calls).
- 2. The vision tower encodes each video once per pass, and the ~1,200-token prompt runs once per pass rather than
-    once per completion: the reference pass puts the G completions on its repeated KV cache, the policy pass packs
-    them after it in one row, its attention split again (the seed re-encoded the video and re-ran the prompt 2G+ times).
- 3. The reference model sees the video (the seed's reference pass got only the text: a KL to a blind model).
- 4. Log-prob passes get the attention mask and M-RoPE positions of the padded batch (the seed passed none).
- 5. Logits only at completion positions, log-softmax row by row (the seed took full-vocabulary logits over the
-    whole ~1,200-token video prompt).
- 6. Prompts are never truncated (cutting into video tokens breaks the model): an over-long prompt is skipped
-    and reported (the seed's `max_prompt_length` truncated ids that were then not used).
- 7. Video decoding runs in DataLoader workers, not inside the loss.
- 8. Completions, rewards and prompts stay aligned for any prompts_per_device (the seed assumed 1).
- 9. Accuracy needs the <answer> tag, exactly as eval.py scores it (the seed's training reward also took a bare
-    number).
-10. Log-probs are of temperature-scaled logits, the distribution that was sampled (the same at temperature 1.0).
-11. A completion ends at its first <|im_end|> or <|endoftext|> (the seed masked after <|im_end|> only: a completion
-    that ended on <|endoftext|> kept its trailing pads in the loss).
-12. Log-softmax in fp32 (the seed's ran in bf16).
-13. The per-token KL is not clamped (the seed clamped k3 to [-100, 100]: k3 >= 0, so only the top binds, and there
-    it zeroes the KL's gradient on exactly the tokens that drifted furthest; fp32 log-probs do not overflow).
-    --kl_clamp 10 clamps the log-ratio instead, as the seed's newer trainer does.
-14. Rank r seeds with seed + r (the seed: one seed on every rank).
-15. Steps per epoch = floor(examples / (ranks x prompts)) (the HF Trainer counts the last, partial batch too).
-16. --loss_type dapo divides by the token count of the whole step, all ranks (the seed had only grpo).
-17. Metrics: ours plus the seed's, under seed/ (README, What a run writes).
-18. T-GRPO (--temporal_contrast) decides p and p~ per prompt (the seed: per GPU, one prompt each); the shuffled videos
-    are sampled in the same batched rollout as the normal ones (the seed: a second generate), in a frame order fixed
-    per example by --seed (the seed drew a new one each step). T-GRPO, the length bonus and all_correct/all_wrong
-    read the run's accuracy reward: the first --rewards name containing "accuracy", else `accuracy` (run_config.json's
-    accuracy_reward), as the seed reads its accuracy column (its all_correct/all_wrong: the total reward >= 2 / <= 1).
-19. Each completion is scored by its own row's problem_type, a multiple-choice answer by its option letter ("B.", "(B)"
-    are B), free-form by normalised exact match (Video-R1's later trainer took the first row's type for the whole
-    batch, compared multiple-choice answers as strings and gave free-form answers ROUGE credit).
-20. The rollout samples from the top_k / top_p filtered distribution (the seed's top_k 50); the log-prob passes score
-    the unfiltered temperature-scaled one, as TRL does. So the ratio pi / pi_old (and the KL) compare unfiltered
-    distributions while the tokens came from the filtered one: a small off-policy bias (tokens outside the top k are
-    never sampled, but keep their probability in the log-softmax), accepted by TRL and the seed alike.
-21. For num_iterations > 1 the old-policy log-probs come from the policy pass itself (packed, train mode, no grad), so
-    the first ratio is exactly 1, not 1 up to rounding of another code path (spurious clipping).
-22. Completions never sample the untrained embedding rows past the tokenizer (Qwen2-VL: ~400 of them).
-23. Weight decay skips biases and norm weights, as the HF Trainer behind the seed's 260k recipe, and also Qwen2.5-VL's
-    vision RMSNorms, which its name rule misses (model.weight_decay_groups).
+Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of early 2025), and why, each with its
+test: docs/video-r1.md. In short: one batched rollout per prompt (prefilled once), the video encoded and the prompt run
+once per pass, a reference that sees the video, the release rule's M-RoPE positions in every pass, fp32 log-softmax at
+completion positions only, prompts skipped rather than truncated, each completion scored by its own row's type, and
+T-GRPO, the length bonus and all_correct/all_wrong reading the run's accuracy reward (rewards.reward_of_kind).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
 video_r1_accuracy,seed_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
 """
-import argparse
 import collections
 import contextlib
 import dataclasses
-import datetime
 import faulthandler
 import functools
 import json
@@ -90,6 +49,8 @@ import checkpoint
 import data
 import model
 import rewards
+import runtime
+from runtime import print0
 
 
 @dataclass
@@ -183,23 +144,8 @@ TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
 
 
-def dataclass_parser(cls, description, **special):
-    """One --flag per field of a config dataclass, its help from the field; booleans as --flag / --no-flag.
-    `special` maps a field name to add_argument keywords that replace the default ones (e.g. action="append")."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        if f.name in special:
-            kwargs = special[f.name]
-        elif f.type in (bool, "bool"):
-            kwargs = dict(action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kwargs = dict(type=type(f.default), default=f.default)
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"], **kwargs)
-    return parser
-
-
 def parse_config(argv=None):
-    parser = dataclass_parser(Config, __doc__)
+    parser = runtime.dataclass_parser(Config, __doc__)
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**dict(TINY, model_name_or_path=f"data/tiny-{args.tiny_model}"))
@@ -432,51 +378,7 @@ def eta(elapsed, steps_done, steps_left):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# setup helpers: distributed, DeepSpeed config, logging
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-# a rank compiling a new decode shape (minutes at 7B) keeps the others waiting in the next collective: longer than
-# the 10-minute default of NCCL and DeepSpeed (docs/performance.md, The rollout's decode)
-DIST_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-def init_distributed():
-    """One process (`python train.py`), torchrun or the deepspeed launcher: all end up in one process group."""
-    import deepspeed
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:  # a free port, so two single-process runs can share a machine
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if not torch.cuda.is_available():
-        skip_cpu_allreduce_build()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:  # ranks on one CPU share its cores: oversubscribed OpenMP threads made CPU steps ~15x slower
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
-
-
-def skip_cpu_allreduce_build():
-    """On CPU, DeepSpeed's process group JIT-compiles a shared-memory all-reduce (deepspeed_shm_comm: 35-90 s and a
-    C++ compiler on an environment's first run, under a lock file that a run killed meanwhile leaves behind, hanging
-    every later run) and maps a 66 MB /dev/shm buffer per rank that it never unlinks. Only its inference all-reduce
-    uses that op; training's collectives are gloo's. So the build is skipped: DeepSpeed falls back as on a machine
-    where the op cannot be built."""
-    import importlib  # not `deepspeed.comm.torch`: that name is torch itself (deepspeed.comm star-imports it)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
+# the DeepSpeed config
 
 def build_ds_config(cfg):
     """The ZeRO settings from cfg.deepspeed; batch size, clipping and precision from the Config (one source each)."""
@@ -491,44 +393,6 @@ def build_ds_config(cfg):
               gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": cfg.bf16},
               zero_allow_untested_optimizer=True, steps_per_print=10**9)
     return ds
-
-
-
-class MetricsLogger:
-    """metrics.jsonl + optional wandb / tensorboard on rank 0; a no-op elsewhere, so callers need no `if`."""
-
-    def __init__(self, cfg, rank, resumed):
-        self.active = rank == 0
-        self.backend = None
-        if not self.active:
-            return
-        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if resumed else "w")
-        name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
-        if cfg.report_to == "wandb":
-            import wandb
-            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg), resume="allow")
-        elif cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.backend = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
-
-    def log(self, row):
-        if not self.active:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if hasattr(self.backend, "add_scalar"):
-            for k, v in row.items():
-                self.backend.add_scalar(k, v, row["step"])
-        elif self.backend is not None:
-            self.backend.log(row, step=row["step"])
-
-    def close(self):
-        if self.active:
-            self.file.close()
-            if hasattr(self.backend, "close"):
-                self.backend.close()
-            elif self.backend is not None:
-                self.backend.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +434,7 @@ def setup(cfg):
     import deepspeed
     from transformers import AutoTokenizer
 
-    rank, world, device = init_distributed()
+    rank, world, device = runtime.init_distributed()
     # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
                             r"deprecated", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
@@ -648,7 +512,7 @@ def setup(cfg):
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
                        "steps_per_epoch": steps_per_epoch, "model_dir": model_dir, "accuracy_reward": accuracy_name}, f, indent=2)
-    logger = MetricsLogger(cfg, rank, resumed=start_step > 0)
+    logger = checkpoint.MetricsLogger(cfg, rank, resumed=start_step > 0)
     print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
     batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
