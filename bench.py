@@ -827,7 +827,7 @@ def main(argv=None):
             decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
                                             repeats=args.repeats, decodes=args.decodes, **step_kw)
             print_decode(decode)
-            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for the README's profile
+            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for docs/performance.md's profile
                 for name, table in tables.items():
                     print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
             result.update(decode)

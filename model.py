@@ -569,7 +569,7 @@ def resolve_model_dir(name, flag="--model_name_or_path"):
         return snapshot_download(name)
     except Exception as e:  # offline, unknown id, no access: say what to do instead of a hub traceback
         raise ModelError(f"{flag} {name}: not a local folder and the hub download failed ({type(e).__name__}). "
-                         f"Download it where the hub is reachable (`huggingface-cli download {name} --local-dir DIR`) "
+                         f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`) "
                          f"and pass the folder, or try the offline demo: python train.py --tiny") from e
 
 

@@ -245,7 +245,7 @@ def test_nan_loss_skips_the_update_then_stops_after_several(setup):
     (["--loss_type", "ppo"], "--loss_type 'ppo'"),
     (["--data", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl: no such file"),
     (["--video_root", "/nonexistent/videos"], "/nonexistent/videos: no such folder"),
-    (["--model_name_or_path", "./models/qwen-missing"], "huggingface-cli download"),
+    (["--model_name_or_path", "./models/qwen-missing"], "hf download"),
     (["--deepspeed", "missing_ds.json"], "missing_ds.json: no such file"),
     (["--reward_weights", "1,2,3"], "one weight per reward"),
     (["--max_pixels", "-1"], "--max_pixels -1"),

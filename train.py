@@ -201,7 +201,7 @@ def validate_config(cfg):
     # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
     generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
     if not generated and not os.path.isfile(cfg.data):
-        raise ConfigError(f"--data {cfg.data}: no such file (DVD-counting layout: see README, Data)")
+        raise ConfigError(f"--data {cfg.data}: no such file (the layouts: docs/data.md)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
         raise ConfigError(f"--video_root {cfg.video_root}: no such folder")
     import tiny
@@ -218,7 +218,7 @@ def validate_config(cfg):
         hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/", "~"))
         if not hub_id:
             raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
-                              f"Download with `huggingface-cli download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
+                              f"Download with `hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
                               f"or try the offline demo: python train.py --tiny")
     ran_here = any(os.path.exists(os.path.join(cfg.output_dir, f)) for f in ("metrics.jsonl", "run_config.json"))
     if ran_here and not cfg.resume_from and not cfg.overwrite_output_dir:
@@ -696,7 +696,7 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
 
 def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths, truncated, loss, loss_stats, logps,
                  ref_logps, mask, rollout_time):
-    """This rank's metrics of the step, by name (README, What a run writes); the loop averages them over ranks."""
+    """This rank's metrics of the step, by name (docs/training.md, Metrics); the loop averages them over ranks."""
     G = run.cfg.num_generations
     columns = dict(problem_type=batch["problem_type"], options=batch["options"])
     return {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
@@ -708,7 +708,7 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
             "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
             **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
                 completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
-            **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names: README, metrics
+            **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names (docs/training.md)
 
 
 # what grpo_step returns: this rank's metrics (by name), the rollout for samples.jsonl (texts, per-reward scores
