@@ -182,6 +182,20 @@ def truncate_jsonl(path, max_step):
         f.writelines(keep)
 
 
+def log_samples(output_dir, step, rank, world, batch, completions, reward_names, per_reward, advantages, G):
+    """Every rank's rollouts of this step, appended to samples.jsonl by rank 0 (a collective: all ranks call it).
+    completion i answers prompt i // G; per_reward (R, B*G), advantages (B*G,)."""
+    samples = [{"step": step, "rank": rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
+                "question": batch["problem"][i // G], "solution": batch["solution"][i // G], "completion": completion,
+                "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
+                "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, samples)
+    if rank == 0:
+        with open(os.path.join(output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
+
+
 class MetricsLogger:
     """metrics.jsonl + optional wandb / tensorboard on rank 0; a no-op elsewhere, so callers need no `if`."""
 

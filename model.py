@@ -323,8 +323,9 @@ def pick_decode_step(shape, device, eager_because=None):
     are compiled; past that, or once dynamo refuses (`eager_because`), decode_step uncompiled: never an error, one
     warning. On CUDA, past CUDA_GRAPHS_MAX recorded graphs (new weight addresses, as ZeRO-3's gather may make, record
     again) everything is released and compiled anew."""
-    if cuda_graph_count(device) and cuda_graph_count(device) > CUDA_GRAPHS_MAX:
-        warnings.warn(f"{cuda_graph_count(device)} CUDA graphs recorded for the decode step (> CUDA_GRAPHS_MAX "
+    graphs = cuda_graph_count(device)  # None off CUDA
+    if graphs is not None and graphs > CUDA_GRAPHS_MAX:
+        warnings.warn(f"{graphs} CUDA graphs recorded for the decode step (> CUDA_GRAPHS_MAX "
                       f"{CUDA_GRAPHS_MAX}): released, the step compiles again")
         release_decode_caches()
     compiled = [k for k, v in _decode_shapes.items() if v == "compiled"]
@@ -556,13 +557,18 @@ def model_family(model_dir):
                          f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     return found
 
+def is_hub_id(name):
+    """Shaped like a hub id ("Qwen/Qwen2-VL-7B-Instruct") and not a path under a local folder ("runs/nope", when runs/
+    exists, is a missing run, not a hub id)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.isdir(name.split("/")[0])
+
+
 def resolve_model_dir(name, flag="--model_name_or_path"):
     """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk). A path that is no
     folder, or a failed download, is a ModelError naming `flag` (eval.py: --model)."""
     if os.path.isdir(name):
         return name
-    # "runs/nope" is shaped like a hub id too: when its first part is a local folder, it was meant as a path
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or os.path.isdir(name.split("/")[0]):
+    if not is_hub_id(name):
         raise ModelError(f"{flag} {name}: no such folder (nor a hub id like Qwen/Qwen2-VL-7B-Instruct)")
     from huggingface_hub import snapshot_download
     try:

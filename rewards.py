@@ -59,6 +59,8 @@ import re
 from collections import Counter
 from decimal import Decimal
 
+import torch
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
@@ -383,6 +385,18 @@ def signal_groups(accuracy, group_size):
     return (acc >= 1).all(1).float().mean().item(), (acc <= 0).all(1).float().mean().item()
 
 
+def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size, **columns):
+    """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
+    columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
+    that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
+    per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
+    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
+    per_reward = torch.tensor([call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
+                              dtype=torch.float32)  # (R, B*G)
+    return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
+
+
 def reward_of_kind(names, kind):
     """The first of a run's reward names that contains `kind` ("accuracy", "format"), else None. The run's accuracy
     reward (T-GRPO, the length bonus, all_correct/all_wrong) is reward_of_kind(names, "accuracy") or "accuracy":
@@ -475,7 +489,6 @@ def video_r1_accuracy(completions, solutions, problem_type=None, **kwargs):
 def video_r1_mra(pred, truth):
     """eval_bench.py's mean_relative_accuracy, in float32 torch as it computes it: rel = |pred - truth| / (|truth| +
     1e-8), thresholds torch.arange(0.5, 0.975, 0.05) (ten), the share with rel < 1 - threshold."""
-    import torch
     pred, truth = torch.tensor(pred, dtype=torch.float32), torch.tensor(truth, dtype=torch.float32)
     rel_error = torch.abs(pred - truth) / (torch.abs(truth) + 1e-8)
     thresholds = torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)  # (10,)

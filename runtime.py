@@ -1,11 +1,12 @@
 """
-What train.py, eval.py and bench.py share and none of them is about: flags from a config dataclass, the process group
-(one process, torchrun or the deepspeed launcher), rank-0 printing.
+What train.py, eval.py and bench.py share and none of them is about: flags from a config dataclass, the DeepSpeed
+config, the process group (one process, torchrun or the deepspeed launcher), rank-0 printing.
 """
 import argparse
 import dataclasses
 import datetime
 import importlib
+import json
 import os
 
 import torch
@@ -26,6 +27,26 @@ def dataclass_parser(cls, description, **special):
     return parser
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work: reported in one line, exit code 2, before any model is loaded."""
+
+
+def build_ds_config(cfg):
+    """train.py's DeepSpeed config: the ZeRO settings from cfg.deepspeed; batch size, clipping and precision from the
+    Config (one source each)."""
+    with open(cfg.deepspeed) as f:
+        ds = json.load(f)
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
+    clash = sorted(owned & set(ds))
+    if clash:
+        raise ConfigError(f"{cfg.deepspeed} sets {clash}; these come from train.py's flags, remove them from the file")
+    ds.update(train_micro_batch_size_per_gpu=cfg.prompts_per_device * cfg.num_generations,
+              gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": cfg.bf16},
+              zero_allow_untested_optimizer=True, steps_per_print=10**9)
+    return ds
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
@@ -34,6 +55,13 @@ def print0(*args, **kwargs):
 # a rank compiling a new decode shape (minutes at 7B) keeps the others waiting in the next collective: longer than
 # the 10-minute default of NCCL and DeepSpeed (docs/performance.md, The rollout's decode)
 DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def eta(elapsed, steps_done, steps_left):
+    """Time left at the mean step time so far, as 9h12m / 4m05s / 12s."""
+    left = round(elapsed / max(steps_done, 1) * steps_left)
+    h, m, s = left // 3600, left % 3600 // 60, left % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def init_distributed(use_deepspeed=True):

@@ -432,10 +432,10 @@ def test_rewards_follow_their_own_prompt():
     # prompts_per_device=2: completions are ordered prompt by prompt, each scored against its own solution
     import rewards
     completions = ["<think></think><answer>3</answer>"] * 3 + ["<think></think><answer>5</answer>"] * 3
-    per_reward, total = train.compute_rewards([rewards.accuracy_reward, rewards.format_reward], [1.0, 0.5],
+    per_reward, total = rewards.compute_rewards([rewards.accuracy_reward, rewards.format_reward], [1.0, 0.5],
                                               completions, ["<answer>3</answer>", "<answer>5</answer>"], 3)
     assert per_reward[0].tolist() == [1.0] * 6 and total.tolist() == [1.5] * 6
-    _, swapped = train.compute_rewards([rewards.accuracy_reward], [1.0], completions,
+    _, swapped = rewards.compute_rewards([rewards.accuracy_reward], [1.0], completions,
                                        ["<answer>5</answer>", "<answer>3</answer>"], 3)
     assert swapped.tolist() == [0.0] * 6
 
@@ -449,14 +449,14 @@ def test_compute_rewards_gives_each_completion_its_prompts_columns():
         seen.update(kwargs)
         return [0.0] * len(completions)
 
-    per_reward, _ = train.compute_rewards(
+    per_reward, _ = rewards.compute_rewards(
         [rewards.accuracy_reward, lambda completions, solutions: [1.0] * len(completions), spy], [1.0, 1.0, 1.0],
         completions, ["<answer>B</answer>", "<answer>2</answer>"], 2,
         problem_type=["multiple choice", "numerical"], options=[["A. x", "B. y"], []])
     assert per_reward.tolist() == [[1.0] * 4, [1.0] * 4, [0.0] * 4]
     assert seen == {"problem_type": ["multiple choice"] * 2 + ["numerical"] * 2, "options": [["A. x", "B. y"]] * 2 + [[]] * 2}
     # the same letter scored as a number: a multiple-choice row must reach the reward as one
-    wrong_type, _ = train.compute_rewards([rewards.accuracy_reward], [1.0], completions[:2], ["<answer>B. y</answer>"], 2)
+    wrong_type, _ = rewards.compute_rewards([rewards.accuracy_reward], [1.0], completions[:2], ["<answer>B. y</answer>"], 2)
     assert wrong_type.tolist() == [[0.0, 0.0]]
 
 

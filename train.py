@@ -50,7 +50,7 @@ import data
 import model
 import rewards
 import runtime
-from runtime import print0
+from runtime import ConfigError, eta, print0
 
 
 @dataclass
@@ -152,10 +152,6 @@ def parse_config(argv=None):
     return Config(**vars(parser.parse_args(argv)))
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work: reported in one line, exit code 2, before any model is loaded."""
-
-
 def validate_config(cfg):
     if cfg.num_generations < 2:
         raise ConfigError(f"--num_generations {cfg.num_generations}: GRPO compares completions within a group, it needs at least 2")
@@ -197,7 +193,7 @@ def validate_config(cfg):
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose none, wandb or tensorboard")
     if not os.path.isfile(cfg.deepspeed):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
-    build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
+    runtime.build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
     # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
     generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
     if not generated and not os.path.isfile(cfg.data):
@@ -215,8 +211,7 @@ def validate_config(cfg):
         if cfg.lora_rank:
             model.check_lora_targets(name, cfg.lora_target_modules)  # on a meta-device skeleton: no weights read
     elif not (cfg.tiny and name == f"data/tiny-{cfg.tiny_model}"):
-        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/", "~"))
-        if not hub_id:
+        if not model.is_hub_id(name):
             raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
                               f"Download with `hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
                               f"or try the offline demo: python train.py --tiny")
@@ -358,43 +353,6 @@ def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
     return left if scheduler == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
-def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size, **columns):
-    """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
-    columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
-    that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
-    assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
-    per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
-    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
-    per_reward = torch.tensor([rewards.call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
-                              dtype=torch.float32)  # (R, B*G)
-    return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
-
-
-def eta(elapsed, steps_done, steps_left):
-    """Time left at the mean step time so far, as 9h12m / 4m05s / 12s."""
-    left = round(elapsed / max(steps_done, 1) * steps_left)
-    h, m, s = left // 3600, left % 3600 // 60, left % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the DeepSpeed config
-
-def build_ds_config(cfg):
-    """The ZeRO settings from cfg.deepspeed; batch size, clipping and precision from the Config (one source each)."""
-    with open(cfg.deepspeed) as f:
-        ds = json.load(f)
-    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
-    clash = sorted(owned & set(ds))
-    if clash:
-        raise ConfigError(f"{cfg.deepspeed} sets {clash}; these come from train.py's flags, remove them from the file")
-    ds.update(train_micro_batch_size_per_gpu=cfg.prompts_per_device * cfg.num_generations,
-              gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": cfg.bf16},
-              zero_allow_untested_optimizer=True, steps_per_print=10**9)
-    return ds
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # training: setup, then the step, then the loop
 
@@ -476,7 +434,7 @@ def setup(cfg):
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
 
     # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
-    ds_config = build_ds_config(cfg)
+    ds_config = runtime.build_ds_config(cfg)
     model.partition_at_load(ds_config)  # ZeRO-3: weights partitioned as they load, no whole copy per rank
     policy_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
     if cfg.gradient_checkpointing:
@@ -625,11 +583,11 @@ def score(run, batch, completions, shuffled, lengths):
     the shuffled videos, or None; lengths (B*G,): tokens, EOS included."""
     cfg, G = run.cfg, run.cfg.num_generations
     columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
-    per_reward, reward = compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
-    accuracy = compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
+    per_reward, reward = rewards.compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
+    accuracy = rewards.compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
     extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
     if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
-        shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
+        shuffled_accuracy = rewards.compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
                                             **columns)[1]                                # (B*G~,)
         has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
         bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
@@ -743,20 +701,6 @@ def grpo_step(run, batch):
                       batch, drawn)
 
 
-def log_samples(run, step, batch, completions, per_reward, advantages):
-    """Every rank's rollouts of this step, appended to samples.jsonl by rank 0 (a collective: all ranks call it)."""
-    G = run.cfg.num_generations
-    samples = [{"step": step, "rank": run.rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
-                "question": batch["problem"][i // G], "solution": batch["solution"][i // G], "completion": completion,
-                "rewards": {n: r[i].item() for n, r in zip(run.reward_names, per_reward)},
-                "advantage": advantages[i].item()} for i, completion in enumerate(completions)]
-    gathered = [None] * run.world
-    torch.distributed.all_gather_object(gathered, samples)
-    if run.rank == 0:
-        with open(os.path.join(run.cfg.output_dir, "samples.jsonl"), "a") as f:
-            f.writelines(json.dumps(row) + "\n" for rows in gathered for row in rows)
-
-
 def train(cfg):
     run = setup(cfg)
     rank, world, engine, total_steps = run.rank, run.world, run.engine, run.total_steps
@@ -804,7 +748,8 @@ def train(cfg):
                                f"(> --max_skip_fraction {cfg.max_skip_fraction}); see the skipped: warnings for the files")
 
         if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
-            log_samples(run, step, out.batch, out.completions, out.per_reward, out.advantages)
+            checkpoint.log_samples(cfg.output_dir, step, rank, world, out.batch, out.completions, run.reward_names,
+                                   out.per_reward, out.advantages, cfg.num_generations)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
