@@ -8,14 +8,21 @@ What a run writes: the HF model folders (save_model), the training state for exa
     OUTPUT_DIR/checkpoint-<step>/training_state/
         deepspeed/                           the DeepSpeed engine checkpoint: ZeRO shards, optimizer, LR scheduler
         rank<r>.pt                           rank r's position in its data order and its python/numpy/torch RNG states
-        trainer_state.json                   {"step": ...}, written last: a checkpoint without it is incomplete
+        trainer_state.json                   {"step": ...}, written last (whole or not at all): a checkpoint without it
+                                             is incomplete, and `--resume_from latest` passes over it
+    OUTPUT_DIR/run_config.json               the resolved config; "finished_step" once final/ is written (then the run
+                                             is not resumed: train further from final/ in a new run)
 
+A save whose writes fail (disk full, quota) stops the run with one line naming the folder (SaveError); the folder
+stays incomplete and nothing older was deleted yet: rotation comes after the new checkpoint is complete. A folder
+written again (a resumed run reaching a step the abandoned run had saved) loses its marker before anything is written.
 A resumed run deletes, at its first save, the checkpoint folders of the run it left behind that are newer than the
 one it writes (it would write over them when it got there), so `--resume_from latest` is always the newest save.
 Only the newest --save_total_limit training states are kept (they hold the optimizer: ~12 bytes per parameter);
 the HF model files of only the newest --save_model_limit checkpoint folders (0: all). At 7B a training state is
 ~100 GB (fp32 master weights and two Adam moments, in ZeRO shards), a model folder 16.6 GB (bf16).
 """
+import contextlib
 import dataclasses
 import glob
 import json
@@ -26,8 +33,43 @@ import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+
+from runtime import ConfigError
 
 STATE = "training_state"
+# what a run writes in its output_dir besides its checkpoint-<step> folders: what --overwrite_output_dir removes
+RUN_FILES = ("final", "metrics.jsonl", "samples.jsonl", "curves.png", "run_config.json", "run_config.json.tmp", "tb", "wandb")
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or final/ that could not be written (disk full, quota): one line naming the folder, exit code 1."""
+
+
+@contextlib.contextmanager
+def writing(folder, rank):
+    """Around every write of one checkpoint-<step> or final/ folder (a collective: all ranks enter). Rank 0 first
+    removes the folder's completeness marker, so a folder written again that fails half-way is not a mix of old and new
+    files that `latest` would pick; an error of any writer (OSError from open, RuntimeError from torch.save,
+    SafetensorError from the HF weights) becomes a SaveError naming the folder."""
+    if rank == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, STATE, "trainer_state.json"))
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # torch's messages can span lines
+        raise SaveError(f"saving {folder} failed: {reason}. It is incomplete: --resume_from latest takes the newest "
+                        f"complete checkpoint, which this save did not touch") from e
+
+
+def write_json(path, obj):
+    """Whole or not at all: a full disk leaves path.tmp, never a truncated path."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def save_model(engine, tokenizer, model_dir, out_dir, rank, merge_lora=False):
@@ -87,8 +129,7 @@ def save(engine, checkpoint_dir, step, position, rank, save_total_limit, save_mo
     torch.save({"position": position, "rng": rng_state()}, os.path.join(state_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     if rank == 0:
-        with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "world_size": torch.distributed.get_world_size()}, f)
+        write_json(os.path.join(state_dir, "trainer_state.json"), {"step": step, "world_size": torch.distributed.get_world_size()})
         output_dir = os.path.dirname(checkpoint_dir)
         # a run saves in step order, so a newer checkpoint-<t> is the abandoned run's this one was resumed past: it
         # goes (it would be written over at step t, as HF Trainer and DeepSpeed do), so `latest` is the one just written
@@ -151,6 +192,60 @@ def find(output_dir, resume_from, world=None):
     return resume_from
 
 
+def finished_step(output_dir):
+    """The last step of the run in output_dir if it finished (final/ written), else None."""
+    try:
+        with open(os.path.join(output_dir, "run_config.json")) as f:
+            return json.load(f).get("finished_step")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def mark_finished(output_dir, step):
+    """Rank 0, after final/ is written: the run is finished and --resume_from refuses it from now on."""
+    path = os.path.join(output_dir, "run_config.json")
+    with open(path) as f:
+        run_config = json.load(f)
+    write_json(path, {**run_config, "finished_step": step})
+
+
+def check_output_dir(cfg):
+    """validate_config's checks of --output_dir against --resume_from, --overwrite_output_dir and the model path."""
+    out = os.path.abspath(cfg.output_dir)
+    inside = lambda path: os.path.abspath(path) == out or os.path.abspath(path).startswith(out + os.sep)
+    if cfg.overwrite_output_dir and (cfg.resume_from == "latest" or (cfg.resume_from and inside(cfg.resume_from))):
+        raise ConfigError(f"--overwrite_output_dir deletes the run in {cfg.output_dir} that --resume_from "
+                          f"{cfg.resume_from} would continue: give one of them")
+    if cfg.overwrite_output_dir and os.path.exists(cfg.model_name_or_path) and inside(cfg.model_name_or_path):
+        raise ConfigError(f"--overwrite_output_dir would delete --model_name_or_path {cfg.model_name_or_path} before "
+                          f"the new run saves anything: train from it into another --output_dir")
+    finished = finished_step(cfg.output_dir)
+    if finished is not None and not cfg.overwrite_output_dir:  # extending it would redo the steps after its last checkpoint
+        flag = f"--resume_from {cfg.resume_from}: the run" if cfg.resume_from else "--output_dir: the run"
+        raise ConfigError(f"{flag} in {cfg.output_dir} finished at step {finished} (final/ written) and is not "
+                          f"extended; to train further from its weights start a new run: --model_name_or_path "
+                          f"{os.path.join(cfg.output_dir, 'final')} with another --output_dir (a fresh optimizer and "
+                          f"learning-rate schedule), or start over with --overwrite_output_dir")
+    ran_here = any(os.path.exists(os.path.join(cfg.output_dir, f)) for f in ("metrics.jsonl", "run_config.json"))
+    if ran_here and not cfg.resume_from and not cfg.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {cfg.output_dir} holds a run already: continue it with --resume_from latest, "
+                          f"start over with --overwrite_output_dir, or choose another --output_dir")
+
+
+def clear_run(output_dir, rank):
+    """--overwrite_output_dir, before the new run writes anything: rank 0 deletes what a run writes in output_dir
+    (checkpoint-<step> folders, RUN_FILES) and says so in one line; other files stay. The other ranks wait."""
+    if rank == 0:
+        names = [os.path.basename(path) for _, path in checkpoint_folders(output_dir)]
+        names += [name for name in RUN_FILES if os.path.lexists(os.path.join(output_dir, name))]
+        for name in names:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if names:
+            print(f"--overwrite_output_dir: removed from {output_dir}: {', '.join(names)}", flush=True)
+    torch.distributed.barrier()
+
+
 def load(engine, checkpoint_dir, rank):
     """Restore the engine (weights, optimizer, scheduler); return (step, this rank's position, its RNG states)."""
     state_dir = os.path.join(checkpoint_dir, STATE)
@@ -208,7 +303,8 @@ class MetricsLogger:
         name = cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir))
         if cfg.report_to == "wandb":
             import wandb
-            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg), resume="allow")
+            self.backend = wandb.init(project="video-grpo", name=name, config=dataclasses.asdict(cfg), resume="allow",
+                                      dir=cfg.output_dir)  # its local files with the run: --overwrite_output_dir removes them
         elif cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.backend = SummaryWriter(os.path.join(cfg.output_dir, "tb"))

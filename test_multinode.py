@@ -6,7 +6,6 @@ one-rank resume of that checkpoint is refused in one line.
 """
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -95,22 +94,24 @@ def test_two_nodes_train_on_disjoint_prompts_reduce_metrics_and_resume(setup):
         own_mean_differs |= abs(sum(rank0) / len(rank0) - both) > 1e-6
     assert own_mean_differs, "rank 0's rewards equal both ranks' mean at every step: the check shows nothing"
 
-    # the checkpoint holds both ranks' states; a second two-node launch resumes it and redoes step 3 exactly
+    # the checkpoint holds both ranks' states; a second two-node launch resumes it (into another folder: the run
+    # finished, so its own folder is not resumed) and redoes step 3 exactly
     state = out / "checkpoint-2" / "training_state"
     assert (state / "rank0.pt").exists() and (state / "rank1.pt").exists()
     assert json.load(open(state / "trainer_state.json")) == {"step": 2, "world_size": 2}
-    shutil.copy(out / "metrics.jsonl", setup[0] / "first_metrics.jsonl")
-    logs = two_nodes(setup, out, "--resume_from", "latest")
+    again_out = setup[0] / "again"
+    logs = two_nodes(setup, again_out, "--resume_from", str(out / "checkpoint-2"))
     assert any("resumed from" in log and "step 2, epoch 0, batch 2" in log for log in logs), logs[0][-3000:]
-    again = rows(out / "metrics.jsonl")
-    assert [r["step"] for r in again] == [1, 2, 3]
+    again = rows(again_out / "metrics.jsonl")
+    assert [r["step"] for r in again] == [3]
     for key in ("reward", "loss", "kl", "completion_length", "grad_norm", "lr"):
-        assert abs(again[2][key] - metrics[2][key]) < 1e-5, (key, again[2][key], metrics[2][key])
-    resumed = {s["example"] for s in rows(out / "samples.jsonl") if s["step"] == 3}
+        assert abs(again[0][key] - metrics[2][key]) < 1e-5, (key, again[0][key], metrics[2][key])
+    resumed = {s["example"] for s in rows(again_out / "samples.jsonl") if s["step"] == 3}
     assert resumed == seen[3]
 
     # one rank cannot take over a two-rank checkpoint: refused before any model loads
-    proc = subprocess.run([sys.executable, *train_args(setup, out, "--resume_from", "latest", "--max_steps", "4")],
+    proc = subprocess.run([sys.executable, *train_args(setup, setup[0] / "one_rank", "--resume_from",
+                                                       str(out / "checkpoint-2"), "--max_steps", "4")],
                           cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --resume_from"), proc.stderr[-3000:]
     assert "saved by 2 ranks, this run has 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,9 +1,11 @@
 """
 What clusters and users do to a run: SIGKILL and resume, SIGTERM, bad videos mid-run, non-finite losses, wrong
-flags. Offline on CPU with the tiny model; the trainer runs in subprocesses.
+flags, full disks, overwritten and finished runs. Offline on CPU with the tiny model; the trainer runs in subprocesses.
 """
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +22,22 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHO
 
 # the toy reward of test_grpo.py (shorter is better): the random tiny model gets a learning signal, so losses,
 # gradients and the schedule all matter for the comparison. NAN_AT makes the loss NaN at chosen steps; TERM_AT sends
-# SIGTERM during a chosen step.
+# SIGTERM during a chosen step; FULL_DISK_AT makes the files torch.save writes into checkpoint-<that step> (DeepSpeed's
+# shards, each rank's state) stop at 4 KB, as a full disk or a quota would: a real write error, half-way through.
 SCRIPT = """
-import math, os, signal, sys, rewards, train
+import math, os, resource, signal, sys, torch, rewards, train
+full_disk_at, torch_save = os.environ.get("FULL_DISK_AT"), torch.save
+def save_on_a_full_disk(obj, f, *args, **kwargs):
+    if not full_disk_at or f"checkpoint-{full_disk_at}" not in str(f):
+        return torch_save(obj, f, *args, **kwargs)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        return torch_save(obj, f, *args, **kwargs)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+torch.save = save_on_a_full_disk
 rewards.REWARD_FUNCS["short"] = lambda completions, solutions=None: [max(0.0, 1 - len(c) / 200) for c in completions]
 nan_at = {int(s) for s in os.environ.get("NAN_AT", "").split(",") if s}
 calls = [0]
@@ -52,6 +67,14 @@ def args(setup, out, *extra):
             "--output_dir", str(out), "--rewards", "short", "--learning_rate", "1e-2", "--num_workers", "1",
             "--num_generations", "4", "--prompts_per_device", "2",
             "--max_steps", "8", "--save_steps", "4", "--log_samples_steps", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    """A finished 2-step run that saved checkpoint-1: the last step writes only final/."""
+    out = setup[0] / "finished"
+    run(args(setup, out, "--max_steps", "2", "--save_steps", "1"))
+    return out
 
 
 def run(cmd, env=None, expect=0):
@@ -185,6 +208,129 @@ def test_an_existing_run_is_not_overwritten(setup):
     assert "holds a run already" in proc.stderr and "--overwrite_output_dir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(setup, finished, tmp_path):
+    # the old run's checkpoint-1 would be `latest` for a later --resume_from and its final/ would stay beside the new
+    # metrics; a file that is not the run's stays
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "notes.txt").write_text("mine")
+    proc = run(args(setup, out, "--overwrite_output_dir", "--max_steps", "1", "--save_steps", "0"))
+    said = [line for line in proc.stdout.splitlines() if line.startswith("--overwrite_output_dir: removed")]
+    assert len(said) == 1 and all(name in said[0] for name in ("checkpoint-1", "final", "metrics.jsonl", "run_config.json")), proc.stdout[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "final", "metrics.jsonl", "notes.txt", "run_config.json", "samples.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine" and [r["step"] for r in metrics(out)] == [1]
+    final = (out / "final" / "model.safetensors").read_bytes()
+    proc = run(args(setup, out, "--resume_from", "latest", "--max_steps", "3"), expect=2)
+    assert "resumed from" not in proc.stdout and proc.stderr.startswith("error: --resume_from latest"), proc.stderr
+    assert (out / "final" / "model.safetensors").read_bytes() == final and [r["step"] for r in metrics(out)] == [1]
+
+
+def test_overwrite_removes_what_a_run_writes_and_nothing_else(tmp_path, monkeypatch, capsys):
+    import checkpoint
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    for folder in ("checkpoint-2/training_state", "checkpoint-4", "final", "tb", "wandb/run-1", "checkpoint-best", "eval"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("checkpoint-2/training_state/trainer_state.json", "final/config.json", "metrics.jsonl",
+                 "samples.jsonl", "curves.png", "run_config.json", "tb/events.out", "notes.txt", "eval/results.json"):
+        (tmp_path / name).write_text("x")
+    checkpoint.clear_run(str(tmp_path), 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best", "eval", "notes.txt"]
+    assert capsys.readouterr().out == (f"--overwrite_output_dir: removed from {tmp_path}: checkpoint-2, checkpoint-4, "
+                                       f"final, metrics.jsonl, samples.jsonl, curves.png, run_config.json, tb, wandb\n")
+    checkpoint.clear_run(str(tmp_path), 0)  # nothing of a run there: nothing said
+    assert capsys.readouterr().out == ""
+
+
+def test_a_finished_run_is_not_resumed(setup, finished):
+    # its last step wrote only final/: --resume_from latest would go back to checkpoint-1 and redo step 2 under
+    # another schedule. Refused by the flag checks (before anything is touched: one line, exit 2), with the way on
+    import train
+    before = {name: (finished / name).read_bytes() for name in ("metrics.jsonl", "final/model.safetensors")}
+    for flags in (["--resume_from", "latest"], ["--resume_from", str(finished / "checkpoint-1")], []):
+        cfg = train.parse_config(args(setup, finished, "--rewards", "accuracy,format", "--max_steps", "3", *flags)[3:])
+        with pytest.raises(train.ConfigError) as error:
+            train.validate_config(cfg)
+        assert "finished at step 2" in str(error.value) and f"--model_name_or_path {finished}/final" in str(error.value)
+        assert str(error.value).startswith(f"--resume_from {flags[1]}:" if flags else "--output_dir:"), error.value
+    assert before == {name: (finished / name).read_bytes() for name in before}
+
+
+class FakeEngine:
+    """DeepSpeed's save_checkpoint as the files it leaves: a shard, or, into `full`, half a shard and the error a
+    full disk gives torch.save."""
+
+    def __init__(self, full=""):
+        self.full = full
+
+    def save_checkpoint(self, path, tag):
+        os.makedirs(os.path.join(path, tag), exist_ok=True)
+        with open(os.path.join(path, tag, "shard.pt"), "w") as f:
+            f.write("half" if self.full and self.full in path else "whole")
+        if self.full and self.full in path:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def full_disk_open(folder):
+    """open() for checkpoint.py where writes into `folder` fail as on a full disk, after creating the file."""
+    def opener(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" in mode and folder in str(path):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return f
+    return opener
+
+
+@pytest.mark.parametrize("where", ["deepspeed", "rank_state", "marker", "over_an_abandoned_checkpoint"])
+def test_a_save_that_fails_half_way_never_becomes_latest(tmp_path, monkeypatch, where):
+    # checkpoint-2 complete; saving checkpoint-4 fails in DeepSpeed's shards, in this rank's state, or in the
+    # completeness marker itself (an empty trainer_state.json is what a full disk leaves); or checkpoint-4 is a complete
+    # checkpoint of an abandoned run, written over by the run resumed from checkpoint-2 when the disk fills
+    import checkpoint
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    previous, failing = str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4")
+    steps = (2, 4) if where == "over_an_abandoned_checkpoint" else (2,)
+    for step in steps:
+        with checkpoint.writing(str(tmp_path / f"checkpoint-{step}"), 0):
+            checkpoint.save(FakeEngine(), str(tmp_path / f"checkpoint-{step}"), step, (0, step), 0, save_total_limit=2)
+    if where == "rank_state":
+        torch_save = torch.save
+        def save_or_fail(obj, f, *a, **k):
+            if "checkpoint-4" in str(f):
+                raise RuntimeError("write(): fd 3 failed with No space left on device")
+            return torch_save(obj, f, *a, **k)
+        monkeypatch.setattr(torch, "save", save_or_fail)
+    if where == "marker":
+        monkeypatch.setattr(checkpoint, "open", full_disk_open("checkpoint-4"), raising=False)
+    engine = FakeEngine(full="checkpoint-4" if where in ("deepspeed", "over_an_abandoned_checkpoint") else "")
+    with pytest.raises(checkpoint.SaveError) as error:
+        with checkpoint.writing(failing, 0):
+            checkpoint.save(engine, failing, 4, (0, 4), 0, save_total_limit=1)
+    assert str(error.value).startswith(f"saving {failing} failed:") and "\n" not in str(error.value)
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [previous]
+    assert checkpoint.find(str(tmp_path), "latest") == previous
+    assert open(os.path.join(previous, "training_state", "deepspeed", "shard.pt")).read() == "whole"  # not rotated away
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_the_run_resumes_from_the_save_before(setup):
+    # checkpoint-4's files stop at 4 KB (FULL_DISK_AT): the run stops with one line naming the folder, checkpoint-2
+    # stays whole although --save_total_limit is 1, and --resume_from latest continues from it to the end
+    import checkpoint
+    out = setup[0] / "full_disk"
+    flags = ("--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    proc = run(args(setup, out, *flags), env=dict(ENV, FULL_DISK_AT="4"), expect=1)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: saving {out}/checkpoint-4 failed:"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "step 4/6" in proc.stdout and "step 5/6" not in proc.stdout
+    assert checkpoint.complete_checkpoints(str(out)) == [str(out / "checkpoint-2")]
+    assert (out / "checkpoint-2" / "training_state" / "deepspeed").is_dir() and not (out / "final").exists()
+    proc = run(args(setup, out, *flags, "--resume_from", "latest"))
+    assert f"resumed from {out}/checkpoint-2: step 2" in proc.stdout
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7)) and (out / "final" / "config.json").exists()
+    assert checkpoint.complete_checkpoints(str(out)) == [str(out / "checkpoint-4")]
 
 
 def test_resume_on_another_number_of_ranks_is_refused_in_one_line(setup):

@@ -215,10 +215,7 @@ def validate_config(cfg):
             raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
                               f"Download with `hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
                               f"or try the offline demo: python train.py --tiny")
-    ran_here = any(os.path.exists(os.path.join(cfg.output_dir, f)) for f in ("metrics.jsonl", "run_config.json"))
-    if ran_here and not cfg.resume_from and not cfg.overwrite_output_dir:
-        raise ConfigError(f"--output_dir {cfg.output_dir} holds a run already: continue it with --resume_from latest, "
-                          f"start over with --overwrite_output_dir, or choose another --output_dir")
+    checkpoint.check_output_dir(cfg)  # a run there: resumed only if unfinished, overwritten only when asked
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,6 +458,8 @@ def setup(cfg):
         start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
         print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
     os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.overwrite_output_dir:  # the old run goes before the new one writes: nothing of it is left to resume
+        checkpoint.clear_run(cfg.output_dir, rank)
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
             if start_step:  # rows a killed run logged after its checkpoint are logged again
@@ -752,14 +751,18 @@ def train(cfg):
                                    out.per_reward, out.advantages, cfg.num_generations)
         if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-            checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
-            checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
+            with checkpoint.writing(checkpoint_dir, rank):  # a failed write: one line, and `latest` stays the last whole one
+                checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
+                checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
         if preempt and step < total_steps:  # in the last step: go on to write final/, as a finished run does
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
             run.logger.close()
             return cfg.output_dir
 
-    checkpoint.save_model(engine, run.tokenizer, run.model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
+    with checkpoint.writing(os.path.join(cfg.output_dir, "final"), rank):
+        checkpoint.save_model(engine, run.tokenizer, run.model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
+        if rank == 0:  # only a whole final/ finishes the run; from here on --resume_from refuses it
+            checkpoint.mark_finished(cfg.output_dir, total_steps)
     run.logger.close()
     if rank == 0:
         import plot
@@ -778,10 +781,11 @@ def main(argv=None):
         train(cfg)
         if torch.distributed.is_initialized():  # ranks leave together, no collective in flight when the groups close:
             torch.distributed.barrier()  # seen once in CI: a rank closing while rank 0 wrote the model died of SIGABRT
-    except (ConfigError, model.ModelError, FileNotFoundError) as e:  # a wrong flag or path: one line, exit code 2
-        if int(os.environ.get("RANK", "0")) == 0:
+    except (ConfigError, model.ModelError, FileNotFoundError, checkpoint.SaveError) as e:  # one line each
+        failed_save = isinstance(e, checkpoint.SaveError)  # a full disk: exit 1, said by the rank it hit; a wrong flag: 2
+        if failed_save or int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if failed_save else 2)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
