@@ -257,6 +257,18 @@ def test_a_finished_run_is_not_resumed(setup, finished):
     assert before == {name: (finished / name).read_bytes() for name in before}
 
 
+def test_overwrite_is_refused_where_it_would_delete_what_the_run_reads(setup, finished):
+    # --overwrite_output_dir with a --resume_from in that folder, or a --model_name_or_path inside it (its final/):
+    # the deletion would take what the new run loads. One line before anything is touched
+    import train
+    for flags, message in ((["--resume_from", "latest"], "that --resume_from latest would continue: give one of them"),
+                           (["--model_name_or_path", str(finished / "final")], "would delete --model_name_or_path")):
+        cfg = train.parse_config(args(setup, finished, "--rewards", "accuracy,format", "--overwrite_output_dir", *flags)[3:])
+        with pytest.raises(train.ConfigError, match=message):
+            train.validate_config(cfg)
+    assert (finished / "final" / "config.json").exists() and (finished / "checkpoint-1").exists()
+
+
 class FakeEngine:
     """DeepSpeed's save_checkpoint as the files it leaves: a shard, or, into `full`, half a shard and the error a
     full disk gives torch.save."""
