@@ -568,15 +568,17 @@ def check_model_path(name, flag="--model_name_or_path", tiny=False):
     hub id (resolve_model_dir downloads it), or under --tiny (tiny=True) a tiny model's own folder data/tiny-<name> of
     tiny.TINY_MODELS, built there on first use. Anything else is a ModelError naming `flag`, and nothing is created: a
     mistyped folder never becomes a fresh random model. Returns the tiny family to build at `name`, else None."""
-    if tiny:
-        from tiny import TINY_MODELS
-        for tiny_name, family in TINY_MODELS.items():
-            if os.path.abspath(name) == os.path.abspath(os.path.join("data", f"tiny-{tiny_name}")):
-                return family
+    from tiny import TINY_MODELS
+    tiny_dirs = {os.path.join("data", f"tiny-{tiny_name}"): family for tiny_name, family in TINY_MODELS.items()}
+    for tiny_dir, family in tiny_dirs.items():
+        if tiny and os.path.abspath(name) == os.path.abspath(tiny_dir):
+            return family
     if os.path.isdir(name) or is_hub_id(name):
         return None
     raise ModelError(f"{flag} {name}: no such folder (nor a hub id like Qwen/Qwen2-VL-7B-Instruct). Download one with "
-                     f"`hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, or try the offline demo: --tiny")
+                     f"`hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, or " +
+                     (f"leave {flag} out: --tiny builds its model only in its own folder ({', '.join(tiny_dirs)})" if tiny
+                      else "try the offline demo: --tiny"))
 
 
 def resolve_model_dir(name, flag="--model_name_or_path"):
