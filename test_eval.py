@@ -507,8 +507,8 @@ def test_resume_never_reuses_results_of_other_weights(setup, video_r1_files, tmp
         if protocol == "video-r1":
             argv = video_r1_argv(setup, video_r1_files / "eval_mvbench.json", output)
         else:
-            argv = ["--model", setup["model"], "--data", setup["data"], "--output", str(output), "--max_new_tokens", "24",
-                    "--batch_size", "4", "--num_workers", "0", "--limit", "4"]
+            argv = ["--model", setup["model"], "--data", setup["data"], "--output", str(output), "--max_new_tokens", "8",
+                    "--batch_size", "2", "--num_workers", "0", "--limit", "2"]
         argv[argv.index("--model") + 1] = str(model_dir)
         summaries = ev.main(argv)
         results = json.loads(Path(summaries[0][0]["output"]).read_text())["results"] if protocol == "video-r1" \
