@@ -40,15 +40,20 @@ FOLDER/<model path with / as _>.json. Default: results/<model path with / as _>-
 Resuming: each evaluated or skipped row is appended to <output stem>.partial.jsonl (rank r > 0:
 <output stem>.partial.rank<r>.jsonl) as it is produced. A re-run with the same --output (and the same flags) skips
 the rows found there, keyed by (index, video), and writes the same final file. The partial file's first line
-records the model, data and generation settings; a run with other settings refuses to mix into it.
+records the model, data and generation settings and a fingerprint of the model's weight files (weights_fingerprint);
+a run with other settings refuses to mix into it (one `error:` line, exit 2), a run on other weights in the same folder
+starts over, saying so. --protocol video-r1 resumes from its output file by the same rule, and a rerun with a --limit
+below the rows already there refuses rather than drop them.
 Batches are fixed slices of the rank's rows and a half-done batch is re-run whole, so a resumed run decodes every
 example in the same padded batch as an uninterrupted one (left padding can move float results by an ulp).
 """
 import functools
 import glob
+import hashlib
 import json
 import os
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +65,7 @@ import data
 import rewards
 import runtime
 import train
-from model import (COMPILE_ROLLOUT, ModelError, decode_completions, generation_repetition_penalty, load_model, model_family,
+from model import (COMPILE_ROLLOUT, ModelError, check_model_path, decode_completions, generation_repetition_penalty, load_model, model_family,
                    resolve_model_dir, rollout_decode, sample_completions, special_token_ids)
 
 
@@ -73,7 +78,7 @@ class Config:
     tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (per rank)"})
     max_new_tokens: int = field(default=512, metadata={"help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N rows of the data file (0: all)"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N rows of the data file (0: all); --protocol video-r1: not fewer than its output holds"})
     num_workers: int = field(default=train.Config.num_workers, metadata={"help": "DataLoader workers decoding videos"})
     # video: the same flags and defaults as train.Config, so eval sees what training saw
     fps: float = field(default=train.Config.fps, metadata={"help": "frames sampled per second of video"})
@@ -215,10 +220,74 @@ def summarize(model, data_path, records, protocol="train", repetition_penalty=1.
 # ----------------------------------------------------------------------------------------------------------------
 # the partial file: one line per finished row, so an interrupted run can continue
 
+WEIGHT_FILES = (".safetensors", ".bin", ".index.json")  # HF's weight shards, their index, LoRA adapters
+
+
+def weights_fingerprint(model_dir, sample=64):
+    """A cheap fingerprint of the weights in model_dir, so that results are never reused for other weights: each weight
+    file's name and size, each index json, each safetensors header and the first `sample` bytes of every tensor (two
+    models of one shape share names, sizes and headers: two tiny models of different seeds do); a file that is no
+    safetensors (a pickled .bin) adds its first and last 64 KiB. A few bytes per tensor are read, never a whole file."""
+    digest = hashlib.sha256()
+    names = sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []
+    for name in [n for n in names if n.endswith(WEIGHT_FILES) and os.path.isfile(os.path.join(model_dir, n))]:
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if name.endswith(".json"):
+                digest.update(f.read())
+            elif not (name.endswith(".safetensors") and sample_safetensors(f, size, sample, digest)):
+                for offset in (0, max(0, size - (1 << 16))):
+                    f.seek(offset)
+                    digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def sample_safetensors(f, size, sample, digest):
+    """Hash a safetensors file's header (8 bytes of length, then JSON) and the first `sample` bytes of each tensor into
+    digest; False, hashing nothing, when the file has no readable header."""
+    try:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = f.read(length) if 0 < length < size else b""
+        tensors = json.loads(header)
+    except (struct.error, ValueError):
+        return False
+    if not isinstance(tensors, dict):
+        return False
+    digest.update(header)
+    for t in tensors.values():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2:
+            f.seek(8 + length + offsets[0])
+            digest.update(f.read(max(0, min(sample, offsets[1] - offsets[0]))))
+    return True
+
+
 def partial_paths(output, rank):
     stem = os.path.splitext(output)[0]
     mine = f"{stem}.partial.jsonl" if rank == 0 else f"{stem}.partial.rank{rank}.jsonl"
     return mine, sorted(glob.glob(glob.escape(stem) + ".partial.jsonl") + glob.glob(glob.escape(stem) + ".partial.rank*.jsonl"))
+
+
+class ResumeError(ValueError):
+    """A results or partial file that this run must not continue (other settings, more rows than asked for): one
+    `error:` line naming it, exit 2."""
+
+
+def start_over_if_other_weights(paths, header):
+    """Remove the partial files written for other weights than header["weights"] (the folder was retrained, or its
+    weights swapped), saying so in one line: results belong to the weights they came from."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            try:
+                old = json.loads(f.readline()).get("header", {}).get("weights", "none")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # no header yet: nothing of any weights in it
+        if old != header["weights"]:
+            print(f"{path}: results of other weights (fingerprint {old}, {header['model']} now has "
+                  f"{header['weights']}): starting over", file=sys.stderr)
+            os.remove(path)
 
 
 def read_partial(paths, header):
@@ -234,11 +303,20 @@ def read_partial(paths, header):
                 if "header" in record:
                     for k, v in header.items():
                         if record["header"].get(k) != v:
-                            raise ValueError(f"{path} was written with {k}={record['header'].get(k)!r}, this run has "
+                            raise ResumeError(f"{path} was written with {k}={record['header'].get(k)!r}, this run has "
                                              f"{k}={v!r}; delete it or choose another --output")
                 else:
                     done[key(record)] = record
     return done
+
+
+def read_done(output, header, rank=0, world=1):
+    """The rows already in output's partial files (every rank's), once rank 0 has removed those of other weights."""
+    if rank == 0:
+        start_over_if_other_weights(partial_paths(output, rank)[1], header)
+    if world > 1:
+        torch.distributed.barrier()  # no rank reads a partial file of other weights
+    return read_partial(partial_paths(output, rank)[1], header)
 
 
 def open_partial(path, header):
@@ -257,6 +335,19 @@ def open_partial(path, header):
 # ----------------------------------------------------------------------------------------------------------------
 # one model
 
+def partial_header(cfg, model_dir):
+    """What a partial file must have been written with for a run to continue it: the model (its path and its weights'
+    fingerprint), the data and every setting that changes an output."""
+    # the seed's script left the checkpoint's generation_config.json in force; training's rollout never reads it
+    penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
+    return {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
+            "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens,
+            "max_prompt_length": cfg.max_prompt_length,
+            **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
+            **({"prompt_template": cfg.prompt_template} if cfg.prompt_template != "default" else {}),
+            "weights": weights_fingerprint(model_dir)}
+
+
 def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.device("cpu")):
     """Evaluate one model on rows (from load_rows), rank's share r::world; rank 0 merges and writes output.
     Returns the summary dict on rank 0, None on the others."""
@@ -264,15 +355,11 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     from tqdm import tqdm
 
     model_dir = resolve_model_dir(model_name, flag="--model")
-    # the seed's script left the checkpoint's generation_config.json in force; training's rollout never reads it
-    penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
-    header = {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
-              "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
-              **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
-              **({"prompt_template": cfg.prompt_template} if cfg.prompt_template != "default" else {})}
-    my_partial, all_partials = partial_paths(output, rank)
+    header = partial_header(cfg, model_dir)
+    penalty = header["repetition_penalty"]
+    my_partial = partial_paths(output, rank)[0]
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    done = read_partial(all_partials, header)
+    done = read_done(output, header, rank, world)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
@@ -372,6 +459,45 @@ def format_table(summaries):
     return "\n".join(out)
 
 
+def make_tiny_inputs(cfg, rank=0, world=1):
+    """Check every --model (model.check_model_path: a missing folder raises ModelError, before anything is made), then
+    under --tiny make on first use, on rank 0 while the others wait, the tiny model at its own folder (data/tiny-<name>)
+    and the synthetic split in its own folder. Any other --model or --data is used as given: a mistyped path is an
+    error, never a fresh random model or data set."""
+    families = [check_model_path(m, flag="--model", tiny=cfg.tiny) for m in cfg.model]
+    if cfg.tiny and rank == 0:
+        import tiny
+        for m, family in zip(cfg.model, families):
+            if family:
+                tiny.save_tiny_model(m, family=family)
+        synthetic = os.path.dirname(TINY["data"])
+        if any(not os.path.exists(d) and os.path.dirname(os.path.normpath(d)) == synthetic
+               for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])):
+            data.make_synthetic_dataset(synthetic)
+    if cfg.tiny and world > 1:
+        torch.distributed.barrier()
+
+
+def check_json_text(path):
+    """--data is a JSON list or JSON Lines: text that starts with `[` (load_examples reports a broken list) or of which
+    some line is JSON (load_examples skips the others, with reasons). Anything else (a CSV, a pretty-printed object,
+    binary) raises ValueError naming the file, where load_examples would skip every line and report nothing."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON Lines or a JSON list") from e
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or text.lstrip().startswith("["):
+        return
+    for line in lines:
+        try:
+            json.loads(line)
+            return
+        except json.JSONDecodeError:
+            pass
+    raise ValueError(f"--data {path}: neither a JSON list nor JSON Lines (no line of it is JSON); the layouts: docs/data.md")
+
+
 def output_paths(cfg):
     """--output for one model; else one file per model in the --output folder (default results/<model>-<data>.json)."""
     if cfg.output and len(cfg.model) == 1:
@@ -389,19 +515,13 @@ def main(argv=None):
     rank, world, device = runtime.init_distributed(use_deepspeed=False)
     if cfg.protocol == "video-r1":
         return main_video_r1(cfg, world, device)
-    if cfg.tiny:  # made on first use, on rank 0, while the others wait
-        if rank == 0:
-            import tiny
-            tiny.save_tiny_model(cfg.model[0])
-            if not os.path.exists(cfg.data) and os.path.dirname(cfg.data) == os.path.dirname(TINY["data"]):
-                data.make_synthetic_dataset(os.path.dirname(cfg.data))
-        if world > 1:
-            torch.distributed.barrier()
     try:  # a missing model folder or data file, or a data file with no row: one line, exit 2 (as train.py)
+        make_tiny_inputs(cfg, rank, world)
         for name in cfg.model:
             resolve_model_dir(name, flag="--model")
         if not os.path.isfile(cfg.data):
             raise FileNotFoundError(f"--data {cfg.data}: no such file")
+        check_json_text(cfg.data)
         rows = load_rows(cfg.data, cfg.video_root or None, verbose=rank == 0)
     except (ModelError, ValueError, FileNotFoundError) as e:
         if rank == 0:
@@ -409,8 +529,13 @@ def main(argv=None):
         sys.exit(2)
     rows = rows[:cfg.limit] if cfg.limit > 0 else rows
     t0 = time.time()
-    summaries = [evaluate(cfg, m, rows, out, rank=rank, world=world, device=device)
-                 for m, out in zip(cfg.model, output_paths(cfg))]
+    try:
+        summaries = [evaluate(cfg, m, rows, out, rank=rank, world=world, device=device)
+                     for m, out in zip(cfg.model, output_paths(cfg))]
+    except ResumeError as e:  # a partial file of other settings: one line, exit 2
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if rank == 0:
         print(format_table(summaries))
         print(f"{len(rows)} rows, {len(cfg.model)} model(s), {world} rank(s), {time.time() - t0:.1f}s")
@@ -487,17 +612,63 @@ def write_json(path, obj):
     os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
 
 
-def evaluate_video_r1(cfg, data_path, output, ctx):
-    """One benchmark file, as eval_bench.py: rows in file order, in batches of --batch_size; after each batch the output
-    file is rewritten with every row so far, and a re-run continues after the rows found there (refusing a file written
-    with other settings or for another data file). ctx: {"model_dir", "tokenizer", "settings", "device", "model"
-    (loaded on first need)}. Returns {"benchmark", "data", "output", "n", "errors", "by_type", "final_acc"}."""
-    from tqdm import tqdm
-
-    with open(data_path, encoding="utf-8") as f:
-        raw = json.load(f)
+def read_video_r1_rows(path):
+    """A benchmark file's rows: a JSON list of objects (Video-R1's eval layout), else ValueError naming --data."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        raw = json.loads(text) if text.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--data {path}: not valid JSON ({e}); expected a JSON list of rows (Video-R1's eval layout)") from e
+    if raw is None:
+        raise ValueError(f"--data {path}: empty file; expected a JSON list of rows (Video-R1's eval layout)")
     if not isinstance(raw, list):
-        raise ValueError(f"{data_path}: expected a JSON list of rows (Video-R1's eval layout), got {type(raw).__name__}")
+        raise ValueError(f"--data {path}: expected a JSON list of rows (Video-R1's eval layout), got {type(raw).__name__}")
+    for i, row in enumerate(raw):
+        if not isinstance(row, dict):
+            raise ValueError(f"--data {path}: row {i + 1} is a {type(row).__name__}, not an object")
+    return raw
+
+
+def read_video_r1_output(output, settings, raw, data_path, limit):
+    """The finished rows in a previous run's output file, to continue after (as eval_bench.py does). An output of other
+    weights starts over (one line says why); one of other settings, whose rows are not this file's, or that holds more
+    finished rows than this run asks for (a rerun never drops them: --limit below what is done) raises ResumeError."""
+    if not os.path.exists(output):
+        return []
+    try:
+        with open(output, encoding="utf-8") as f:
+            previous = json.load(f)
+        results, old = previous["results"], previous.get("settings") or {}
+        if not isinstance(results, list) or not isinstance(old, dict):
+            raise TypeError("results or settings of another shape")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ResumeError(f"{output}: not an output file of this protocol ({type(e).__name__}); delete it or choose "
+                          f"another --output") from e
+    if old.get("weights") != settings["weights"]:
+        print(f"{output}: results of other weights (fingerprint {old.get('weights', 'none')}, {settings['model']} now "
+              f"has {settings['weights']}): starting over", file=sys.stderr)
+        return []
+    changed = sorted(k for k in {**old, **settings} if k != "limit" and old.get(k) != settings.get(k))
+    if changed:
+        raise ResumeError(f"{output}: written with " + ", ".join(f"{k}={old.get(k)!r}" for k in changed) + ", this run has "
+                          + ", ".join(f"{k}={settings.get(k)!r}" for k in changed) + "; delete it or choose another --output")
+    if len(results) > len(raw):
+        raise ResumeError(f"{output}: {len(results)} finished rows, more than " + (
+            f"--limit {limit} asks for; a rerun never drops finished rows: give --limit {len(results)} or more (0: all), "
+            f"or choose another --output" if limit > 0 else f"{data_path} has; delete it or choose another --output"))
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or (r.get("path"), r.get("problem")) != (raw[i].get("path"), raw[i].get("problem")):
+            raise ResumeError(f"{output}: result {i + 1} is not row {i + 1} of {data_path}; delete it or choose another --output")
+    return results
+
+
+def plan_video_r1(cfg, data_path, output, model_dir, weights):
+    """Everything about one benchmark file that can be wrong, read before any model loads: its rows (raw, after
+    --limit), the examples data.load_examples takes and the reasons it gives for the others, the settings the output
+    records, and the rows already finished there. Bad input raises ValueError naming the file or flag."""
+    raw = read_video_r1_rows(data_path)
     raw = raw[:cfg.limit] if cfg.limit > 0 else raw
     bad = []
     try:
@@ -506,21 +677,24 @@ def evaluate_video_r1(cfg, data_path, output, ctx):
         if not bad:
             raise
         examples = []
-    by_index, reasons = {e["index"]: e for e in examples}, {b["index"]: b["reason"] for b in bad}
-    settings = {"model": os.path.abspath(ctx["model_dir"]), "data": os.path.abspath(data_path), "protocol": "video-r1",
+    settings = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data_path), "protocol": "video-r1",
                 "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length, **VIDEO_R1_SAMPLING,
-                **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")}}
-    results = []
-    if os.path.exists(output):  # resume, as eval_bench.py does: the rows already in the output file stay
-        with open(output, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("settings") != settings:
-            raise ValueError(f"{output} was written with settings {previous.get('settings')}, this run has {settings}; "
-                             f"delete it or choose another --output")
-        results = previous["results"][:len(raw)]
-        for i, r in enumerate(results):
-            if (r.get("path"), r.get("problem")) != (raw[i].get("path"), raw[i].get("problem")):
-                raise ValueError(f"{output}: result {i} is not row {i + 1} of {data_path}; delete it or choose another --output")
+                **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
+                "limit": cfg.limit, "weights": weights}
+    return {"data": data_path, "output": output, "raw": raw, "by_index": {e["index"]: e for e in examples},
+            "reasons": {b["index"]: b["reason"] for b in bad}, "settings": settings,
+            "results": read_video_r1_output(output, settings, raw, data_path, cfg.limit)}
+
+
+def evaluate_video_r1(cfg, plan, ctx):
+    """One benchmark file (plan_video_r1), as eval_bench.py: rows in file order, in batches of --batch_size; after each
+    batch the output file is rewritten with every row so far, and a re-run continues after the rows found there.
+    ctx: {"model_dir", "tokenizer", "settings", "device", "model" (loaded on first need)}.
+    Returns {"benchmark", "data", "output", "n", "errors", "by_type", "final_acc"}."""
+    from tqdm import tqdm
+
+    data_path, output, raw, results, settings = (plan[k] for k in ("data", "output", "raw", "results", "settings"))
+    by_index, reasons = plan["by_index"], plan["reasons"]
     start, name = len(results), benchmark_name(data_path)
     print(f"{name}: {len(raw)} rows, {start} already in {output}, {len(raw) - start} to go", file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -601,23 +775,26 @@ def format_video_r1_tables(models, summaries):
 
 def main_video_r1(cfg, world, device):
     """--protocol video-r1: every model on every benchmark file, then the tables. One process (its script: one vLLM
-    engine); outputs per model per benchmark (video_r1_output_paths)."""
+    engine); outputs per model per benchmark (video_r1_output_paths). Every model and file is checked before any
+    decoding: bad input is one `error:` line, exit 2."""
     from transformers import AutoTokenizer
-    if world > 1:
-        raise SystemExit("error: --protocol video-r1 runs in one process (python eval.py, not torchrun)")
-    if cfg.tiny:
-        import tiny
-        tiny.save_tiny_model(cfg.model[0])
-        if not all(os.path.exists(d) for d in cfg.data):
-            data.make_synthetic_dataset(os.path.dirname(cfg.data[0]))
+    try:
+        if world > 1:
+            raise ValueError("--protocol video-r1 runs in one process (python eval.py, not torchrun)")
+        make_tiny_inputs(cfg)
+        model_dirs = [resolve_model_dir(m, flag="--model") for m in cfg.model]
+        plans = [[plan_video_r1(cfg, d, out, model_dir, weights_fingerprint(model_dir)) for d, out in zip(cfg.data, outputs)]
+                 for model_dir, outputs in zip(model_dirs, video_r1_output_paths(cfg))]
+    except (ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     t0, summaries = time.time(), []
-    for model_name, outputs in zip(cfg.model, video_r1_output_paths(cfg)):
-        model_dir = resolve_model_dir(model_name)
+    for model_dir, model_plans in zip(model_dirs, plans):
         ctx = {"model_dir": model_dir, "tokenizer": AutoTokenizer.from_pretrained(model_dir), "device": device,
                "settings": data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
                                                                max_frames=cfg.max_frames, min_pixels=cfg.min_pixels,
                                                                max_pixels=cfg.max_pixels)}
-        summaries.append([evaluate_video_r1(cfg, d, out, ctx) for d, out in zip(cfg.data, outputs)])
+        summaries.append([evaluate_video_r1(cfg, plan, ctx) for plan in model_plans])
         for s in summaries[-1]:
             print(f"wrote {s['output']}", file=sys.stderr)
     print(format_video_r1_tables(cfg.model, summaries))

@@ -563,13 +563,30 @@ def is_hub_id(name):
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.isdir(name.split("/")[0])
 
 
+def check_model_path(name, flag="--model_name_or_path", tiny=False):
+    """The model-path rule of train.py and eval.py, in their flag checks and their setup alike: `name` is a folder, a
+    hub id (resolve_model_dir downloads it), or under --tiny (tiny=True) a tiny model's own folder data/tiny-<name> of
+    tiny.TINY_MODELS, built there on first use. Anything else is a ModelError naming `flag`, and nothing is created: a
+    mistyped folder never becomes a fresh random model. Returns the tiny family to build at `name`, else None."""
+    from tiny import TINY_MODELS
+    tiny_dirs = {os.path.join("data", f"tiny-{tiny_name}"): family for tiny_name, family in TINY_MODELS.items()}
+    for tiny_dir, family in tiny_dirs.items():
+        if tiny and os.path.abspath(name) == os.path.abspath(tiny_dir):
+            return family
+    if os.path.isdir(name) or is_hub_id(name):
+        return None
+    raise ModelError(f"{flag} {name}: no such folder (nor a hub id like Qwen/Qwen2-VL-7B-Instruct). Download one with "
+                     f"`hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, or " +
+                     (f"leave {flag} out: --tiny builds its model only in its own folder ({', '.join(tiny_dirs)})" if tiny
+                      else "try the offline demo: --tiny"))
+
+
 def resolve_model_dir(name, flag="--model_name_or_path"):
     """A local folder as is; a hub id is downloaded once into the HF cache (then read from disk). A path that is no
-    folder, or a failed download, is a ModelError naming `flag` (eval.py: --model)."""
+    folder (check_model_path), or a failed download, is a ModelError naming `flag` (eval.py: --model)."""
     if os.path.isdir(name):
         return name
-    if not is_hub_id(name):
-        raise ModelError(f"{flag} {name}: no such folder (nor a hub id like Qwen/Qwen2-VL-7B-Instruct)")
+    check_model_path(name, flag)
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name)

@@ -5,6 +5,7 @@ Tests of eval.py and plot.py: offline, CPU, a tiny random Qwen2-VL and a 6-video
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -426,8 +427,10 @@ def test_video_r1_protocol_scores_each_benchmark_and_resumes_after_a_kill(setup,
     for s in whole[0]:
         name = Path(s["output"]).name
         assert json.loads((tmp_path / "resumed" / name).read_text())["results"] == json.loads(Path(s["output"]).read_text())["results"]
-    with pytest.raises(ValueError, match="delete it or choose another --output"):  # other settings never mix in
+    with pytest.raises(SystemExit) as exit_info:  # other settings never mix in
         ev.main(video_r1_argv(setup, video_r1_files, tmp_path / "resumed", "--max_frames", "2"))
+    assert exit_info.value.code == 2 and "this run has max_frames=2; delete it or choose another --output" \
+        in capsys.readouterr().err
 
 
 def test_show_takes_the_problem_type_options_and_template(setup, capsys):
@@ -440,3 +443,135 @@ def test_show_takes_the_problem_type_options_and_template(setup, capsys):
     shown = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert data.format_question("What shape?", "multiple choice", ["A. circle", "B. square"], prompt_template="video-r1") in shown["prompt"]
     assert data.show_main(argparse.Namespace(**{**vars(args), "options": None})) == 2  # multiple choice needs options
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# never silently wrong (issue 31): a mistyped model path, results of other weights, --limit, bad input
+
+@pytest.mark.parametrize("protocol", ["train", "video-r1"])
+def test_tiny_never_builds_a_mistyped_model_folder(setup, tmp_path, monkeypatch, capsys, protocol):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "runs" / "tiny" / "fnal"
+    data_path = setup["data"] if protocol == "train" else str(Path(setup["data"]).parent / "test_260k.json")
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--tiny", "--model", str(missing), "--protocol", protocol, "--data", data_path, "--limit", "1",
+                 "--max_new_tokens", "4", "--num_workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: --model {missing}: no such folder") and len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []  # no model folder, no data, no results
+
+
+def test_tiny_builds_only_at_its_own_folder(tmp_path, monkeypatch):
+    import model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert model.check_model_path("data/tiny-qwen2-vl", tiny=True) == "qwen2_vl"
+    assert model.check_model_path(str(tmp_path / "data" / "tiny-qwen3-vl") + "/", tiny=True) == "qwen3_vl"
+    assert model.check_model_path("./data/tiny-qwen2.5-vl", tiny=True) == "qwen2_5_vl"
+    assert model.check_model_path("data", tiny=True) is None  # a folder is used as it is
+    assert model.check_model_path("Qwen/Qwen2-VL-7B-Instruct", tiny=True) is None  # a hub id is downloaded
+    for name, tiny_run in (("data/tiny-qwen2-vl", False), ("data/tiny-qwen9-vl", True), ("data/fnal", True)):
+        with pytest.raises(model.ModelError, match=re.escape(f"--model {name}: no such folder")):
+            model.check_model_path(name, flag="--model", tiny=tiny_run)
+    assert os.listdir(tmp_path / "data") == []
+
+
+def swap_weights(model_dir, seed):
+    """Replace a tiny model folder's weights by those of another tiny model of the same shape (another random seed)."""
+    other = tiny.save_tiny_model(f"{model_dir}-seed{seed}", seed=seed, warm_start=False)
+    os.replace(os.path.join(other, "model.safetensors"), os.path.join(model_dir, "model.safetensors"))
+
+
+def test_weights_fingerprint(setup, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(setup["model"], copy)
+    before = ev.weights_fingerprint(str(copy))
+    assert before == ev.weights_fingerprint(setup["model"])  # the files' contents, not their folder or times
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert ev.weights_fingerprint(str(copy)) == before  # weights only
+    swap_weights(str(copy), seed=1)
+    assert os.path.getsize(copy / "model.safetensors") == os.path.getsize(Path(setup["model"]) / "model.safetensors")
+    assert ev.weights_fingerprint(str(copy)) != before  # same names, sizes and header: the tensors' bytes tell
+    (copy / "model.safetensors").rename(copy / "model-00001-of-00001.safetensors")
+    assert ev.weights_fingerprint(str(copy)) not in (before, ev.weights_fingerprint(str(copy / "nothing")))
+
+
+@pytest.mark.parametrize("protocol", ["train", "video-r1"])
+def test_resume_never_reuses_results_of_other_weights(setup, video_r1_files, tmp_path, capsys, protocol):
+    import shutil
+    model_dir = tmp_path / "final"
+    shutil.copytree(setup["model"], model_dir)
+
+    def run(output):  # the completions of a run into `output`
+        if protocol == "video-r1":
+            argv = video_r1_argv(setup, video_r1_files / "eval_mvbench.json", output)
+        else:
+            argv = ["--model", setup["model"], "--data", setup["data"], "--output", str(output), "--max_new_tokens", "8",
+                    "--batch_size", "2", "--num_workers", "0", "--limit", "2"]
+        argv[argv.index("--model") + 1] = str(model_dir)
+        summaries = ev.main(argv)
+        results = json.loads(Path(summaries[0][0]["output"]).read_text())["results"] if protocol == "video-r1" \
+            else summaries[0]["results"]
+        return [r["output"] for r in results]
+
+    first = run(tmp_path / "out")
+    swap_weights(str(model_dir), seed=1)  # retrained into the same folder
+    capsys.readouterr()
+    again = run(tmp_path / "out")
+    err = capsys.readouterr().err
+    assert again == run(tmp_path / "fresh") != first  # evaluated anew, as a fresh --output is
+    assert "other weights" in err and "starting over" in err, err
+
+
+def test_video_r1_limit_never_drops_finished_rows(setup, video_r1_files, tmp_path, capsys):
+    argv = video_r1_argv(setup, video_r1_files / "eval_mvbench.json", tmp_path / "out")
+    out = tmp_path / "out" / "eval_mvbench_output.json"
+    ev.main(argv + ["--limit", "1"])
+    ev.main(argv)  # a larger --limit (here: none) continues the file
+    assert "mvbench: 2 rows, 1 already in" in capsys.readouterr().err
+    finished = out.read_bytes()
+    assert len(json.loads(finished)["results"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv + ["--limit", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {out}: 2 finished rows") and "--limit 1" in err, err
+    assert len(err.splitlines()) == 1 and out.read_bytes() == finished  # nothing dropped
+    assert json.loads(finished)["settings"]["limit"] == 0  # the file says which rows it was asked to cover
+
+
+@pytest.mark.parametrize("case", ["missing model", "missing file", "not JSON", "empty file", "a dict", "other settings",
+                                  "output not JSON"])
+def test_video_r1_bad_input_is_one_error_line(setup, video_r1_files, tmp_path, capsys, case):
+    bench = tmp_path / "eval_bench.json"
+    rows = json.loads((video_r1_files / "eval_mvbench.json").read_text())
+    text = {"missing file": None, "not JSON": "path,problem,solution\n", "empty file": "", "a dict": json.dumps({"rows": rows})}
+    if text.get(case, "") is not None:
+        bench.write_text(text.get(case, json.dumps(rows)))
+    argv, expected = video_r1_argv(setup, bench, tmp_path / "out"), f"error: --data {bench}: "
+    if case == "missing model":
+        argv[argv.index("--model") + 1] = str(tmp_path / "nope")
+        expected = f"error: --model {tmp_path / 'nope'}: no such folder"
+    elif case in ("other settings", "output not JSON"):
+        (tmp_path / "out").mkdir()
+        written = tmp_path / "out" / "eval_bench_output.json"
+        settings = {"protocol": "video-r1", "max_frames": 2, "weights": ev.weights_fingerprint(setup["model"])}
+        written.write_text(json.dumps({"results": [], "settings": settings}) if case == "other settings" else '{"results": [')
+        expected = f"error: {written}: "
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(expected) and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "--model_name_or_path" not in err
+
+
+@pytest.mark.parametrize("content", [b"video_filename,problem,solution\na.mp4,How many?,<answer>3</answer>\n",
+                                     b'{\n  "rows": []\n}\n', b"\x00\xff\xfe binary"], ids=["csv", "pretty dict", "binary"])
+def test_data_that_is_not_json_is_one_error_line(setup, tmp_path, capsys, content):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--model", setup["model"], "--data", str(path), "--output", str(tmp_path / "out.json"), "--num_workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: --data {path}: ") and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]

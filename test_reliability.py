@@ -428,3 +428,14 @@ def test_bad_flags_fail_fast_with_one_line(setup, flags, message, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.startswith("error:"), err
     assert not out.exists()
+
+
+def test_tiny_never_builds_a_mistyped_model_folder(setup, capsys):
+    # a guard: train.py's flag checks already refused this; its setup (which builds the tiny model) now asks the same rule
+    import train
+    missing = setup[0] / "runs" / "fnal"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(setup, setup[0] / "never", "--rewards", "accuracy,format", "--model_name_or_path", str(missing))[3:])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: --model_name_or_path {missing}: no such folder"), err
+    assert len(err.splitlines()) == 1 and not (setup[0] / "runs").exists() and not (setup[0] / "never").exists()

@@ -210,11 +210,8 @@ def validate_config(cfg):
         model.model_family(name)  # another family (a text-only Qwen2, LLaVA): one line now, not after a load
         if cfg.lora_rank:
             model.check_lora_targets(name, cfg.lora_target_modules)  # on a meta-device skeleton: no weights read
-    elif not (cfg.tiny and name == f"data/tiny-{cfg.tiny_model}"):
-        if not model.is_hub_id(name):
-            raise ConfigError(f"--model_name_or_path {name}: not a folder, nor a hub id like Qwen/Qwen2-VL-7B-Instruct. "
-                              f"Download with `hf download Qwen/Qwen2-VL-7B-Instruct --local-dir DIR`, "
-                              f"or try the offline demo: python train.py --tiny")
+    else:
+        model.check_model_path(name, tiny=cfg.tiny)  # a missing folder: one line; --tiny builds only at data/tiny-<name>
     checkpoint.check_output_dir(cfg)  # a run there: resumed only if unfinished, overwritten only when asked
 
 
@@ -409,7 +406,9 @@ def setup(cfg):
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
         if rank == 0:
             import tiny
-            tiny.save_tiny_model(cfg.model_name_or_path, family=tiny.TINY_MODELS[cfg.tiny_model])
+            family = model.check_model_path(cfg.model_name_or_path, tiny=True)  # None: a folder given, used as it is
+            if family:
+                tiny.save_tiny_model(cfg.model_name_or_path, family=family)
             if not os.path.exists(cfg.data):
                 data.make_synthetic_dataset(os.path.dirname(cfg.data))
         torch.distributed.barrier()
