@@ -104,16 +104,16 @@ class Args:
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
     completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
     prompts: int = field(default=1, metadata={"help": "B: prompts (videos) per step"})
-    device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda when available)"})
+    device: str = field(default="", metadata={"help": "cpu or cuda ('': cuda when available)"})
     repeats: int = field(default=3, metadata={"help": "timed steps per way after one warm-up step; the median is reported"})
-    only: str = field(default="", metadata={"help": "ours, baseline or both (default: both; ours under --sweep)"})
+    only: str = field(default="", metadata={"help": "ours, baseline or both ('': both; ours under --sweep)"})
     sweep: bool = field(default=False, metadata={"help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
     gradient_checkpointing: str = field(default="auto", metadata={"help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
     optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
     layers: int = field(default=0, metadata={"help": "non-tiny shapes: keep the first N decoder layers and N vision blocks (0: all)"})
     policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
     attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (0: known GPUs, see PEAK_TFLOPS)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
     memory: int = field(default=0, metadata={"help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
     lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
@@ -383,8 +383,8 @@ def check_memory(args):
     ref_logps, advantages = torch.zeros(B * G, C), torch.randn(B * G)
     def policy_pass():
         logps = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)  # (B*G, C)
-        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, torch.ones(B * G, C), beta=0.04, epsilon_low=0.2,
-                                  epsilon_high=0.2, loss_type="grpo", max_completion_length=C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, torch.ones(B * G, C),
+                                  train.LossSettings(max_completion_length=C))
         loss.backward()
     policy_pass()  # allocates the gradients; the measured pass accumulates into them
     model.zero_grad(set_to_none=False)
@@ -541,8 +541,7 @@ def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, p
 
     def policy_pass():
         logps = logps_of(completion_ids)                                               # (B*G, C)
-        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                  loss_type="grpo", max_completion_length=C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, train.LossSettings(max_completion_length=C))
         loss.backward()
     model.train()
     _, result["policy_fwd_bwd"] = timed(policy_pass, device)

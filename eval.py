@@ -1,5 +1,6 @@
 """
-Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as training rewards them.
+Evaluate Qwen2-VL, Qwen2.5-VL or Qwen3-VL models on a test set of any answer type (docs/data.md), scored exactly as
+training rewards them; several --model flags print one table with a column per model.
 
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
@@ -68,8 +69,8 @@ from model import (COMPILE_ROLLOUT, ModelError, decode_completions, generation_r
 class Config:
     model: list = field(default_factory=list, metadata={"help": "model folder or hub id; repeat to compare models side by side"})
     data: str = field(default="", metadata={"help": "test JSONL (or JSON list) of video_filename/problem/solution; --protocol video-r1: one or more eval_*.json files or folders of them"})
-    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
-    output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); default results/<model>-<data>.json"})
+    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from ('': the data file's folder)"})
+    output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); '': results/<model>-<data>.json"})
     tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (per rank)"})
     max_new_tokens: int = field(default=512, metadata={"help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
