@@ -47,7 +47,7 @@ def naive_advantages(rewards, G, scale, eps=1e-4):
 
 
 def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len, cispo_max=5.0,
-               keep=None):
+               keep=None, tau_pos=1.0, tau_neg=1.05):
     N, T = logps.shape
     terms = [[None] * T for _ in range(N)]
     for i in range(N):
@@ -56,6 +56,9 @@ def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, 
             ratio = torch.exp(logps[i, t] - old)
             if loss_type == "cispo":  # MiniMax-M1: sg(min(ratio, eps_max)) * A * log pi
                 term = -float(min(ratio.item(), cispo_max)) * adv[i] * logps[i, t]
+            elif loss_type == "sapo":  # the SAPO paper's soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau
+                tau = tau_pos if adv[i] > 0 else tau_neg
+                term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv[i]
             else:
                 term = -torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
             if keep is not None and not keep[i][t]:  # a low-entropy token: no policy term
@@ -64,7 +67,7 @@ def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, 
                 d = ref_logps[i, t] - logps[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
             terms[i][t] = term * mask[i, t]
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         rows = []
         for i in range(N):
             n = int(mask[i].sum())
@@ -117,7 +120,7 @@ def test_completion_mask_matches_naive():
     assert train.completion_mask(ids, eos).tolist() == expected
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
@@ -140,9 +143,77 @@ def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(loss) and grad[2].abs().max() == 0
-    if off_policy:
-        assert stats["clip_ratio"] > 0
+    if off_policy:  # sapo's gate is soft: no token is clipped
+        assert (stats["clip_ratio"] > 0) == (loss_type != "sapo")
     assert (stats["kl"] > 0) == (beta > 0)
+
+
+def trl_sapo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask, beta,
+                  importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg):
+    """TRL 1.16.0's GRPOTrainer._compute_loss with loss_type="sapo", one token at a time (trl/trainer/grpo_trainer.py
+    of the trl-1.16.0 wheel): old log-probs lines 3065-3066; log-ratio and importance weight 3083-3095 (token, or the
+    sequence's masked mean log-ratio); k3 KL 3098-3103; the SAPO branch 3121-3124 (temperatures = where(A > 0, pos,
+    neg); soft_coef_1 = sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures; per_token_loss = -soft_coef_1 * A);
+    + beta * KL 3149-3150; the "grpo"/"sapo" aggregation 3153-3154 (per sequence, then the batch mean)."""
+    N, T = per_token_logps.shape
+    total = 0
+    for i in range(N):
+        n_tokens = sum(float(mask[i, t]) for t in range(T))
+        log_w_seq = sum((per_token_logps[i, t] - old_per_token_logps[i, t]) * mask[i, t] for t in range(T)) / max(n_tokens, 1.0)
+        row = 0
+        for t in range(T):
+            log_w = per_token_logps[i, t] - old_per_token_logps[i, t] if importance_sampling_level == "token" else log_w_seq
+            coef_1 = torch.exp(log_w)
+            temperature = sapo_temperature_pos if advantages[i] > 0 else sapo_temperature_neg
+            soft_coef_1 = torch.sigmoid(temperature * (coef_1 - 1)) * 4 / temperature
+            per_token_loss = -soft_coef_1 * advantages[i]
+            if beta != 0.0:
+                d = ref_per_token_logps[i, t] - per_token_logps[i, t]
+                per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1)
+            row = row + per_token_loss * mask[i, t]
+        total = total + row / max(n_tokens, 1.0)
+    return total / N
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_sapo_equals_trls_branch_in_float64(level, beta, off_policy):
+    g = torch.Generator().manual_seed(4)
+    N, T = 6, 7
+    logps = (-torch.rand(N, T, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    # ratios up to e^1.5 either way: the gate's tails, where sigmoid(tau (r - 1)) is far from linear
+    old = logps.detach() + (torch.rand(N, T, generator=g, dtype=torch.float64) * 3 - 1.5) if off_policy else None
+    ref = -torch.rand(N, T, generator=g, dtype=torch.float64) * 2
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    adv[0] = 0.0  # A = 0 takes the negative temperature in TRL; its term is 0 either way
+    mask = (torch.rand(N, T, generator=g) > 0.3).int()
+    mask[2] = 0  # a completion with no token: 0, never NaN
+    settings = train.LossSettings(loss_type="sapo", beta=beta, importance_sampling_level=level, max_completion_length=T,
+                                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)
+    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, settings)
+    logps2 = logps.detach().clone().requires_grad_(True)
+    theirs = trl_sapo_loss(logps2, logps2.detach() if old is None else old, ref, adv, mask, beta, level, 0.9, 1.3)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.autograd.grad(theirs, logps2)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert stats["clip_ratio"] == 0.0
+
+
+def test_sapo_on_policy_gradient_is_grpos():
+    # at ratio 1 the gate's slope is sigmoid'(0) * 4 = 1 at any temperature: SAPO's gradient is GRPO's; off-policy not
+    g = torch.Generator().manual_seed(5)
+    logps = (-torch.rand(4, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    adv, mask = torch.randn(4, generator=g, dtype=torch.float64), torch.ones(4, 5)
+    old = logps.detach() + 0.5
+    grads = {}
+    for loss_type in ("grpo", "sapo"):
+        for name, o in (("on", None), ("off", old)):
+            loss, _ = train.grpo_loss(logps, o, None, adv, mask, train.LossSettings(loss_type=loss_type, beta=0.0))
+            grads[loss_type, name] = torch.autograd.grad(loss, logps)[0]
+    torch.testing.assert_close(grads["sapo", "on"], grads["grpo", "on"], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(grads["sapo", "off"], grads["grpo", "off"])
 
 
 def test_grpo_loss_all_masked_is_zero_not_nan():
@@ -1070,6 +1141,7 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--top_entropy_quantile", "-0.1"], "--top_entropy_quantile must be in [0, 1]"),
     (["--top_entropy_quantile", "1.5"], "--top_entropy_quantile must be in [0, 1]"),
     (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
+    (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], "--loss_type sapo: temperatures above 0"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])

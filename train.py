@@ -102,6 +102,8 @@ class Config:
     max_resample: int = field(default=4, metadata={"group": "rollout and rewards", "help": "--dynamic_sampling: most extra rollouts per step"})
     top_entropy_quantile: float = field(default=1.0, metadata={"group": "loss", "help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off)"})
     cispo_epsilon_max: float = field(default=5.0, metadata={"group": "loss", "help": "--loss_type cispo: the cap on the importance weight"})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is > 0 (TRL's default)"})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is <= 0 (TRL's default)"})
     # optimisation
     learning_rate: float = field(default=1e-6, metadata={"group": "optimisation", "help": "peak learning rate, decayed to 0 by --lr_scheduler"})
     lr_scheduler: str = field(default="linear", metadata={"group": "optimisation", "help": "linear or cosine decay to 0 after the warmup"})
@@ -288,6 +290,12 @@ def cispo_term(ratio, adv, logps, s):
     return -torch.clamp(ratio, max=s.cispo_epsilon_max).detach() * adv * logps, ratio > s.cispo_epsilon_max
 
 
+def sapo_term(ratio, adv, logps, s):
+    """SAPO (TRL's "sapo"): a soft gate -sigmoid(tau (r - 1)) 4 / tau A for the clip; at r = 1 the gradient is GRPO's."""
+    tau = torch.where(adv > 0, adv.new_tensor(s.sapo_temperature_pos), s.sapo_temperature_neg)  # (N, 1), adv's dtype
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, torch.zeros_like(ratio, dtype=torch.bool)  # (N, T) or (N, 1)
+
+
 # A new loss is a policy term and an entry here (validate_config, --help, docs read it); check: settings -> error or None
 LossType = collections.namedtuple("LossType", "term average help check", defaults=(lambda s: None,))
 LOSSES = {
@@ -296,6 +304,8 @@ LOSSES = {
     "dr_grpo": LossType(clipped_term, "constant", "clipped; sum / (completions * max_completion_length): no length bias"),
     "cispo": LossType(cispo_term, "token", "MiniMax-M1's capped, detached weight (--cispo_epsilon_max); token mean as dapo",
                       lambda s: None if s.cispo_epsilon_max > 0 else "--cispo_epsilon_max above 0"),
+    "sapo": LossType(sapo_term, "sequence", "SAPO's soft gate (--sapo_temperature_pos/neg) for the clip; mean as grpo",
+                     lambda s: None if min(s.sapo_temperature_pos, s.sapo_temperature_neg) > 0 else "temperatures above 0"),
 }
 LOSS_TYPES = tuple(LOSSES)
 
