@@ -216,6 +216,22 @@ def test_sapo_on_policy_gradient_is_grpos():
     assert not torch.allclose(grads["sapo", "off"], grads["grpo", "off"])
 
 
+def test_loss_table_is_what_validation_help_and_docs_list(capsys):
+    # one table, train.LOSSES: validate_config refuses a name outside it, --help prints each entry's help, and
+    # docs/training.md's `--loss_type` row names exactly its loss types, in its order
+    assert train.LOSS_TYPES == tuple(train.LOSSES) and "sapo" in train.LOSSES
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, loss in train.LOSSES.items():
+        assert f"{name}: {loss.help}" in shown
+    with pytest.raises(train.ConfigError, match="choose one of"):
+        train.validate_config(train.Config(loss_type="ppo"))
+    text = open(os.path.join(HERE, "docs", "training.md")).read()
+    rows = [line for line in text.splitlines() if line.startswith("| `--loss_type`")]
+    assert len(rows) == 1 and re.findall(r"`(\w+)`: ", rows[0]) == list(train.LOSSES), rows
+
+
 def test_grpo_loss_all_masked_is_zero_not_nan():
     logps = torch.zeros(2, 3, requires_grad=True)
     for loss_type in train.LOSS_TYPES:

@@ -100,7 +100,7 @@ class Config:
     # methods adopted since Video-R1 (docs/methods.md)
     dynamic_sampling: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "DAPO: replace groups of equal rewards by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
     max_resample: int = field(default=4, metadata={"group": "rollout and rewards", "help": "--dynamic_sampling: most extra rollouts per step"})
-    top_entropy_quantile: float = field(default=1.0, metadata={"group": "loss", "help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off)"})
+    top_entropy_quantile: float = field(default=1.0, metadata={"group": "loss", "help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off; 0: the top token only)"})
     cispo_epsilon_max: float = field(default=5.0, metadata={"group": "loss", "help": "--loss_type cispo: the cap on the importance weight"})
     sapo_temperature_pos: float = field(default=1.0, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is > 0 (TRL's default)"})
     sapo_temperature_neg: float = field(default=1.05, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is <= 0 (TRL's default)"})
@@ -299,12 +299,12 @@ def sapo_term(ratio, adv, logps, s):
 # A new loss is a policy term and an entry here (validate_config, --help, docs read it); check: settings -> error or None
 LossType = collections.namedtuple("LossType", "term average help check", defaults=(lambda s: None,))
 LOSSES = {
-    "grpo": LossType(clipped_term, "sequence", "clipped; mean over each completion's tokens, then over completions"),
-    "dapo": LossType(clipped_term, "token", "clipped; one token mean over the step's completions on all ranks"),
-    "dr_grpo": LossType(clipped_term, "constant", "clipped; sum / (completions * max_completion_length): no length bias"),
-    "cispo": LossType(cispo_term, "token", "MiniMax-M1's capped, detached weight (--cispo_epsilon_max); token mean as dapo",
+    "grpo": LossType(clipped_term, "sequence", "clipped, mean over each completion's tokens, then over completions"),
+    "dapo": LossType(clipped_term, "token", "clipped, one token mean over the step's completions on all ranks"),
+    "dr_grpo": LossType(clipped_term, "constant", "clipped, sum / (completions * max_completion_length): no length bias"),
+    "cispo": LossType(cispo_term, "token", "MiniMax-M1's capped, detached weight (--cispo_epsilon_max), token mean as dapo",
                       lambda s: None if s.cispo_epsilon_max > 0 else "--cispo_epsilon_max above 0"),
-    "sapo": LossType(sapo_term, "sequence", "SAPO's soft gate (--sapo_temperature_pos/neg) for the clip; mean as grpo",
+    "sapo": LossType(sapo_term, "sequence", "SAPO's soft gate (--sapo_temperature_pos/neg) for the clip, mean as grpo",
                      lambda s: None if min(s.sapo_temperature_pos, s.sapo_temperature_neg) > 0 else "temperatures above 0"),
 }
 LOSS_TYPES = tuple(LOSSES)
