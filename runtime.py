@@ -35,7 +35,9 @@ def dataclass_parser(cls, description, **special):
         else:
             kwargs = dict(type=type(f.default), default=f.default)
         group = f.metadata.get("group")
-        add = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        add = parser if group is None else groups[group]
         add.add_argument(f"--{f.name}", **{"help": f.metadata["help"], **kwargs})
     return parser
 

@@ -7,6 +7,7 @@ positions and generate); and the whole trainer by subprocess runs.
 """
 import contextlib
 import copy
+import dataclasses
 import glob
 import json
 import math
@@ -214,6 +215,27 @@ def test_sapo_on_policy_gradient_is_grpos():
             grads[loss_type, name] = torch.autograd.grad(loss, logps)[0]
     torch.testing.assert_close(grads["sapo", "on"], grads["grpo", "on"], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(grads["sapo", "off"], grads["grpo", "off"])
+
+
+def test_help_groups_every_flag_by_topic_with_its_default():
+    # --help is a page to scan: train.py's flags under seven topic headings, eval.py's and bench.py's under theirs,
+    # every flag's default printed
+    import bench
+    import eval as eval_script
+    topics = ["model", "data and video", "rollout and rewards", "loss", "optimisation", "run and checkpoints", "logging"]
+    for cls, headings in ((train.Config, topics), (eval_script.Config, None), (bench.Args, None)):
+        parser = runtime.dataclass_parser(cls, "")
+        groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups[2:]}
+        assert headings is None or list(groups) == headings
+        fields = dataclasses.fields(cls)
+        assert sorted(d for dests in groups.values() for d in dests) == sorted(f.name for f in fields)
+        assert all(f.name in groups[f.metadata["group"]] for f in fields)
+        text = " ".join(parser.format_help().split())
+        assert text.count("(default: ") == len(fields)
+        for f in fields:
+            if not isinstance(f.default, dataclasses._MISSING_TYPE) and f.type is not bool:
+                shown = "''" if f.default == "" else str(f.default)
+                assert f"(default: {shown})" in text, f.name
 
 
 def test_loss_table_is_what_validation_help_and_docs_list(capsys):
