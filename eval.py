@@ -295,7 +295,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
         write(new_records)
         if batches:
             model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
-            # EOS and suppressed tokens exactly as train.train() builds them
+            # EOS and suppressed tokens exactly as train.setup() builds them (model.special_token_ids)
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
             dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution", "problem_type", "options")}
                                                for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
