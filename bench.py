@@ -98,32 +98,32 @@ from model import (completion_logps, completion_logps_shared_prompt, decode_stat
 
 @dataclass
 class Args:
-    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
-    tiny_model: str = field(default="qwen2-vl", metadata={"help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
-    frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
-    num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
-    completion_tokens: int = field(default=512, metadata={"help": "tokens per completion, exactly (EOS is suppressed)"})
-    prompts: int = field(default=1, metadata={"help": "B: prompts (videos) per step"})
-    device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda when available)"})
-    repeats: int = field(default=3, metadata={"help": "timed steps per way after one warm-up step; the median is reported"})
-    only: str = field(default="", metadata={"help": "ours, baseline or both (default: both; ours under --sweep)"})
-    sweep: bool = field(default=False, metadata={"help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
-    gradient_checkpointing: str = field(default="auto", metadata={"help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
-    optimizer: str = field(default="auto", metadata={"help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
-    layers: int = field(default=0, metadata={"help": "non-tiny shapes: keep the first N decoder layers and N vision blocks (0: all)"})
-    policy_pass: str = field(default="packed", metadata={"help": "ours: packed (train.py's) or per_completion (before packing)"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "peak dense bf16 TFLOP/s for MFU (default: known GPUs, see PEAK_TFLOPS)"})
-    seed: int = field(default=0, metadata={"help": "seed of the weights, the video and the sampling"})
-    memory: int = field(default=0, metadata={"help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
-    lora_rank: int = field(default=64, metadata={"help": "--memory: the LoRA rank of its LoRA column"})
-    check_memory: bool = field(default=False, metadata={"help": "--memory with --layers: also measure, on CPU in bf16 at those layers, what one process allocates (the rollout's KV cache, the policy pass's peak) beside the estimate"})
-    threads: int = field(default=0, metadata={"help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
-    temporal_contrast: bool = field(default=False, metadata={"help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
-    dynamic_sampling: bool = field(default=False, metadata={"help": "also report what each extra rollout of train.py --dynamic_sampling adds to ours' step (see docstring)"})
-    compile_rollout: str = field(default="auto", metadata={"help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
-    decode: str = field(default="on", metadata={"help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring); or a comma list of those paths; off"})
-    decode_tokens: int = field(default=0, metadata={"help": "completion tokens for the decode measurement (0: --completion_tokens)"})
+    shape: str = field(default="tiny", metadata={"group": "the step's shape", "help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"group": "the step's shape", "help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
+    frames: int = field(default=16, metadata={"group": "the step's shape", "help": "video frames (the seed: 16); 2 frames make one temporal patch"})
+    num_generations: int = field(default=8, metadata={"group": "the step's shape", "help": "G: completions per prompt"})
+    completion_tokens: int = field(default=512, metadata={"group": "the step's shape", "help": "tokens per completion, exactly (EOS is suppressed)"})
+    prompts: int = field(default=1, metadata={"group": "the step's shape", "help": "B: prompts (videos) per step"})
+    device: str = field(default="", metadata={"group": "how it runs", "help": "cpu or cuda ('': cuda when available)"})
+    repeats: int = field(default=3, metadata={"group": "how it runs", "help": "timed steps per way after one warm-up step; the median is reported"})
+    only: str = field(default="", metadata={"group": "how it runs", "help": "ours, baseline or both ('': both; ours under --sweep)"})
+    sweep: bool = field(default=False, metadata={"group": "how it runs", "help": "step cost over frames (4, 8, 16, 32) and over G (4, 8, 16)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"group": "how it runs", "help": "on, off or auto (on for 2b/7b, off for tiny, as train.py)"})
+    optimizer: str = field(default="auto", metadata={"group": "how it runs", "help": "on, off or auto (on when grads + AdamW states fit, see docstring)"})
+    layers: int = field(default=0, metadata={"group": "the step's shape", "help": "non-tiny shapes: keep the first N decoder layers and N vision blocks (0: all)"})
+    policy_pass: str = field(default="packed", metadata={"group": "how it runs", "help": "ours: packed (train.py's) or per_completion (before packing)"})
+    attn_implementation: str = field(default="auto", metadata={"group": "how it runs", "help": "the vision tower's: auto = flash_attention_2 on CUDA when importable, else sdpa; the language model runs packed_attention"})
+    peak_tflops: float = field(default=0.0, metadata={"group": "how it runs", "help": "peak dense bf16 TFLOP/s for MFU (0: known GPUs, see PEAK_TFLOPS)"})
+    seed: int = field(default=0, metadata={"group": "the step's shape", "help": "seed of the weights, the video and the sampling"})
+    memory: int = field(default=0, metadata={"group": "extra measurements", "help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
+    lora_rank: int = field(default=64, metadata={"group": "extra measurements", "help": "--memory: the LoRA rank of its LoRA column"})
+    check_memory: bool = field(default=False, metadata={"group": "extra measurements", "help": "--memory with --layers: also measure, on CPU in bf16 at those layers, what one process allocates (the rollout's KV cache, the policy pass's peak) beside the estimate"})
+    threads: int = field(default=0, metadata={"group": "how it runs", "help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
+    temporal_contrast: bool = field(default=False, metadata={"group": "extra measurements", "help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
+    dynamic_sampling: bool = field(default=False, metadata={"group": "extra measurements", "help": "also report what each extra rollout of train.py --dynamic_sampling adds to ours' step (see docstring)"})
+    compile_rollout: str = field(default="auto", metadata={"group": "how it runs", "help": "ours' rollout phase: auto|on|off, as train.py (auto: compiled decode on CUDA)"})
+    decode: str = field(default="on", metadata={"group": "extra measurements", "help": "on: also time prefill and decode ms/token eager, static and compiled, and count ops per step (see docstring); or a comma list of those paths; off"})
+    decode_tokens: int = field(default=0, metadata={"group": "extra measurements", "help": "completion tokens for the decode measurement (0: --completion_tokens)"})
 
 
 def parse_args(argv=None):
@@ -383,8 +383,8 @@ def check_memory(args):
     ref_logps, advantages = torch.zeros(B * G, C), torch.randn(B * G)
     def policy_pass():
         logps = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)  # (B*G, C)
-        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, torch.ones(B * G, C), beta=0.04, epsilon_low=0.2,
-                                  epsilon_high=0.2, loss_type="grpo", max_completion_length=C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, torch.ones(B * G, C),
+                                  train.LossSettings(max_completion_length=C))
         loss.backward()
     policy_pass()  # allocates the gradients; the measured pass accumulates into them
     model.zero_grad(set_to_none=False)
@@ -541,8 +541,7 @@ def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, p
 
     def policy_pass():
         logps = logps_of(completion_ids)                                               # (B*G, C)
-        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                  loss_type="grpo", max_completion_length=C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, train.LossSettings(max_completion_length=C))
         loss.backward()
     model.train()
     _, result["policy_fwd_bwd"] = timed(policy_pass, device)

@@ -1,5 +1,6 @@
 """
-Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as training rewards them.
+Evaluate Qwen2-VL, Qwen2.5-VL or Qwen3-VL models on a test set of any answer type (docs/data.md), scored exactly as
+training rewards them; several --model flags print one table with a column per model.
 
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
@@ -71,25 +72,25 @@ from model import (COMPILE_ROLLOUT, ModelError, check_model_path, decode_complet
 
 @dataclass
 class Config:
-    model: list = field(default_factory=list, metadata={"help": "model folder or hub id; repeat to compare models side by side"})
-    data: str = field(default="", metadata={"help": "test JSONL (or JSON list) of video_filename/problem/solution; --protocol video-r1: one or more eval_*.json files or folders of them"})
-    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
-    output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); default results/<model>-<data>.json"})
-    tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (per rank)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N rows of the data file (0: all); --protocol video-r1: not fewer than its output holds"})
-    num_workers: int = field(default=train.Config.num_workers, metadata={"help": "DataLoader workers decoding videos"})
+    model: list = field(default_factory=list, metadata={"group": "models and data", "help": "model folder or hub id; repeat to compare models side by side"})
+    data: str = field(default="", metadata={"group": "models and data", "help": "test JSONL (or JSON list) of video_filename/problem/solution; --protocol video-r1: one or more eval_*.json files or folders of them"})
+    video_root: str = field(default="", metadata={"group": "models and data", "help": "folder that relative video paths start from ('': the data file's folder)"})
+    output: str = field(default="", metadata={"group": "models and data", "help": "results JSON (one model) or folder (several); '': results/<model>-<data>.json"})
+    tiny: bool = field(default=False, metadata={"group": "models and data", "help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
+    batch_size: int = field(default=8, metadata={"group": "generation and scoring", "help": "prompts per generation batch (per rank)"})
+    max_new_tokens: int = field(default=512, metadata={"group": "generation and scoring", "help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
+    limit: int = field(default=0, metadata={"group": "models and data", "help": "evaluate only the first N rows of the data file (0: all); --protocol video-r1: not fewer than its output holds"})
+    num_workers: int = field(default=train.Config.num_workers, metadata={"group": "video", "help": "DataLoader workers decoding videos"})
     # video: the same flags and defaults as train.Config, so eval sees what training saw
-    fps: float = field(default=train.Config.fps, metadata={"help": "frames sampled per second of video"})
-    min_frames: int = field(default=train.Config.min_frames, metadata={"help": "fewest frames per video"})
-    max_frames: int = field(default=train.Config.max_frames, metadata={"help": "most frames per video"})
-    min_pixels: int = field(default=train.Config.min_pixels, metadata={"help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
-    max_pixels: int = field(default=train.Config.max_pixels, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
-    max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"help": "longer prompts are skipped, never truncated"})
-    compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
-    protocol: str = field(default="train", metadata={"help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
-    prompt_template: str = field(default="default", metadata={"help": "--protocol train: the question's words, data.PROMPT_TEMPLATE_NAMES (video-r1: its trainer's); --protocol video-r1 always asks in its eval script's"})
+    fps: float = field(default=train.Config.fps, metadata={"group": "video", "help": "frames sampled per second of video"})
+    min_frames: int = field(default=train.Config.min_frames, metadata={"group": "video", "help": "fewest frames per video"})
+    max_frames: int = field(default=train.Config.max_frames, metadata={"group": "video", "help": "most frames per video"})
+    min_pixels: int = field(default=train.Config.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
+    max_pixels: int = field(default=train.Config.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
+    max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"group": "video", "help": "longer prompts are skipped, never truncated"})
+    compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"group": "generation and scoring", "help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
+    protocol: str = field(default="train", metadata={"group": "generation and scoring", "help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
+    prompt_template: str = field(default="default", metadata={"group": "generation and scoring", "help": "--protocol train: the question's words, data.PROMPT_TEMPLATE_NAMES (video-r1: its trainer's); --protocol video-r1 always asks in its eval script's"})
 
 
 # --tiny: the tiny model and the test split next to train.TINY's train split, with train.TINY's video settings
@@ -381,7 +382,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
         write(new_records)
         if batches:
             model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
-            # EOS and suppressed tokens exactly as train.train() builds them
+            # EOS and suppressed tokens exactly as train.setup() builds them (model.special_token_ids)
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
             dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution", "problem_type", "options")}
                                                for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,

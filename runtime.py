@@ -7,15 +7,26 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
 import os
 
 import torch
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the script's docstring as written, each flag's default after its help ('' shown as '')."""
+
+    def _get_help_string(self, action):
+        return super()._get_help_string(action).replace("(default: %(default)s)", "(default: %(default)r)") \
+            if action.default == "" else super()._get_help_string(action)
+
+
 def dataclass_parser(cls, description, **special):
-    """One --flag per field of a config dataclass, its help from the field; booleans as --flag / --no-flag.
-    `special` maps a field name to add_argument keywords that replace the default ones (e.g. action="append")."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """One --flag per field of a config dataclass, its help from the field and its default shown; booleans as --flag /
+    --no-flag. A field's metadata "group" puts it under that heading of --help (headings in the order they first
+    appear). `special` maps a field name to add_argument keywords that replace the default ones (e.g. action="append")."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    groups = {}
     for f in dataclasses.fields(cls):
         if f.name in special:
             kwargs = special[f.name]
@@ -23,7 +34,11 @@ def dataclass_parser(cls, description, **special):
             kwargs = dict(action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kwargs = dict(type=type(f.default), default=f.default)
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"], **kwargs)
+        group = f.metadata.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        add = parser if group is None else groups[group]
+        add.add_argument(f"--{f.name}", **{"help": f.metadata["help"], **kwargs})
     return parser
 
 
@@ -64,6 +79,15 @@ def eta(elapsed, steps_done, steps_left):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
+    """train.py's learning-rate schedule, the multiplier at optimizer update `update` (0-based): linear warmup, then
+    linear or cosine (transformers' get_cosine_schedule_with_warmup) decay to 0 at total_updates."""
+    if update < warmup_steps:
+        return (update + 1) / warmup_steps
+    left = max(0.0, (total_updates - update) / max(1, total_updates - warmup_steps))  # 1 -> 0 after the warmup
+    return left if scheduler == "linear" else 0.5 * (1 - math.cos(math.pi * left))
+
+
 def init_distributed(use_deepspeed=True):
     """The rank, world size and device of this process. use_deepspeed (train.py): always a process group, DeepSpeed's,
     also for one plain `python train.py` process; else (eval.py) a torch group only when there are several ranks."""
@@ -100,3 +124,21 @@ def skip_cpu_allreduce_build():
     where the op cannot be built."""
     # not `deepspeed.comm.torch`: that attribute is torch itself (deepspeed.comm star-imports it)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+# train.py's collectives over the ranks' loss inputs
+
+def dapo_divisor(mask, world):
+    """What each rank divides its dapo token sum by: (completion tokens of all ranks, all-reduced) / world, so that the
+    ranks' averaged gradients are DAPO's one token mean over the step (a rank's own count would weigh the tokens of a
+    rank of short completions more). mask (N, T) -> float"""
+    n = mask.sum().to(torch.float64)
+    torch.distributed.all_reduce(n)
+    return max(n.item(), 1.0) / world
+
+
+def gather_entropies(entropies, mask):
+    """The entropies of every rank's completion tokens, one (M,) tensor (a collective; ranks hold different counts)."""
+    gathered = [None] * torch.distributed.get_world_size()  # a few thousand floats a rank: as objects, no padding
+    torch.distributed.all_gather_object(gathered, entropies[mask.bool()].float().cpu())
+    return torch.cat(gathered)                                                 # (M,)

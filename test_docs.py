@@ -25,6 +25,10 @@ The rules, one test each:
    - set-up: `python3 -m venv DIR`, `source DIR/bin/activate` (DIR made by the venv line), `pip install -r FILE`
      (FILE exists, and the quick start installs every requirements file .ci/run installs), `pip install PKG==VER`
      (VER is requirements.txt's pin).
+   - `./NAME.sh ARGS`: a set-up script that .ci/run runs too; its python, pip, source and pytest lines follow these
+     rules (its demo line included).
+5. Flags. docs/training.md's flag tables list every field of train.Config with its default; the README's table lists
+   real flags with their true defaults.
 Each rule's checker is also run on a small made-up repository with one fault of each kind, which it must report.
 """
 import ast
@@ -227,13 +231,29 @@ def requirement_pins(repo=REPO):
     return pins
 
 
+def script_commands(script):
+    """The commands of a set-up script (./setup.sh) that the quick-start rules read: its python, pip, source and pytest
+    lines (the shell's own control lines aside)."""
+    return [cmd for cmd in commands(script) if cmd[0] in ("python", "python3", "pip", "source", ".", "pytest")]
+
+
 def command_problems(cmds, runs, ci_commands, repo=REPO):
-    """Each quick-start command must be run by the suite, be CI's test command, or be one of the set-up steps."""
+    """Each quick-start command must be run by the suite, be CI's test command, or be one of the set-up steps; a
+    set-up script (`./setup.sh ARGS`) must be run by .ci/run too, and its own commands follow the same rules."""
     problems, venvs, installed = [], set(), set()
     pins = requirement_pins(repo)
-    for cmd in cmds:
+    todo = list(cmds)
+    while todo:
+        cmd = todo.pop(0)
         shown = " ".join(cmd)
-        if cmd[0] in ("python", "python3") and len(cmd) > 1 and cmd[1].endswith(".py"):
+        if re.fullmatch(r"\./[\w.-]+\.sh", cmd[0]):
+            if not (repo / cmd[0]).is_file():
+                problems.append(f"quick start: `{shown}`: no file {cmd[0]}")
+            elif not any(c[0] == cmd[0] for c in ci_commands):
+                problems.append(f"quick start: `{shown}`: .ci/run does not run {cmd[0]}")
+            else:
+                todo[:0] = script_commands((repo / cmd[0]).read_text())
+        elif cmd[0] in ("python", "python3") and len(cmd) > 1 and cmd[1].endswith(".py"):
             flags = {w.split("=")[0] for w in cmd[2:] if w.startswith("--")}
             if not any(cmd[1] in scripts and flags <= strings for _, scripts, strings in runs):
                 problems.append(f"quick start: `{shown}`: no test runs {cmd[1]} with {sorted(flags)}")
@@ -246,7 +266,7 @@ def command_problems(cmds, runs, ci_commands, repo=REPO):
             if cmd[1].removesuffix("/bin/activate") not in venvs:
                 problems.append(f"quick start: `{shown}`: activates no environment made above")
         elif cmd[:2] == ["pip", "install"]:
-            words = iter(cmd[2:])
+            words = iter(w for w in cmd[2:] if w != "-q")
             for word in words:
                 if word == "-r":
                     file = next(words, "")
@@ -267,8 +287,58 @@ def command_problems(cmds, runs, ci_commands, repo=REPO):
     return problems
 
 
+def config_defaults(repo=REPO):
+    """train.Config's fields and their defaults, read from train.py's source (no torch import): {name: default}."""
+    tree = ast.parse((repo / "train.py").read_text())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    return {node.target.id: ast.literal_eval(next(k.value for k in node.value.keywords if k.arg == "default"))
+            for node in config.body if isinstance(node, ast.AnnAssign)}
+
+
+def flag_table_problems(text, defaults, where, complete):
+    """The `| `--flag` | default | meaning |` rows of a page: each names a Config field and shows its default (`on` /
+    `off` for booleans, `''` for an empty string, a number or a code span otherwise; a row of several flags gives one
+    default each, or one for all). complete: every field has a row."""
+    problems, named = [], set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `--") or len(cells) < 3:
+            continue
+        flags = re.findall(r"`--([\w-]+)`", cells[0])
+        items = re.findall(r"`[^`]*`|[^,\s][^,]*", cells[1])  # code spans (commas and all) or plain words
+        shown = [(item.strip("`") if item.startswith("`") else item.split()[0]).replace("−", "-") for item in items]
+        if len(shown) == 1:
+            shown = shown * len(flags)
+        if len(shown) != len(flags):
+            problems.append(f"{where}: row {cells[0]}: {len(flags)} flags, {len(shown)} defaults")
+            continue
+        for flag, value in zip(flags, shown):
+            named.add(flag)
+            if flag not in defaults:
+                problems.append(f"{where}: `--{flag}`: not a train.py flag")
+                continue
+            default = defaults[flag]
+            if isinstance(default, bool):
+                ok = value in ("on", "off") and (value == "on") == default
+            elif isinstance(default, str):
+                ok = value == default or (default == "" and value == "''")
+            else:
+                try:
+                    ok = float(value) == default
+                except ValueError:
+                    ok = False
+            if not ok:
+                problems.append(f"{where}: `--{flag}`: default shown {value!r}, train.Config has {default!r}")
+    if complete:
+        problems += [f"{where}: `--{name}` missing" for name in defaults if name not in named]
+    return problems
+
+
 def ci_commands(repo=REPO):
-    return commands((repo / ".ci" / "run").read_text())
+    """.ci/run's commands, and those of the set-up scripts it runs."""
+    cmds = commands((repo / ".ci" / "run").read_text())
+    scripts = [c[0] for c in cmds if re.fullmatch(r"\./[\w.-]+\.sh", c[0]) and (repo / c[0]).is_file()]
+    return cmds + [c for s in scripts for c in script_commands((repo / s).read_text())]
 
 
 def quick_start(repo=REPO):
@@ -298,9 +368,20 @@ def test_named_tests_and_functions_exist(page):
 
 def test_quick_start_commands_are_run_by_the_suite():
     cmds = quick_start()
-    # the quick start has the demo and the test command: the check below cannot pass on an empty section
-    assert ["python", "train.py", "--tiny"] in cmds and ["pytest"] in cmds, cmds
+    # the quick start has the set-up script (it runs the demo) and the test command: not an empty section
+    assert ["./setup.sh"] in cmds and ["pytest"] in cmds and ["python", "train.py", "--tiny"] in cmds, cmds
+    assert ["python", "train.py", "--tiny", "--overwrite_output_dir"] in script_commands((REPO / "setup.sh").read_text())
     problems = command_problems(cmds, suite_runs(), ci_commands())
+    assert not problems, "\n".join(problems)
+
+
+def test_flags_tables_match_config():
+    # docs/training.md lists every train.py flag with its default; the README's table, the main ones, with true defaults
+    defaults = config_defaults()
+    assert len(defaults) > 60 and defaults["beta"] == 0.04 and defaults["bf16"] is True  # the parse found Config
+    problems = flag_table_problems(section((REPO / "docs" / "training.md").read_text(), "Flags"), defaults,
+                                   "docs/training.md", complete=True)
+    problems += flag_table_problems((REPO / "README.md").read_text(), defaults, "README.md", complete=False)
     assert not problems, "\n".join(problems)
 
 
@@ -330,6 +411,14 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
                     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\n"
                     "python train.py --tiny   # the demo\npytest\n")
     assert command_problems(good, runs, ci, tmp_path) == []
+    (tmp_path / "setup.sh").write_text("set -e\nif [ ! -x .venv/bin/python ]; then\n  python3 -m venv .venv\nfi\n"
+                                       "source .venv/bin/activate\npip install -q -r requirements.txt\n"
+                                       "python train.py --tiny --lora_rank 8\n")
+    scripted = commands("./setup.sh\nsource .venv/bin/activate && pytest\n./missing.sh\n")
+    assert command_problems(scripted, runs, ci + [["./setup.sh", "--no-demo"]], tmp_path) == [
+        "quick start: `python train.py --tiny --lora_rank 8`: no test runs train.py with ['--lora_rank', '--tiny']",
+        "quick start: `./missing.sh`: no file ./missing.sh"]
+    assert command_problems(scripted[:1], runs, ci, tmp_path)[0] == "quick start: `./setup.sh`: .ci/run does not run ./setup.sh"
     bad = commands("source env/bin/activate\npip install torch==2.12.0\npython train.py --tiny --lora_rank 8\n"
                    "python eval.py --tiny\npytest -x\nmake demo\n")
     assert command_problems(bad, runs, ci, tmp_path) == [
@@ -340,3 +429,9 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "quick start: `pytest -x`: .ci/run does not run it",
         "quick start: `make demo`: not a command the suite runs nor a set-up step",
         "quick start: installs no requirements.txt, which .ci/run installs"]
+    defaults = {"beta": 0.04, "bf16": True, "run_name": "", "rewards": "accuracy,format", "max_steps": -1}
+    table = ("| `--beta` | 0.4 | typo |\n| `--bf16`, `--rewards` | on, `accuracy,format` | fine |\n"
+             "| `--max_steps` | −1 | fine |\n| `--no_such` | `1` | gone |\n| `--run_name` | `x`, `y` | two |\n")
+    assert flag_table_problems(table, defaults, "t.md", complete=True) == [
+        "t.md: `--beta`: default shown '0.4', train.Config has 0.04", "t.md: `--no_such`: not a train.py flag",
+        "t.md: row `--run_name`: 1 flags, 2 defaults", "t.md: `--run_name` missing"]

@@ -190,8 +190,7 @@ def test_policy_pass_peak_memory_against_the_estimate():
 
     def policy_pass():
         logps = completion_logps(model.train(), batch, ids, num_generations=G, temperature=1.0)
-        loss, _ = train.grpo_loss(logps, None, ref, advantages, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                  loss_type="grpo", max_completion_length=C)
+        loss, _ = train.grpo_loss(logps, None, ref, advantages, mask, train.LossSettings(max_completion_length=C))
         loss.backward()
     policy_pass()
     model.zero_grad(set_to_none=False)

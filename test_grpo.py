@@ -7,6 +7,7 @@ positions and generate); and the whole trainer by subprocess runs.
 """
 import contextlib
 import copy
+import dataclasses
 import glob
 import json
 import math
@@ -21,6 +22,7 @@ import torch
 
 import checkpoint
 import data
+import runtime
 import tiny
 import train
 from model import (VISION_TOKENS, ModelError, add_lora, completion_logps, completion_logps_shared_prompt, load_model,
@@ -46,7 +48,7 @@ def naive_advantages(rewards, G, scale, eps=1e-4):
 
 
 def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len, cispo_max=5.0,
-               keep=None):
+               keep=None, tau_pos=1.0, tau_neg=1.05):
     N, T = logps.shape
     terms = [[None] * T for _ in range(N)]
     for i in range(N):
@@ -55,6 +57,9 @@ def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, 
             ratio = torch.exp(logps[i, t] - old)
             if loss_type == "cispo":  # MiniMax-M1: sg(min(ratio, eps_max)) * A * log pi
                 term = -float(min(ratio.item(), cispo_max)) * adv[i] * logps[i, t]
+            elif loss_type == "sapo":  # the SAPO paper's soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau
+                tau = tau_pos if adv[i] > 0 else tau_neg
+                term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv[i]
             else:
                 term = -torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
             if keep is not None and not keep[i][t]:  # a low-entropy token: no policy term
@@ -63,7 +68,7 @@ def naive_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, 
                 d = ref_logps[i, t] - logps[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
             terms[i][t] = term * mask[i, t]
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         rows = []
         for i in range(N):
             n = int(mask[i].sum())
@@ -116,7 +121,7 @@ def test_completion_mask_matches_naive():
     assert train.completion_mask(ids, eos).tolist() == expected
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
@@ -131,7 +136,7 @@ def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
     mask[2] = 0  # a completion with no token contributes 0, never NaN
     kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T,
               cispo_epsilon_max=1.3)  # cispo: a cap the off-policy ratios pass
-    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, **kw)
+    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, train.LossSettings(**kw))
     (grad,) = torch.autograd.grad(loss, logps)
     logps2 = logps.detach().clone().requires_grad_(True)
     ref_loss = naive_loss(logps2, old, ref, adv, mask, beta, 0.2, 0.28, loss_type, T, cispo_max=1.3)
@@ -139,24 +144,129 @@ def test_grpo_loss_matches_naive_values_and_grads(loss_type, beta, off_policy):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(loss) and grad[2].abs().max() == 0
-    if off_policy:
-        assert stats["clip_ratio"] > 0
+    if off_policy:  # sapo's gate is soft: no token is clipped
+        assert (stats["clip_ratio"] > 0) == (loss_type != "sapo")
     assert (stats["kl"] > 0) == (beta > 0)
+
+
+def trl_sapo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask, beta,
+                  importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg):
+    """TRL 1.16.0's GRPOTrainer._compute_loss with loss_type="sapo", one token at a time (trl/trainer/grpo_trainer.py
+    of the trl-1.16.0 wheel): old log-probs lines 3065-3066; log-ratio and importance weight 3083-3095 (token, or the
+    sequence's masked mean log-ratio); k3 KL 3098-3103; the SAPO branch 3121-3124 (temperatures = where(A > 0, pos,
+    neg); soft_coef_1 = sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures; per_token_loss = -soft_coef_1 * A);
+    + beta * KL 3149-3150; the "grpo"/"sapo" aggregation 3153-3154 (per sequence, then the batch mean)."""
+    N, T = per_token_logps.shape
+    total = 0
+    for i in range(N):
+        n_tokens = sum(float(mask[i, t]) for t in range(T))
+        log_w_seq = sum((per_token_logps[i, t] - old_per_token_logps[i, t]) * mask[i, t] for t in range(T)) / max(n_tokens, 1.0)
+        row = 0
+        for t in range(T):
+            log_w = per_token_logps[i, t] - old_per_token_logps[i, t] if importance_sampling_level == "token" else log_w_seq
+            coef_1 = torch.exp(log_w)
+            temperature = sapo_temperature_pos if advantages[i] > 0 else sapo_temperature_neg
+            soft_coef_1 = torch.sigmoid(temperature * (coef_1 - 1)) * 4 / temperature
+            per_token_loss = -soft_coef_1 * advantages[i]
+            if beta != 0.0:
+                d = ref_per_token_logps[i, t] - per_token_logps[i, t]
+                per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1)
+            row = row + per_token_loss * mask[i, t]
+        total = total + row / max(n_tokens, 1.0)
+    return total / N
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_sapo_equals_trls_branch_in_float64(level, beta, off_policy):
+    g = torch.Generator().manual_seed(4)
+    N, T = 6, 7
+    logps = (-torch.rand(N, T, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    # ratios up to e^1.5 either way: the gate's tails, where sigmoid(tau (r - 1)) is far from linear
+    old = logps.detach() + (torch.rand(N, T, generator=g, dtype=torch.float64) * 3 - 1.5) if off_policy else None
+    ref = -torch.rand(N, T, generator=g, dtype=torch.float64) * 2
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    adv[0] = 0.0  # A = 0 takes the negative temperature in TRL; its term is 0 either way
+    mask = (torch.rand(N, T, generator=g) > 0.3).int()
+    mask[2] = 0  # a completion with no token: 0, never NaN
+    settings = train.LossSettings(loss_type="sapo", beta=beta, importance_sampling_level=level, max_completion_length=T,
+                                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)
+    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, settings)
+    logps2 = logps.detach().clone().requires_grad_(True)
+    theirs = trl_sapo_loss(logps2, logps2.detach() if old is None else old, ref, adv, mask, beta, level, 0.9, 1.3)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.autograd.grad(theirs, logps2)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert stats["clip_ratio"] == 0.0
+
+
+def test_sapo_on_policy_gradient_is_grpos():
+    # at ratio 1 the gate's slope is sigmoid'(0) * 4 = 1 at any temperature: SAPO's gradient is GRPO's; off-policy not
+    g = torch.Generator().manual_seed(5)
+    logps = (-torch.rand(4, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    adv, mask = torch.randn(4, generator=g, dtype=torch.float64), torch.ones(4, 5)
+    old = logps.detach() + 0.5
+    grads = {}
+    for loss_type in ("grpo", "sapo"):
+        for name, o in (("on", None), ("off", old)):
+            loss, _ = train.grpo_loss(logps, o, None, adv, mask, train.LossSettings(loss_type=loss_type, beta=0.0))
+            grads[loss_type, name] = torch.autograd.grad(loss, logps)[0]
+    torch.testing.assert_close(grads["sapo", "on"], grads["grpo", "on"], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(grads["sapo", "off"], grads["grpo", "off"])
+
+
+def test_help_groups_every_flag_by_topic_with_its_default():
+    # --help is a page to scan: train.py's flags under seven topic headings, eval.py's and bench.py's under theirs,
+    # every flag's default printed
+    import bench
+    import eval as eval_script
+    topics = ["model", "data and video", "rollout and rewards", "loss", "optimisation", "run and checkpoints", "logging"]
+    for cls, headings in ((train.Config, topics), (eval_script.Config, None), (bench.Args, None)):
+        parser = runtime.dataclass_parser(cls, "")
+        groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups[2:]}
+        assert headings is None or list(groups) == headings
+        fields = dataclasses.fields(cls)
+        assert sorted(d for dests in groups.values() for d in dests) == sorted(f.name for f in fields)
+        assert all(f.name in groups[f.metadata["group"]] for f in fields)
+        text = " ".join(parser.format_help().split())
+        assert text.count("(default: ") == len(fields)
+        for f in fields:
+            if not isinstance(f.default, dataclasses._MISSING_TYPE) and f.type is not bool:
+                shown = "''" if f.default == "" else str(f.default)
+                assert f"(default: {shown})" in text, f.name
+
+
+def test_loss_table_is_what_validation_help_and_docs_list(capsys):
+    # one table, train.LOSSES: validate_config refuses a name outside it, --help prints each entry's help, and
+    # docs/training.md's `--loss_type` row names exactly its loss types, in its order
+    assert train.LOSS_TYPES == tuple(train.LOSSES) and "sapo" in train.LOSSES
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, loss in train.LOSSES.items():
+        assert f"{name}: {loss.help}" in shown
+    with pytest.raises(train.ConfigError, match="choose one of"):
+        train.validate_config(train.Config(loss_type="ppo"))
+    text = open(os.path.join(HERE, "docs", "training.md")).read()
+    rows = [line for line in text.splitlines() if line.startswith("| `--loss_type`")]
+    assert len(rows) == 1 and re.findall(r"`(\w+)`: ", rows[0]) == list(train.LOSSES), rows
 
 
 def test_grpo_loss_all_masked_is_zero_not_nan():
     logps = torch.zeros(2, 3, requires_grad=True)
     for loss_type in train.LOSS_TYPES:
-        loss, _ = train.grpo_loss(logps, None, None, torch.ones(2), torch.zeros(2, 3, dtype=torch.int), beta=0.0,
-                                  epsilon_low=0.2, epsilon_high=0.2, loss_type=loss_type, max_completion_length=3)
+        loss, _ = train.grpo_loss(logps, None, None, torch.ones(2), torch.zeros(2, 3, dtype=torch.int),
+                                  train.LossSettings(beta=0.0, loss_type=loss_type, max_completion_length=3))
         assert loss.item() == 0.0
 
 
 def test_on_policy_gradient_is_the_policy_gradient():
     # with old_logps=None the ratio is 1 but d/dlogp of -ratio*A is -A: the REINFORCE-with-baseline gradient
     logps = torch.zeros(2, 2, requires_grad=True)
-    loss, _ = train.grpo_loss(logps, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2), beta=0.0,
-                              epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=2)
+    loss, _ = train.grpo_loss(logps, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2),
+                              train.LossSettings(beta=0.0, loss_type="dapo", max_completion_length=2))
     (grad,) = torch.autograd.grad(loss, logps)
     torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
 
@@ -165,10 +275,30 @@ def test_cispo_capped_tokens_keep_their_gradient():
     # where the clipped GRPO objective's gradient is 0 (ratio past 1 + eps, A > 0), CISPO's is -min(ratio, cap) * A / n
     logps, old = torch.zeros(1, 2, requires_grad=True), torch.tensor([[-1.0, -3.0]])  # ratios e, e^3 = 20.1
     for loss_type, expected in (("dapo", [0.0, 0.0]), ("cispo", [-math.e / 2, -5.0 / 2])):
-        loss, stats = train.grpo_loss(logps, old, None, torch.ones(1), torch.ones(1, 2), beta=0.0, epsilon_low=0.2,
-                                      epsilon_high=0.2, loss_type=loss_type, max_completion_length=2)
+        loss, stats = train.grpo_loss(logps, old, None, torch.ones(1), torch.ones(1, 2),
+                                      train.LossSettings(beta=0.0, loss_type=loss_type, max_completion_length=2))
         torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.tensor([expected]))
     assert stats["clip_ratio"] == 0.5  # cispo: the share of tokens whose weight the cap bound
+
+
+def test_cispo_gradient_equals_dapos_at_ratio_one():
+    # at num_iterations 1 the ratio is 1: -sg(min(1, cap)) A log pi and -min(r A, clip(r) A) have the same gradient
+    # -A / n (the values differ: CISPO's carries log pi), so the tiny runs of the two are equal apart from `loss`
+    # (docs/methods.md); with the ratio away from 1 (mu > 1) they part
+    g = torch.Generator().manual_seed(6)
+    logps = (-torch.rand(5, 6, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    ref, adv = -torch.rand(5, 6, generator=g, dtype=torch.float64) * 2, torch.randn(5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 6, generator=g) > 0.2).int()
+    off = logps.detach() + torch.randn(5, 6, generator=g, dtype=torch.float64) * 0.5
+    out = {}
+    for loss_type in ("dapo", "cispo"):
+        for name, old in (("none", None), ("equal", logps.detach().clone()), ("off", off)):
+            loss, _ = train.grpo_loss(logps, old, ref, adv, mask, train.LossSettings(loss_type=loss_type))
+            out[loss_type, name] = loss, torch.autograd.grad(loss, logps)[0]
+    for name in ("none", "equal"):
+        torch.testing.assert_close(out["cispo", name][1], out["dapo", name][1], rtol=1e-12, atol=1e-12)
+        assert (out["cispo", name][0] - out["dapo", name][0]).abs() > 0.1  # the values are not the same
+    assert (out["cispo", "off"][1] - out["dapo", "off"][1]).abs().max() > 1e-3
 
 
 def naive_quantile(values, q):
@@ -179,7 +309,7 @@ def naive_quantile(values, q):
     return values[lo] + (pos - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
 
 
-@pytest.mark.parametrize("rho", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("rho", [0.0, 0.2, 0.5, 1.0])  # 0: only the highest-entropy token, as TRL allows
 def test_high_entropy_mask_matches_the_definition_over_all_ranks(rho):
     # two ranks simulated: the threshold is the (1 - rho) quantile of both ranks' completion tokens, never one rank's
     g = torch.Generator().manual_seed(0)
@@ -199,15 +329,50 @@ def test_high_entropy_mask_matches_the_definition_over_all_ranks(rho):
     assert own.any() and (rho == 1.0 or not train.high_entropy_mask(ent[1], masks[1], 0.2, all_entropies)[0].any())
 
 
-def test_high_entropy_mask_equals_trls():
+def trl_get_high_entropy_mask(entropies, mask, threshold, gather=lambda t: t):
+    """TRL 1.16.0's GRPOTrainer.get_high_entropy_mask (trl/trainer/grpo_trainer.py of the trl-1.16.0 wheel, lines
+    1380-1416), transcribed so that CI runs the cross-check without installing trl (it pulls datasets, pandas and
+    pyarrow). accelerator.pad_across_processes + gather (lines 1404-1405) become `gather`, padding with TRL's -1e9
+    sentinel; TRL calls it with threshold = 1 - top_entropy_quantile (line 3050)."""
+    local = entropies[mask.bool()].float()                         # line 1397
+    pad_value = -1e9                                               # line 1401
+    gathered = gather(local)                                       # lines 1404-1405
+    gathered = gathered[gathered != pad_value]                     # line 1408
+    if gathered.numel() == 0:                                      # lines 1410-1411
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    entropy_threshold = torch.quantile(gathered, threshold)        # line 1413
+    masked_entropies = entropies * mask.float()                    # line 1414
+    entropy_mask = masked_entropies >= entropy_threshold           # line 1415
+    return entropy_mask & mask.bool()                              # line 1416
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2, 0.5])
+def test_high_entropy_mask_equals_trls(rho):
+    g = torch.Generator().manual_seed(1)
+    entropies, mask = torch.rand(4, 7, generator=g) * 3, (torch.rand(4, 7, generator=g) > 0.3).int()
+    other_rank = torch.rand(9, generator=g) * 4                     # a second rank's completion-token entropies
+    padded = lambda local: torch.cat([local, other_rank, torch.full((3,), -1e9)])  # gathered, TRL's padding included
+    theirs = trl_get_high_entropy_mask(entropies, mask, 1 - rho, gather=padded)
+    ours = train.high_entropy_mask(entropies, mask, rho, torch.cat([entropies[mask.bool()], other_rank]))[0]
+    assert ours.tolist() == theirs.tolist() and ours.sum() < mask.sum()
+    assert (ours.sum() > 0) == (rho > 0)  # rho 0: the one highest entropy of both ranks, here the other rank's
+    alone = train.high_entropy_mask(entropies, mask, rho, entropies[mask.bool()])[0]
+    assert alone.tolist() == trl_get_high_entropy_mask(entropies, mask, 1 - rho).tolist() and alone.sum() >= 1
+    empty = torch.zeros_like(mask)
+    assert train.high_entropy_mask(entropies, empty, rho, entropies[empty.bool()])[0].tolist() == \
+        trl_get_high_entropy_mask(entropies, empty, 1 - rho).tolist()
+
+
+def test_trl_transcription_equals_the_installed_trl():
+    # where trl is installed (not in CI: requirements.txt leaves it out), the transcription above is checked against it
     trl = pytest.importorskip("trl")
     from types import SimpleNamespace
     g = torch.Generator().manual_seed(1)
     entropies, mask = torch.rand(4, 7, generator=g) * 3, (torch.rand(4, 7, generator=g) > 0.3).int()
     fake = SimpleNamespace(accelerator=SimpleNamespace(pad_across_processes=lambda t, **kw: t, gather=lambda t: t))
-    theirs = trl.GRPOTrainer.get_high_entropy_mask(fake, entropies, mask, 1 - 0.2)
-    ours = train.high_entropy_mask(entropies, mask, 0.2, entropies[mask.bool()])[0]
-    assert ours.tolist() == theirs.bool().tolist()
+    for rho in (0.0, 0.2, 0.5):
+        theirs = trl.GRPOTrainer.get_high_entropy_mask(fake, entropies, mask, 1 - rho)
+        assert trl_get_high_entropy_mask(entropies, mask, 1 - rho).tolist() == theirs.bool().tolist()
 
 
 def test_entropy_mask_keeps_the_kl_and_the_token_count():
@@ -215,8 +380,8 @@ def test_entropy_mask_keeps_the_kl_and_the_token_count():
     logps, old, ref = -torch.rand(4, 5, requires_grad=True), -torch.rand(4, 5), -torch.rand(4, 5)
     adv, mask, keep = torch.randn(4), (torch.rand(4, 5) > 0.2).int(), torch.rand(4, 5) > 0.6
     for loss_type in train.LOSS_TYPES:
-        loss, _ = train.grpo_loss(logps, old, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                  loss_type=loss_type, max_completion_length=5, entropy_mask=keep)
+        loss, _ = train.grpo_loss(logps, old, ref, adv, mask,
+                                  train.LossSettings(loss_type=loss_type, max_completion_length=5), entropy_mask=keep)
         naive = naive_loss(logps, old, ref, adv, mask, 0.04, 0.2, 0.2, loss_type, 5, keep=keep)
         torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(loss, logps)[0], torch.autograd.grad(naive, logps)[0],
@@ -234,8 +399,8 @@ def _dapo_problem():
 def _dapo_grad(x, ref, adv, mask, dapo_tokens):
     theta = torch.linspace(-1, 1, 8).requires_grad_(True)
     logps = -torch.nn.functional.softplus(x * theta[None])                               # (N, T)
-    loss, _ = train.grpo_loss(logps, None, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                              loss_type="dapo", max_completion_length=8, dapo_tokens=dapo_tokens)
+    loss, _ = train.grpo_loss(logps, None, ref, adv, mask,
+                              train.LossSettings(loss_type="dapo", max_completion_length=8), dapo_tokens=dapo_tokens)
     loss.backward()
     return theta.grad
 
@@ -244,7 +409,7 @@ def _dapo_rank(rank, port, out, use_divisor):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     x, ref, adv, mask = (t[3 * rank:3 * rank + 3] for t in _dapo_problem())             # this rank's half
-    divisor = train.dapo_divisor(mask, 2) if use_divisor else None
+    divisor = runtime.dapo_divisor(mask, 2) if use_divisor else None
     grad = _dapo_grad(x, ref, adv, mask, divisor)
     torch.distributed.all_reduce(grad)  # DeepSpeed's gradient averaging over ranks
     if rank == 0:
@@ -325,7 +490,8 @@ def test_gspo_loss_matches_naive_per_sequence_loop(loss_type, beta, off_policy):
     mask = (torch.rand(N, T) > 0.3).int()
     mask[2] = 0
     kw = dict(beta=beta, epsilon_low=3e-4, epsilon_high=4e-4, loss_type=loss_type, max_completion_length=T)
-    loss, stats = train.grpo_loss(logps, old, ref, adv, mask, importance_sampling_level="sequence", **kw)
+    loss, stats = train.grpo_loss(logps, old, ref, adv, mask,
+                                  train.LossSettings(importance_sampling_level="sequence", **kw))
     (grad,) = torch.autograd.grad(loss, logps)
     logps2 = logps.detach().clone().requires_grad_(True)
     ref_loss = naive_gspo_loss(logps2, old, ref, adv, mask, beta, 3e-4, 4e-4, loss_type, T)
@@ -335,7 +501,7 @@ def test_gspo_loss_matches_naive_per_sequence_loop(loss_type, beta, off_policy):
     assert grad[2].abs().max() == 0
     if off_policy:  # some completions clipped as a whole, some not: the sequence ratio is what is clipped
         assert 0 < stats["clip_ratio"] < 1
-        token, _ = train.grpo_loss(logps, old, ref, adv, mask, **kw)
+        token, _ = train.grpo_loss(logps, old, ref, adv, mask, train.LossSettings(**kw))
         assert (token - loss).abs() > 1e-7, "the sequence-level loss must differ from the token-level one"
 
 
@@ -354,9 +520,10 @@ def test_kl_clamp_clips_the_log_ratio_before_k3():
     torch.manual_seed(0)
     logps = (-torch.rand(4, 6) * 30).requires_grad_(True)  # log-ratios up to ~30: exp would be ~1e13 unclamped
     ref, adv, mask = -torch.rand(4, 6) * 30, torch.randn(4), torch.ones(4, 6)
-    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=6)
+    kw = dict(beta=0.04, loss_type="grpo", max_completion_length=6)
     for level in ("token", "sequence"):
-        loss, stats = train.grpo_loss(logps, None, ref, adv, mask, importance_sampling_level=level, kl_clamp=10.0, **kw)
+        loss, stats = train.grpo_loss(logps, None, ref, adv, mask,
+                                      train.LossSettings(importance_sampling_level=level, kl_clamp=10.0, **kw))
         (grad,) = torch.autograd.grad(loss, logps)
         logps2 = logps.detach().clone().requires_grad_(True)
         if level == "sequence":
@@ -369,7 +536,7 @@ def test_kl_clamp_clips_the_log_ratio_before_k3():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
     d = ref - logps.detach()
     assert d.abs().max() > 10 and stats["kl"] <= math.exp(10) - 11 + 1e-3
-    unclamped, _ = train.grpo_loss(logps, None, ref, adv, mask, **kw)
+    unclamped, _ = train.grpo_loss(logps, None, ref, adv, mask, train.LossSettings(**kw))
     assert unclamped > loss, "without the clamp the KL of the far tokens is larger"
     torch.testing.assert_close(train.per_token_kl(logps, ref, clamp=0.0), train.per_token_kl(logps, ref))
 
@@ -380,7 +547,7 @@ def test_lr_factor_linear_and_cosine_match_transformers():
     for kind, hf_schedule in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         hf = hf_schedule(opt, warmup, total)
-        ours = [train.lr_factor(u, warmup_steps=warmup, total_updates=total, scheduler=kind) for u in range(total + 1)]
+        ours = [runtime.lr_factor(u, warmup_steps=warmup, total_updates=total, scheduler=kind) for u in range(total + 1)]
         expected = [hf.lr_lambdas[0](u) for u in range(total + 1)]
         # warmup: ours reaches the peak on the last warmup update ((u + 1) / w), transformers' one later (u / w)
         assert ours[:warmup] == [(u + 1) / warmup for u in range(warmup)]
@@ -1009,8 +1176,10 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--length_window", "320"], "--length_window '320'"),
     (["--lr_scheduler", "constant"], "--lr_scheduler must be linear or cosine"),
     (["--kl_clamp", "-1"], "--kl_clamp"),
-    (["--top_entropy_quantile", "0"], "--top_entropy_quantile must be in (0, 1]"),
+    (["--top_entropy_quantile", "-0.1"], "--top_entropy_quantile must be in [0, 1]"),
+    (["--top_entropy_quantile", "1.5"], "--top_entropy_quantile must be in [0, 1]"),
     (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
+    (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], "--loss_type sapo: temperatures above 0"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])

@@ -147,8 +147,8 @@ def test_old_logps_equal_policy_pass_exactly(tiny_setup):  # noqa: F811
         old = model.completion_logps(net, batch, completion_ids, num_generations=3, temperature=0.7)
     logps = model.completion_logps(net, batch, completion_ids, num_generations=3, temperature=0.7)
     assert torch.equal(torch.exp(logps - old), torch.ones_like(old))
-    _, stats = train.grpo_loss(logps, old, None, torch.randn(6), torch.ones(6, 7), beta=0.0, epsilon_low=1e-9,
-                               epsilon_high=1e-9, loss_type="grpo", max_completion_length=7)
+    _, stats = train.grpo_loss(logps, old, None, torch.randn(6), torch.ones(6, 7),
+                               train.LossSettings(beta=0.0, epsilon_low=1e-9, epsilon_high=1e-9, max_completion_length=7))
     assert stats["clip_ratio"] == 0.0
 
 

@@ -56,83 +56,85 @@ from runtime import ConfigError, eta, print0
 @dataclass
 class Config:
     # model and data
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "local HF folder or hub id"})
-    data: str = field(default="data/dvd/train_dvd.jsonl", metadata={"help": "DVD-counting JSONL (or JSON list) of video_filename/problem/solution"})
-    video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
-    output_dir: str = field(default="runs/video-r1-dvd", metadata={"help": "where checkpoints, metrics.jsonl and samples.jsonl go"})
-    tiny: bool = field(default=False, metadata={"help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
-    tiny_model: str = field(default="qwen2-vl", metadata={"help": "--tiny's model family: qwen2-vl, qwen2.5-vl or qwen3-vl (made in data/tiny-<name>)"})
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"group": "model", "help": "local HF folder or hub id"})
+    data: str = field(default="data/dvd/train_dvd.jsonl", metadata={"group": "data and video", "help": "JSONL (or JSON list) of rows in DVD-counting's or Video-R1-260k's layout, any answer type (docs/data.md)"})
+    video_root: str = field(default="", metadata={"group": "data and video", "help": "folder that relative video paths start from ('': the data file's folder)"})
+    tiny: bool = field(default=False, metadata={"group": "model", "help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"group": "model", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl or qwen3-vl (made in data/tiny-<name>)"})
     # video (the seed's settings)
-    fps: float = field(default=2.0, metadata={"help": "frames sampled per second of video"})
-    min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
-    max_frames: int = field(default=16, metadata={"help": "most frames per video"})
-    min_pixels: int = field(default=0, metadata={"help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, the seed's; 128*32*32 for Qwen3-VL)"})
-    max_pixels: int = field(default=0, metadata={"help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
-    max_prompt_length: int = field(default=4096, metadata={"help": "longer prompts (video tokens included) are skipped, never truncated"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding videos"})
-    prompt_template: str = field(default="default", metadata={"help": "default (per type; numerical: the seed's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
+    fps: float = field(default=2.0, metadata={"group": "data and video", "help": "frames sampled per second of video"})
+    min_frames: int = field(default=4, metadata={"group": "data and video", "help": "fewest frames per video"})
+    max_frames: int = field(default=16, metadata={"group": "data and video", "help": "most frames per video"})
+    min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, the seed's; 128*32*32 for Qwen3-VL)"})
+    max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
+    max_prompt_length: int = field(default=4096, metadata={"group": "data and video", "help": "longer prompts (video tokens included) are skipped, never truncated"})
+    num_workers: int = field(default=2, metadata={"group": "data and video", "help": "DataLoader workers decoding videos"})
+    prompt_template: str = field(default="default", metadata={"group": "data and video", "help": "default (per type; numerical: the seed's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
     # GRPO
-    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
-    prompts_per_device: int = field(default=1, metadata={"help": "prompts per rank per step (each gets G completions)"})
-    max_completion_length: int = field(default=512, metadata={"help": "most new tokens per completion"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (the seed's 50; 0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
-    compile_rollout: str = field(default="auto", metadata={"help": "auto|on|off: decode on a static KV cache with a torch.compile'd step (CUDA graphs); auto: on for CUDA"})
-    rewards: str = field(default="accuracy,format", metadata={"help": "comma-separated names from rewards.REWARD_FUNCS"})
-    reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
-    scale_rewards: str = field(default="group", metadata={"help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model"})
-    epsilon_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
-    epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (N * max_len)), cispo (docs/methods.md)"})
-    num_iterations: int = field(default=1, metadata={"help": "mu: optimizer updates per rollout"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions that never emitted EOS from the loss"})
-    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion, exp of its mean token log-ratio; the GSPO paper clips it at --epsilon_low 3e-4 --epsilon_high 4e-4)"})
-    kl_clamp: float = field(default=0.0, metadata={"help": "clamp the per-token log-ratio (ref - policy) to [-c, c] before the k3 KL (the seed's newer trainer: 10); 0 = off"})
+    num_generations: int = field(default=8, metadata={"group": "rollout and rewards", "help": "G: completions sampled per prompt"})
+    prompts_per_device: int = field(default=1, metadata={"group": "rollout and rewards", "help": "prompts per rank per step (each gets G completions)"})
+    max_completion_length: int = field(default=512, metadata={"group": "rollout and rewards", "help": "most new tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"group": "rollout and rewards", "help": "sampling temperature"})
+    top_k: int = field(default=50, metadata={"group": "rollout and rewards", "help": "sample from the k most likely tokens (the seed's 50; 0: off)"})
+    top_p: float = field(default=1.0, metadata={"group": "rollout and rewards", "help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
+    compile_rollout: str = field(default="auto", metadata={"group": "rollout and rewards", "help": "auto|on|off: decode on a static KV cache with a torch.compile'd step (CUDA graphs); auto: on for CUDA"})
+    rewards: str = field(default="accuracy,format", metadata={"group": "rollout and rewards", "help": "comma-separated names from rewards.REWARD_FUNCS"})
+    reward_weights: str = field(default="", metadata={"group": "rollout and rewards", "help": "comma-separated weights, one per reward ('': all 1)"})
+    scale_rewards: str = field(default="group", metadata={"group": "rollout and rewards", "help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
+    beta: float = field(default=0.04, metadata={"group": "loss", "help": "KL coefficient; 0 skips the reference model"})
+    epsilon_low: float = field(default=0.2, metadata={"group": "loss", "help": "lower clip range of the ratio"})
+    epsilon_high: float = field(default=0.2, metadata={"group": "loss", "help": "upper clip range of the ratio"})
+    loss_type: str = field(default="grpo", metadata={"group": "loss", "help": "a name in train.LOSSES (listed in --help; docs/methods.md)"})
+    num_iterations: int = field(default=1, metadata={"group": "optimisation", "help": "mu: optimizer updates per rollout"})
+    mask_truncated_completions: bool = field(default=False, metadata={"group": "loss", "help": "drop completions that never emitted EOS from the loss"})
+    importance_sampling_level: str = field(default="token", metadata={"group": "loss", "help": "token (GRPO) or sequence (GSPO: one ratio per completion, exp of its mean token log-ratio; the GSPO paper clips it at --epsilon_low 3e-4 --epsilon_high 4e-4)"})
+    kl_clamp: float = field(default=0.0, metadata={"group": "loss", "help": "clamp the per-token log-ratio (ref - policy) to [-c, c] before the k3 KL (the seed's newer trainer: 10); 0 = off"})
     # the seed's newer trainer (Video-R1-260k): T-GRPO and the length reward, both scored with the accuracy reward
-    temporal_contrast: bool = field(default=False, metadata={"help": "T-GRPO: also sample completions on the video with frames shuffled; +alpha to correct ones if p >= mu * p_shuffled"})
-    temporal_alpha: float = field(default=0.3, metadata={"help": "T-GRPO: the bonus added to a correct completion's reward"})
-    temporal_mu: float = field(default=0.8, metadata={"help": "T-GRPO: the bonus is given when p >= mu * p_shuffled (mean accuracies, per prompt)"})
-    shuffled_generations: int = field(default=0, metadata={"help": "T-GRPO: completions per prompt on the shuffled video (0: G // 2)"})
-    length_reward: bool = field(default=False, metadata={"help": "in a group with more than one correct completion, +length_bonus to correct ones whose length is in --length_window"})
-    length_window: str = field(default="320,512", metadata={"help": "lo,hi: completion lengths (tokens, EOS included) that earn the length bonus"})
-    length_bonus: float = field(default=0.2, metadata={"help": "the length reward's bonus"})
+    temporal_contrast: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "T-GRPO: also sample completions on the video with frames shuffled; +alpha to correct ones if p >= mu * p_shuffled"})
+    temporal_alpha: float = field(default=0.3, metadata={"group": "rollout and rewards", "help": "T-GRPO: the bonus added to a correct completion's reward"})
+    temporal_mu: float = field(default=0.8, metadata={"group": "rollout and rewards", "help": "T-GRPO: the bonus is given when p >= mu * p_shuffled (mean accuracies, per prompt)"})
+    shuffled_generations: int = field(default=0, metadata={"group": "rollout and rewards", "help": "T-GRPO: completions per prompt on the shuffled video (0: G // 2)"})
+    length_reward: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "in a group with more than one correct completion, +length_bonus to correct ones whose length is in --length_window"})
+    length_window: str = field(default="320,512", metadata={"group": "rollout and rewards", "help": "lo,hi: completion lengths (tokens, EOS included) that earn the length bonus"})
+    length_bonus: float = field(default=0.2, metadata={"group": "rollout and rewards", "help": "the length reward's bonus"})
     # methods adopted since Video-R1 (docs/methods.md)
-    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace groups of equal rewards by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
-    max_resample: int = field(default=4, metadata={"help": "--dynamic_sampling: most extra rollouts per step"})
-    top_entropy_quantile: float = field(default=1.0, metadata={"help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off)"})
-    cispo_epsilon_max: float = field(default=5.0, metadata={"help": "--loss_type cispo: the cap on the importance weight"})
+    dynamic_sampling: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "DAPO: replace groups of equal rewards by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
+    max_resample: int = field(default=4, metadata={"group": "rollout and rewards", "help": "--dynamic_sampling: most extra rollouts per step"})
+    top_entropy_quantile: float = field(default=1.0, metadata={"group": "loss", "help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off; 0: the top token only)"})
+    cispo_epsilon_max: float = field(default=5.0, metadata={"group": "loss", "help": "--loss_type cispo: the cap on the importance weight"})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is > 0 (TRL's default)"})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is <= 0 (TRL's default)"})
     # optimisation
-    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, decayed to 0 by --lr_scheduler"})
-    lr_scheduler: str = field(default="linear", metadata={"help": "linear or cosine decay to 0 after the warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=20.0, metadata={"help": "gradient clipping norm"})
-    num_train_epochs: int = field(default=2, metadata={"help": "passes over the data (unless max_steps > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (> 0 overrides num_train_epochs)"})
-    bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (peft); 0: full fine-tuning. With LoRA the reference is the same weights, adapters off"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_rank) * B @ A"})
-    lora_target_modules: str = field(default="", metadata={"help": "comma-separated Linear name suffixes in the language model ('visual.NAME': the vision tower); default: attention + MLP projections"})
-    attn_implementation: str = field(default="auto", metadata={"help": "the vision tower's attention; auto: flash_attention_2 if it imports, on CUDA, in bf16, else sdpa (the language model: packed_attention)"})
-    deepspeed: str = field(default="ds_zero3.json", metadata={"help": "DeepSpeed config holding only the ZeRO settings"})
-    gather_reference: bool = field(default=True, metadata={"help": "ZeRO-3: gather the full reference weights once for its pass (--no-gather_reference: layer by layer, less memory)"})
-    seed: int = field(default=42, metadata={"help": "base seed; rank r uses seed + r"})
+    learning_rate: float = field(default=1e-6, metadata={"group": "optimisation", "help": "peak learning rate, decayed to 0 by --lr_scheduler"})
+    lr_scheduler: str = field(default="linear", metadata={"group": "optimisation", "help": "linear or cosine decay to 0 after the warmup"})
+    warmup_steps: int = field(default=0, metadata={"group": "optimisation", "help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"group": "optimisation", "help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=20.0, metadata={"group": "optimisation", "help": "gradient clipping norm"})
+    num_train_epochs: int = field(default=2, metadata={"group": "optimisation", "help": "passes over the data (unless max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"group": "optimisation", "help": "stop after this many steps (> 0 overrides num_train_epochs)"})
+    bf16: bool = field(default=True, metadata={"group": "optimisation", "help": "bfloat16 weights and compute (--no-bf16 for fp32)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"group": "optimisation", "help": "recompute activations in backward to save memory"})
+    lora_rank: int = field(default=0, metadata={"group": "model", "help": "LoRA rank (peft); 0: full fine-tuning. With LoRA the reference is the same weights, adapters off"})
+    lora_alpha: float = field(default=16.0, metadata={"group": "model", "help": "LoRA scale numerator: the update is (lora_alpha / lora_rank) * B @ A"})
+    lora_target_modules: str = field(default="", metadata={"group": "model", "help": "comma-separated Linear name suffixes in the language model ('visual.NAME': the vision tower); '': attention + MLP projections"})
+    attn_implementation: str = field(default="auto", metadata={"group": "model", "help": "the vision tower's attention; auto: flash_attention_2 if it imports, on CUDA, in bf16, else sdpa (the language model: packed_attention)"})
+    deepspeed: str = field(default="ds_zero3.json", metadata={"group": "optimisation", "help": "DeepSpeed config holding only the ZeRO settings"})
+    gather_reference: bool = field(default=True, metadata={"group": "optimisation", "help": "ZeRO-3: gather the full reference weights once for its pass (--no-gather_reference: layer by layer, less memory)"})
+    seed: int = field(default=42, metadata={"group": "run and checkpoints", "help": "base seed; rank r uses seed + r"})
     # logging and saving
-    save_steps: int = field(default=100, metadata={"help": "save a checkpoint (HF model + training state) every this many steps (0: only final)"})
-    save_total_limit: int = field(default=2, metadata={"help": "keep the training state (optimizer etc.) of only the newest N checkpoints (>= 1)"})
-    save_model_limit: int = field(default=0, metadata={"help": "keep the HF model files of only the newest N checkpoint-* folders (0: all)"})
-    resume_from: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or 'latest' (the newest in output_dir)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting a new run in an output_dir that holds one"})
-    max_skip_fraction: float = field(default=0.5, metadata={"help": "stop if more than this share of the examples of the last skip_window steps failed"})
-    skip_window: int = field(default=20, metadata={"help": "steps over which failed examples are counted"})
-    max_bad_steps: int = field(default=3, metadata={"help": "stop after this many updates in a row skipped for a non-finite loss or gradient"})
-    log_samples_steps: int = field(default=10, metadata={"help": "dump rollouts to samples.jsonl every this many steps"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
-    run_name: str = field(default="", metadata={"help": "name for wandb/tensorboard (default: output_dir's name)"})
-    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher; ignore"})
+    save_steps: int = field(default=100, metadata={"group": "run and checkpoints", "help": "save a checkpoint (HF model + training state) every this many steps (0: only final)"})
+    save_total_limit: int = field(default=2, metadata={"group": "run and checkpoints", "help": "keep the training state (optimizer etc.) of only the newest N checkpoints (>= 1)"})
+    save_model_limit: int = field(default=0, metadata={"group": "run and checkpoints", "help": "keep the HF model files of only the newest N checkpoint-* folders (0: all)"})
+    output_dir: str = field(default="runs/video-r1-dvd", metadata={"group": "run and checkpoints", "help": "where checkpoints, metrics.jsonl and samples.jsonl go"})
+    resume_from: str = field(default="", metadata={"group": "run and checkpoints", "help": "a checkpoint-<step> folder, or 'latest' (the newest in output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"group": "run and checkpoints", "help": "allow starting a new run in an output_dir that holds one"})
+    max_skip_fraction: float = field(default=0.5, metadata={"group": "run and checkpoints", "help": "stop if more than this share of the examples of the last skip_window steps failed"})
+    skip_window: int = field(default=20, metadata={"group": "run and checkpoints", "help": "steps over which failed examples are counted"})
+    max_bad_steps: int = field(default=3, metadata={"group": "run and checkpoints", "help": "stop after this many updates in a row skipped for a non-finite loss or gradient"})
+    log_samples_steps: int = field(default=10, metadata={"group": "logging", "help": "dump rollouts to samples.jsonl every this many steps"})
+    report_to: str = field(default="none", metadata={"group": "logging", "help": "none, wandb or tensorboard"})
+    run_name: str = field(default="", metadata={"group": "logging", "help": "name for wandb/tensorboard ('': output_dir's name)"})
+    local_rank: int = field(default=-1, metadata={"group": "run and checkpoints", "help": "set by the deepspeed launcher; ignore"})
 
 
 # --tiny: every default that makes the whole loop run offline on 2 CPU cores in about a minute. The tiny model is
@@ -141,11 +143,11 @@ TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.
             max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
             max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
             log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
 
 
 def parse_config(argv=None):
-    parser = runtime.dataclass_parser(Config, __doc__)
+    loss_help = "; ".join(f"{name}: {loss.help}" for name, loss in LOSSES.items())  # the table is the one list
+    parser = runtime.dataclass_parser(Config, __doc__, loss_type=dict(type=str, default=Config.loss_type, help=loss_help))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**dict(TINY, model_name_or_path=f"data/tiny-{args.tiny_model}"))
@@ -167,8 +169,10 @@ def validate_config(cfg):
                           f"bound, max 0 (the seed's reader's cap) or a cap")
     if cfg.prompt_template not in data.PROMPT_TEMPLATE_NAMES:
         raise ConfigError(f"--prompt_template {cfg.prompt_template!r}: choose one of {data.PROMPT_TEMPLATE_NAMES}")
-    if cfg.loss_type not in LOSS_TYPES:
+    if cfg.loss_type not in LOSSES:
         raise ConfigError(f"--loss_type {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+    if loss_error := LOSSES[cfg.loss_type].check(LossSettings.of(cfg)):
+        raise ConfigError(f"--loss_type {cfg.loss_type}: {loss_error}")
     if cfg.scale_rewards not in ("group", "none"):
         raise ConfigError(f"--scale_rewards {cfg.scale_rewards!r}: choose 'group' or 'none'")
     if cfg.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
@@ -177,8 +181,8 @@ def validate_config(cfg):
         raise ConfigError(f"--importance_sampling_level {cfg.importance_sampling_level!r}: choose token or sequence")
     if cfg.lr_scheduler not in ("linear", "cosine") or cfg.kl_clamp < 0 or cfg.shuffled_generations < 0:
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
-    if not 0 < cfg.top_entropy_quantile <= 1 or cfg.cispo_epsilon_max <= 0 or cfg.max_resample < 0:
-        raise ConfigError("--top_entropy_quantile must be in (0, 1] (1: off), --cispo_epsilon_max above 0, --max_resample >= 0")
+    if not 0 <= cfg.top_entropy_quantile <= 1 or cfg.max_resample < 0:
+        raise ConfigError("--top_entropy_quantile must be in [0, 1] (1: off; 0: only the top entropy), --max_resample >= 0")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
@@ -262,63 +266,83 @@ def split_rollout(completion_ids, num_normal, eos_token_ids):
     return normal[:, :completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high, loss_type,
-              max_completion_length, importance_sampling_level="token", kl_clamp=0.0, dapo_tokens=None,
-              cispo_epsilon_max=5.0, entropy_mask=None):
-    """
-    logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T).
+# The loss's knobs, built once from the Config's "loss" fields: a new knob is one flag, grpo_loss's callers never change
+LossSettings = dataclasses.make_dataclass("LossSettings", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(
+    Config) if f.metadata["group"] == "loss" or f.name == "max_completion_length"], frozen=True)  # dr_grpo's constant
+LossSettings.of = classmethod(lambda cls, cfg: cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}))
+
+
+# policy terms: ratio (N, T) or (N, 1), adv (N, 1), logps (N, T), settings -> per-token loss, clipped or capped (bool)
+def clipped_term(ratio, adv, logps, s):
+    """PPO's -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A): a token past the range has no gradient."""
+    is_clipped = ((ratio < 1 - s.epsilon_low) & (adv < 0)) | ((ratio > 1 + s.epsilon_high) & (adv > 0))
+    return -torch.min(ratio * adv, torch.clamp(ratio, 1 - s.epsilon_low, 1 + s.epsilon_high) * adv), is_clipped
+
+
+def cispo_term(ratio, adv, logps, s):
+    """MiniMax-M1: -sg(min(r, eps_max)) A log pi: no token loses its gradient. Capped: either sign of A (TRL: A > 0)."""
+    return -torch.clamp(ratio, max=s.cispo_epsilon_max).detach() * adv * logps, ratio > s.cispo_epsilon_max
+
+
+def sapo_term(ratio, adv, logps, s):
+    """SAPO (TRL's "sapo"): a soft gate -sigmoid(tau (r - 1)) 4 / tau A for the clip; at r = 1 the gradient is GRPO's."""
+    tau = torch.where(adv > 0, adv.new_tensor(s.sapo_temperature_pos), s.sapo_temperature_neg)  # (N, 1), adv's dtype
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, torch.zeros_like(ratio, dtype=torch.bool)  # (N, T) or (N, 1)
+
+
+# A new loss is a policy term and an entry here (validate_config, --help, docs read it); check: settings -> error or None
+LossType = collections.namedtuple("LossType", "term average help check", defaults=(lambda s: None,))
+LOSSES = {
+    "grpo": LossType(clipped_term, "sequence", "clipped, mean over each completion's tokens, then over completions"),
+    "dapo": LossType(clipped_term, "token", "clipped, one token mean over the step's completions on all ranks"),
+    "dr_grpo": LossType(clipped_term, "constant", "clipped, sum / (completions * max_completion_length): no length bias"),
+    "cispo": LossType(cispo_term, "token", "MiniMax-M1's capped, detached weight (--cispo_epsilon_max), token mean as dapo",
+                      lambda s: None if s.cispo_epsilon_max > 0 else "--cispo_epsilon_max above 0"),
+    "sapo": LossType(sapo_term, "sequence", "SAPO's soft gate (--sapo_temperature_pos/neg) for the clip, mean as grpo",
+                     lambda s: None if min(s.sapo_temperature_pos, s.sapo_temperature_neg) > 0 else "temperatures above 0"),
+}
+LOSS_TYPES = tuple(LOSSES)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, settings, *, dapo_tokens=None, entropy_mask=None):
+    """logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T);
+    settings: a LossSettings (settings.loss_type names the LOSSES entry: its policy term, its average).
     old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
     when beta == 0. importance_sampling_level "sequence" is GSPO: one ratio per completion, clipped as a whole.
-    dapo_tokens: what dapo (and cispo) divides this rank's token sum by (None: this batch's own count; train() passes all
-    ranks' count / world size, so the averaged gradients are one token mean over the step). entropy_mask (N, T): only
-    its tokens keep the policy term (--top_entropy_quantile); the KL term and the token count are unchanged.
-    Returns (scalar loss, dict of detached stats).
+    dapo_tokens: what a "token" average (dapo, cispo) divides this rank's token sum by (None: this batch's own count;
+    train() passes all ranks' count / world size, so the averaged gradients are one token mean over the step).
+    entropy_mask (N, T): only its tokens keep the policy term (--top_entropy_quantile); the KL term and the token count
+    are unchanged. Returns (scalar loss, dict of detached stats).
     """
+    s = settings
     mask = mask.to(logps.dtype)
     # ratio is 1 when on-policy; kept so the clipped form works for num_iterations > 1
     old_logps = logps.detach() if old_logps is None else old_logps
     log_ratio = logps - old_logps                                              # (N, T)
-    if importance_sampling_level == "sequence":  # GSPO: exp of the mean log-ratio of the completion's tokens
+    if s.importance_sampling_level == "sequence":  # GSPO: exp of the mean log-ratio of the completion's tokens
         log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]  # (N, 1), broadcast over T
-    elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    elif s.importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {s.importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)                                               # (N, T) or (N, 1)
     adv = advantages[:, None]                                                  # (N, 1)
-    if loss_type == "cispo":  # the weight is capped and detached, so no token loses its gradient (no clip zeroes it)
-        per_token = -torch.clamp(ratio, max=cispo_epsilon_max).detach() * adv * logps  # (N, T)
-    else:
-        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)                     # (N, T)
+    loss_type = LOSSES[s.loss_type]
+    per_token, is_clipped = loss_type.term(ratio, adv, logps, s)               # (N, T) or (N, 1)
     if entropy_mask is not None:
         per_token = per_token * entropy_mask                                   # (N, T)
     kl = None
-    if beta != 0.0:
-        kl = per_token_kl(logps, ref_logps, clamp=kl_clamp)                    # (N, T)
-        per_token = per_token + beta * kl
-    if loss_type == "grpo":      # mean over each completion's tokens, then over completions; empty rows give 0
+    if s.beta != 0.0:
+        kl = per_token_kl(logps, ref_logps, clamp=s.kl_clamp)                  # (N, T)
+        per_token = per_token + s.beta * kl
+    if loss_type.average == "sequence":  # mean over each completion's tokens, then over completions; empty rows give 0
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type in ("dapo", "cispo"):  # every token of the batch weighs the same
+    elif loss_type.average == "token":  # every token of the step weighs the same
         loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if dapo_tokens is None else dapo_tokens)
-    elif loss_type == "dr_grpo":  # a constant normaliser: no length bias
-        loss = (per_token * mask).sum() / (mask.size(0) * max_completion_length)
-    else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    else:  # "constant": no length bias
+        loss = (per_token * mask).sum() / (mask.size(0) * s.max_completion_length)
     n_tokens = mask.sum().clamp(min=1)
-    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    if loss_type == "cispo":  # the tokens whose weight was capped
-        is_clipped = ratio.expand_as(mask) > cispo_epsilon_max
     stats = {"clip_ratio": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item(),
              "kl": 0.0 if kl is None else ((kl * mask).sum() / n_tokens).item()}
     return loss, stats
-
-
-def dapo_divisor(mask, world):
-    """What each rank divides its dapo token sum by: (completion tokens of all ranks, all-reduced) / world, so that the
-    ranks' averaged gradients are DAPO's one token mean over the step (a rank's own count would weigh the tokens of a
-    rank of short completions more). mask (N, T) -> float"""
-    n = mask.sum().to(torch.float64)
-    torch.distributed.all_reduce(n)
-    return max(n.item(), 1.0) / world
 
 
 def high_entropy_mask(entropies, mask, top_quantile, all_entropies):
@@ -329,22 +353,6 @@ def high_entropy_mask(entropies, mask, top_quantile, all_entropies):
         return torch.zeros_like(mask, dtype=torch.bool), 0.0
     threshold = torch.quantile(all_entropies.float(), 1 - top_quantile)
     return (entropies >= threshold) & mask.bool(), threshold.item()
-
-
-def gather_entropies(entropies, mask):
-    """The entropies of every rank's completion tokens, one (M,) tensor (a collective; ranks hold different counts)."""
-    gathered = [None] * torch.distributed.get_world_size()  # a few thousand floats a rank: as objects, no padding
-    torch.distributed.all_gather_object(gathered, entropies[mask.bool()].float().cpu())
-    return torch.cat(gathered)                                                 # (M,)
-
-
-def lr_factor(update, *, warmup_steps, total_updates, scheduler="linear"):
-    """The learning rate's multiplier at optimizer update `update` (0-based): linear warmup, then linear or cosine
-    (transformers' get_cosine_schedule_with_warmup) decay to 0 at total_updates."""
-    if update < warmup_steps:
-        return (update + 1) / warmup_steps
-    left = max(0.0, (total_updates - update) / max(1, total_updates - warmup_steps))  # 1 -> 0 after the warmup
-    return left if scheduler == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,6 +387,10 @@ class Run:
     @property
     def policy(self):
         return self.engine.module
+
+    @functools.cached_property
+    def loss_settings(self):
+        return LossSettings.of(self.cfg)
 
 
 def setup(cfg):
@@ -439,7 +451,7 @@ def setup(cfg):
         policy_model = model.add_lora(policy_model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
     updates = total_steps * cfg.num_iterations
 
-    lr_lambda = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
+    lr_lambda = functools.partial(runtime.lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy_model, model_parameters=model.weight_decay_groups(policy_model, cfg.weight_decay), config=ds_config,
         optimizer=lambda groups: torch.optim.AdamW(groups, lr=cfg.learning_rate),  # no decay for biases, norms
@@ -620,20 +632,16 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
     if cfg.num_iterations > 1:  # the policy pass itself, without grad: the first ratio is exactly 1
         with torch.no_grad():
             old_logps = passes()[0]                                                     # (B*G, C)
-    dapo_tokens = dapo_divisor(mask, run.world) if cfg.loss_type in ("dapo", "cispo") else None
+    dapo_tokens = runtime.dapo_divisor(mask, run.world) if LOSSES[cfg.loss_type].average == "token" else None
     skipped = None
     for _ in range(cfg.num_iterations):
         logps, entropies = passes()                                                     # (B*G, C), (B*G, C) or None
         entropy_mask = None
         if top_entropy:  # the threshold is over every rank's tokens, recomputed each pass as the policy moves
             entropy_mask, threshold = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile,
-                                                        gather_entropies(entropies, mask))  # (B*G, C)
-        loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=cfg.beta,
-                                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                     importance_sampling_level=cfg.importance_sampling_level, kl_clamp=cfg.kl_clamp,
-                                     dapo_tokens=dapo_tokens, cispo_epsilon_max=cfg.cispo_epsilon_max,
-                                     entropy_mask=entropy_mask)
+                                                        runtime.gather_entropies(entropies, mask))  # (B*G, C)
+        loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, run.loss_settings,
+                                     dapo_tokens=dapo_tokens, entropy_mask=entropy_mask)
         if top_entropy:
             loss_stats.update(entropy=((entropies * mask).sum() / mask.sum().clamp(min=1)).item(), entropy_threshold=threshold)
         finite = torch.tensor(float(torch.isfinite(loss)), device=run.device)
