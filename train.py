@@ -764,6 +764,8 @@ def train(cfg):
     if rank == 0:
         import plot
         plot.plot_run(cfg.output_dir)
+    if model.rollout_decode(cfg.compile_rollout, run.device) == "compiled":  # gpu_check.sh reads the shapes and graphs
+        print0(f"compiled rollout: {model.decode_state(run.device)}")
     print0(f"done: {cfg.output_dir}/final")
     return cfg.output_dir
 
