@@ -91,7 +91,7 @@ import data
 import runtime
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
+from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
                    prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
                    use_packed_attention, video_features, vision_attention)
 
@@ -365,7 +365,7 @@ def check_memory(args):
     torch.manual_seed(args.seed)
     tokenizer = tiny.build_tiny_tokenizer()
     model = build_model(args.shape, tokenizer, torch.device("cpu"), torch.bfloat16, "sdpa", args.layers)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+    checkpoint_activations(model)  # = train.py's
     batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device="cpu", seed=args.seed,
                         model_type=model.config.model_type)
     (B, P), G, C = batch["input_ids"].shape, args.num_generations, args.completion_tokens
@@ -758,7 +758,7 @@ def main(argv=None):
     model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
     build_s = time.perf_counter() - t0
     if args.gradient_checkpointing == "on":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+        checkpoint_activations(model)  # = train.py's
     counts = parameter_counts(model)
 
     # optimizer: gradients + two AdamW states, each the parameters' size, must fit beside the activations

@@ -583,6 +583,15 @@ def resolve_model_dir(name, flag="--model_name_or_path"):
                          f"and pass the folder, or try the offline demo: python train.py --tiny") from e
 
 
+def checkpoint_activations(model):
+    """Gradient checkpointing, non-reentrant: activation_checkpointing_enable (transformers 5.23), or the older
+    name it replaces (a GPU node's transformers 5.17: docs/gpu.md)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def weight_decay_groups(model, weight_decay):
     """The trainable parameters in two AdamW groups, as the HF Trainer behind Video-R1 splits them: weight decay for
     matrices (linear, embedding, conv), none for biases and norm weights (here: every parameter of fewer than 2
