@@ -113,6 +113,22 @@ def test_rotating_shapes_allocate_one_cache_each_and_never_reset(tiny_setup, fre
     assert not resets and set(model_lib._decode_shapes.values()) == {"compiled"}, model_lib.decode_state("cpu")
 
 
+@pytest.mark.torch_api
+def test_private_torch_apis_the_fast_decode_uses():
+    # the supported torch range is 2.11 (a GPU node's) to 2.13 (pinned); the fast decode leans on private names, read
+    # in 2.11's and 2.13's sources alike (docs/gpu.md): each one, as model.py and the GPU tests call it
+    import inspect
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+    assert isinstance(counters["stats"]["unique_graphs"], int) and isinstance(counters["inductor"]["cudagraph_skips"], int)
+    assert issubclass(torch._dynamo.exc.FailOnRecompileLimitHit, Exception) and torch._dynamo.config.recompile_limit == 8
+    assert "create_if_none_exists" in inspect.signature(cudagraph_trees.get_manager).parameters
+    assert callable(cudagraph_trees.CUDAGraphTreeManager.get_roots)
+    assert "self.children" in inspect.getsource(cudagraph_trees.CUDAGraphNode.__init__)  # {function id: [nodes]}
+    assert callable(torch._dynamo.reset) and callable(torch.compiler.cudagraph_mark_step_begin)
+    assert (2, 11) <= tuple(int(v) for v in torch.__version__.split(".")[:2]) <= (2, 13), torch.__version__
+
+
 def test_single_token_attention_equals_the_repeated_heads():
     # the grouped-query layout against sdpa on K and V repeated to every query head, with a padding mask
     from transformers.integrations.sdpa_attention import repeat_kv
