@@ -62,7 +62,7 @@ fi
 if [ -e "$logs" ] && [ -n "$(ls -A "$logs")" ] && [ ! -f "$logs/summary.md" ]; then
     die "--logs $logs holds files of something else: name a new folder"
 fi
-rm -rf "$logs" && mkdir -p "$logs" || die "--logs $logs cannot be created"
+rm -rf "$logs" && mkdir -p "$logs" && echo "# gpu_check: did not finish" > "$logs/summary.md" || die "--logs $logs cannot be created"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 summary=() failed=0 start=$SECONDS
 part() {  # part NAME SECONDS COMMAND...: run it under a time limit, keep its log, add a summary row
@@ -85,7 +85,8 @@ if [ -n "$offline" ]; then  # the wheels on top of the node's torch, numpy, tran
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
-    echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False or torch is missing): nothing run, exit 3"
+    echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False or torch is missing): nothing run, exit 3" |
+        tee "$logs/summary.md"
     exit 3
 fi
 python - << 'EOF' | tee "$logs/versions.log"

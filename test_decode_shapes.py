@@ -129,6 +129,22 @@ def test_private_torch_apis_the_fast_decode_uses():
     assert (2, 11) <= tuple(int(v) for v in torch.__version__.split(".")[:2]) <= (2, 13), torch.__version__
 
 
+@one_family
+def test_memory_estimate_counts_the_kept_static_cache(tiny_setup, fresh_decode):
+    # bench.memory_per_gpu's term against the bytes of the cache static_cache keeps: 6 rows padded to 8, the prompt
+    # and 40 new tokens padded to 256 x 2^k positions (fp32 here: 4 bytes)
+    import bench
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    (B, P), G, C = batch["input_ids"].shape, 3, 40
+    static = static_cache(model, prefill(model, batch, G)[0], C)
+    kept = sum(t.nbytes for layer in static.layers for t in (layer.keys, layer.values))
+    assert static.layers[0].keys.size(0) == 8 and model_lib._decode_caches
+    terms = bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, bytes_per=4)
+    assert terms["static KV caches kept (compiled rollout)"] * 2**30 == kept
+    assert bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, decode_caches=0)[
+        "static KV caches kept (compiled rollout)"] == 0
+
+
 def test_single_token_attention_equals_the_repeated_heads():
     # the grouped-query layout against sdpa on K and V repeated to every query head, with a padding mask
     from transformers.integrations.sdpa_attention import repeat_kv
