@@ -9,8 +9,8 @@
 # Exit status: 0 every part passed, 1 a part failed (summary.md says which), 2 bad arguments, 3 no CUDA GPU (one line,
 # nothing run). Runs from any directory (it cd's to its own folder) and reruns into the same --logs folder.
 set -uo pipefail
-cd "$(dirname "$0")" || exit 2
 die() { echo "error: $*" >&2; exit 2; }
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # folders named from where it was called
 
 # What the wheelhouse holds: what train.py, eval.py, bench.py and the GPU tests import and a node lacks (docs/gpu.md
 # lists what a node has). Left out: torch (the node's CUDA build), transformers (the node's 5.17 is supported:
@@ -24,17 +24,19 @@ WHEELS=(
 DEEPSPEED=deepspeed==0.19.8  # no wheel on PyPI: built here as pure Python, its C++/CUDA ops compiled when first used
 WHEELHOUSE_MAX=$((64 * 1024 * 1024))
 
-wheelhouse= python_version=3.12 offline= logs=gpu_check_logs
+wheelhouse= python_version=3.12 offline= logs=$(cd "$(dirname "$0")" && pwd)/gpu_check_logs
 while [ $# -gt 0 ]; do
     case $1 in
-        --wheelhouse) [ $# -ge 2 ] || die "--wheelhouse needs a folder"; wheelhouse=$2; shift 2 ;;
+        --wheelhouse) [ $# -ge 2 ] || die "--wheelhouse needs a folder"; wheelhouse=$(absolute "$2"); shift 2 ;;
         --python) [ $# -ge 2 ] && [[ $2 =~ ^3\.[0-9]+$ ]] || die "--python needs a version X.Y, e.g. 3.12"; python_version=$2; shift 2 ;;
-        --offline) [ $# -ge 2 ] || die "--offline needs the wheelhouse folder"; offline=$2; shift 2 ;;
-        --logs) [ $# -ge 2 ] || die "--logs needs a folder"; logs=$2; shift 2 ;;
+        --offline) [ $# -ge 2 ] || die "--offline needs the wheelhouse folder"; offline=$(absolute "$2"); shift 2 ;;
+        --logs) [ $# -ge 2 ] || die "--logs needs a folder"; logs=$(absolute "$2"); shift 2 ;;
         -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see ./gpu_check.sh --help)" ;;
     esac
 done
+
+cd "$(dirname "$0")" || exit 2  # the code's folder: test files, train.py and bench.py are named from here
 
 # ---- the wheelhouse, built where the index is reachable -------------------------------------------------------------
 if [ -n "$wheelhouse" ]; then
