@@ -91,9 +91,9 @@ import data
 import runtime
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
-                   prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
-                   use_packed_attention, video_features, vision_attention)
+from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_shape, decode_state,
+                   position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax,
+                   special_token_ids, use_packed_attention, video_features, vision_attention)
 
 
 @dataclass
@@ -281,7 +281,7 @@ def forward_flops(counts, d_model, vocab, *, B, G, P, C, n_patches):
                 + counts["body"] * B * G * (P + C) + d_model * vocab * B * G * C)
 
 
-def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
+def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2, decode_caches=1):
     """GiB per GPU of a train.py step under ZeRO-3 on `world` GPUs, bf16, computed from the shapes (model may be on the
     meta device): sharded weights (policy, and the reference unless LoRA), gradients and fp32 AdamW states (master,
     m, v) of what trains, the full weights gathered for the rollout, the rollout's KV cache for B*G rows of P+C tokens,
@@ -289,7 +289,10 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     their gradient and one fp32 row, its activations under gradient checkpointing (each layer's input over B*(P+G*C)
     packed positions, plus one layer recomputed), and the (vocabulary x width) weight gradient of the LM head and the
     input embedding as autograd forms it, whole, before ZeRO shards it: one at a time when untied; tied (2B), autograd
-    holds the LM head's part until the embedding's arrives and adds the two into a third (check_memory measures it)."""
+    holds the LM head's part until the embedding's arrives and adds the two into a third (check_memory measures it).
+    The compiled rollout (the default on GPU) keeps `decode_caches` static KV caches alive between steps, one per decode
+    shape (model.static_cache: 1 when every batch has one shape, at most model.COMPILED_SHAPES_MAX), each of this step's
+    shape padded: rows to 2^k, width to 256 x 2^k (model.decode_shape); 0 for --compile_rollout off."""
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
@@ -300,12 +303,14 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     trained = adapter or N
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
+    rows, width = decode_shape(B * G, P + C)
     return {
         "weights (policy + reference), sharded": gib(bytes_per * (N * (1 if lora_rank else 2) + adapter) / world),
         "gradients, sharded": gib(bytes_per * trained / world),
         "AdamW fp32 master + m + v, sharded": gib(12 * trained / world),
         "weights gathered for the rollout": gib(bytes_per * (N + adapter)),
         "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
+        "static KV caches kept (compiled rollout)": gib(decode_caches * layers * 2 * kv * bytes_per * rows * width),
         "logits and their gradient (policy pass)": gib(2 * B * G * C * V * bytes_per + C * V * 4),
         "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
         "LM head / embedding weight gradient, whole": gib((0 if lora_rank else 3 if tied(model) else 1) * V * d * bytes_per),
@@ -365,7 +370,7 @@ def check_memory(args):
     torch.manual_seed(args.seed)
     tokenizer = tiny.build_tiny_tokenizer()
     model = build_model(args.shape, tokenizer, torch.device("cpu"), torch.bfloat16, "sdpa", args.layers)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+    checkpoint_activations(model)  # = train.py's
     batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device="cpu", seed=args.seed,
                         model_type=model.config.model_type)
     (B, P), G, C = batch["input_ids"].shape, args.num_generations, args.completion_tokens
@@ -757,7 +762,7 @@ def main(argv=None):
     model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
     build_s = time.perf_counter() - t0
     if args.gradient_checkpointing == "on":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # = train.py's
+        checkpoint_activations(model)  # = train.py's
     counts = parameter_counts(model)
 
     # optimizer: gradients + two AdamW states, each the parameters' size, must fit beside the activations

@@ -226,8 +226,9 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
-COMPILED_SHAPES_MAX = 6  # distinct (rows, width) decode shapes compiled; dynamo's recompile limit is 8 (an error under fullgraph)
-DECODE_CACHES_MAX = 2    # static caches kept alive across rollouts: stable addresses, so CUDA graphs replay, not re-record
+COMPILED_SHAPES_MAX = 6  # distinct (rows, width) decode shapes compiled; dynamo's recompile limit is 8 (an error under fullgraph);
+                         # also the static caches kept alive across rollouts, one per compiled shape: stable addresses, so
+                         # each shape's CUDA graph replays, never re-records (bench.memory_per_gpu counts them)
 CUDA_GRAPHS_MAX = 16     # recorded CUDA graphs (each token checks them in turn) before all are released and recompiled
 _decode_caches = {}      # (rows, width) -> StaticCache, most recently used last
 _decode_shapes = {}      # (rows, width) -> "compiled" | "eager": which step decodes it
@@ -243,9 +244,11 @@ def decode_shape(rows, width, bucket=256):
 def static_cache(model, cache, max_new_tokens):
     """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of decode_shape(N,
     P + max_new_tokens), rows past N zero: every decode step then reads and writes tensors of the same shapes at the same
-    addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay it). The last
-    DECODE_CACHES_MAX caches stay alive and are zeroed and reused by the next rollout of their shape, so a CUDA graph
-    recorded on one replays in every later rollout (a new cache would be a new address: a new recording, kept)."""
+    addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay it). One cache per shape
+    stays alive, up to COMPILED_SHAPES_MAX, and is zeroed and reused by the next rollout of its shape, so a CUDA graph
+    recorded on it replays in every later rollout (a new cache would be a new address: a new recording, kept). Past
+    that bound the least recently used cache of a shape that is not compiled goes first (an eager shape's, or this
+    rollout's own when it will decode eagerly), so the compiled shapes' caches are never dropped."""
     from transformers import StaticCache
     (N, H, P, _), layers = cache.layers[0].keys.shape, cache.layers
     key = decode_shape(N, P + max_new_tokens)
@@ -258,8 +261,9 @@ def static_cache(model, cache, max_new_tokens):
             layer.lazy_initialization(prefilled.keys.new_empty(key[0], H, 1, prefilled.keys.size(-1)),
                                       prefilled.values.new_empty(key[0], H, 1, prefilled.values.size(-1)))  # (R, H, L, d)
     _decode_caches[key] = static
-    while len(_decode_caches) > DECODE_CACHES_MAX:
-        _decode_caches.pop(next(iter(_decode_caches)))
+    while len(_decode_caches) > COMPILED_SHAPES_MAX:
+        uncompiled = [k for k in _decode_caches if _decode_shapes.get(k) != "compiled"]
+        _decode_caches.pop(uncompiled[0] if uncompiled else next(iter(_decode_caches)))
     for layer, prefilled in zip(static.layers, layers):
         layer.keys.zero_()
         layer.values.zero_()
@@ -594,6 +598,15 @@ def resolve_model_dir(name, flag="--model_name_or_path"):
         raise ModelError(f"{flag} {name}: not a local folder and the hub download failed ({type(e).__name__}). "
                          f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`) "
                          f"and pass the folder, or try the offline demo: python train.py --tiny") from e
+
+
+def checkpoint_activations(model):
+    """Gradient checkpointing, non-reentrant: activation_checkpointing_enable (transformers 5.23), or the older
+    name it replaces (a GPU node's transformers 5.17: docs/gpu.md)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def weight_decay_groups(model, weight_decay):

@@ -4,6 +4,7 @@ packed_attention's single-token path), and the collective timeout the compile st
 each compiled case starts with dynamo's caches empty.
 """
 import datetime
+import functools
 import warnings
 
 import pytest
@@ -76,10 +77,72 @@ def test_static_caches_and_graphs_stay_bounded_over_rollouts(tiny_setup, fresh_d
         assert len(model_lib._decode_caches) == 1
         addresses.add(next(iter(model_lib._decode_caches.values())).layers[0].keys.data_ptr())
     assert len(addresses) == 1 and counters["stats"]["unique_graphs"] == graphs + 1
-    for G in (1, 2, 3, 5, 1, 2, 3, 5):  # many shapes: at most DECODE_CACHES_MAX caches alive
+    for G in (1, 2, 3, 5, 9, 1, 2, 3, 5, 9):  # more shapes than are compiled: at most COMPILED_SHAPES_MAX caches alive
         sample_completions(model, batch, decode="static", **kwargs(tokenizer, eos, suppress, num_generations=G))
-        assert len(model_lib._decode_caches) <= model_lib.DECODE_CACHES_MAX
+        assert len(model_lib._decode_caches) <= model_lib.COMPILED_SHAPES_MAX
     assert model_lib.decode_state("cpu")["cuda_graphs"] is None
+
+
+@one_family
+def test_rotating_shapes_allocate_one_cache_each_and_never_reset(tiny_setup, fresh_decode, monkeypatch):
+    # three decode shapes in rotation over 18 rollouts (as batch remainders and per-prompt counts make them): one static
+    # cache allocated per shape, kept, so on CUDA each shape's graph replays. A CUDA graph counter stands in for CUDA's,
+    # counting one recording per new cache address as cudagraph trees would; with fewer caches kept than shapes every
+    # rollout allocates, the count passes CUDA_GRAPHS_MAX and everything compiled is released (minutes per shape at 7B).
+    # The compiled step is decode_step itself here: pick_decode_step's bookkeeping runs, no compile time is spent.
+    import transformers
+    allocations, resets = [], []
+
+    class CountedStaticCache(transformers.StaticCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            allocations.append(kw["max_cache_len"])
+
+    monkeypatch.setattr(transformers, "StaticCache", CountedStaticCache)
+    monkeypatch.setattr(model_lib, "cuda_graph_count", lambda device: len(allocations))
+    monkeypatch.setattr(model_lib, "compiled_decode_step", functools.cache(lambda mode: decode_step))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    rows = set()
+    for _ in range(6):
+        for G in (1, 2, 3):  # 2, 4 and 8 rows (6 padded to 8)
+            kw = kwargs(tokenizer, eos, suppress, num_generations=G)
+            assert torch.equal(sample_completions(model, batch, decode="compiled", **kw), sample_completions(model, batch, **kw))
+            rows.add(model_lib.decode_shape(2 * G, 0)[0])
+    assert len(allocations) == len(rows) == 3, f"{len(allocations)} static caches allocated for {len(rows)} shapes"
+    assert not resets and set(model_lib._decode_shapes.values()) == {"compiled"}, model_lib.decode_state("cpu")
+
+
+@pytest.mark.torch_api
+def test_private_torch_apis_the_fast_decode_uses():
+    # the supported torch range is 2.11 (a GPU node's) to 2.13 (pinned); the fast decode leans on private names, read
+    # in 2.11's and 2.13's sources alike (docs/gpu.md): each one, as model.py and the GPU tests call it
+    import inspect
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+    assert isinstance(counters["stats"]["unique_graphs"], int) and isinstance(counters["inductor"]["cudagraph_skips"], int)
+    assert issubclass(torch._dynamo.exc.FailOnRecompileLimitHit, Exception) and torch._dynamo.config.recompile_limit == 8
+    assert "create_if_none_exists" in inspect.signature(cudagraph_trees.get_manager).parameters
+    assert callable(cudagraph_trees.CUDAGraphTreeManager.get_roots)
+    assert "self.children" in inspect.getsource(cudagraph_trees.CUDAGraphNode.__init__)  # {function id: [nodes]}
+    assert callable(torch._dynamo.reset) and callable(torch.compiler.cudagraph_mark_step_begin)
+    assert (2, 11) <= tuple(int(v) for v in torch.__version__.split(".")[:2]) <= (2, 13), torch.__version__
+
+
+@one_family
+def test_memory_estimate_counts_the_kept_static_cache(tiny_setup, fresh_decode):
+    # bench.memory_per_gpu's term against the bytes of the cache static_cache keeps: 6 rows padded to 8, the prompt
+    # and 40 new tokens padded to 256 x 2^k positions (fp32 here: 4 bytes)
+    import bench
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    (B, P), G, C = batch["input_ids"].shape, 3, 40
+    static = static_cache(model, prefill(model, batch, G)[0], C)
+    kept = sum(t.nbytes for layer in static.layers for t in (layer.keys, layer.values))
+    assert static.layers[0].keys.size(0) == 8 and model_lib._decode_caches
+    terms = bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, bytes_per=4)
+    assert terms["static KV caches kept (compiled rollout)"] * 2**30 == kept
+    assert bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, decode_caches=0)[
+        "static KV caches kept (compiled rollout)"] == 0
 
 
 def test_single_token_attention_equals_the_repeated_heads():

@@ -6,7 +6,10 @@ collected on a CPU machine; not yet run on a GPU: docs/gpu.md has the one script
 
 Tolerances: bf16 keeps 8 bits of mantissa, so a log-prob of the tiny model (|logp| ~ 6, ~20 layers of rounding in
 all) moves by ~1e-2; we allow 0.05 mean and 0.5 max absolute difference per token against fp32, and for the rollout
-the first greedy token of every row must agree (later tokens may drift once one rounding flips an argmax).
+the first greedy token must agree on every row whose top two logits are more than 4 bf16 ulps apart (a row whose two
+best tokens are 1 ulp apart may flip on a rounding: no error). Paths are compared teacher-forced: both fed the same
+tokens (test_rollout_compile.teacher_forced_logits), never each its own argmax, where one flip would make every later
+step's comparison meaningless. The 2-rank run is gpu_check.sh's (on 2+ GPUs), not a test here.
 """
 import json
 import os
@@ -18,8 +21,9 @@ import torch
 
 import model as model_lib
 from model import (compiled_decode_step, completion_logps, cuda_graph_count, decode_state, decode_step, flash_attn_error,
-                   prefill, release_decode_caches, sample_completions, static_cache, use_packed_attention)
-from test_grpo import tiny_setup  # noqa: F401
+                   prefill, release_decode_caches, sample_completions, use_packed_attention)
+from test_grpo import family_inputs, release_rule, tiny_setup  # noqa: F401
+from test_rollout_compile import bf16_ulp, teacher_forced_logits, ulps_apart
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,7 +52,12 @@ def test_bf16_flash_attention_against_fp32_sdpa(tiny_setup):
     kw = kwargs(tokenizer, eos, suppress)
     ids = sample_completions(fp32, batch32, greedy=True, **kw)                                # (B*G, C)
     ids16 = sample_completions(bf16, batch16, greedy=True, **kw)
-    assert torch.equal(ids16[:, 0], ids[:, 0]), "bf16 + flash-attn changed the first greedy token"
+    with torch.no_grad():  # the first token's logits, as the rollout chooses it (vision tokens suppressed)
+        first = prefill(fp32, batch32, 3)[1].float().index_fill_(1, torch.tensor(suppress, device="cuda"), -float("inf"))
+    top2 = first.topk(2, -1).values                                                          # (B*G, 2)
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * bf16_ulp(top2[:, 0])                             # (B*G,)
+    assert clear.any(), "no row's first token is clear of bf16 rounding: the check would be empty"
+    assert torch.equal(ids16[clear, 0], ids[clear, 0]), "bf16 + flash-attn changed a clear first greedy token"
     with torch.no_grad():  # the packed policy pass on the same completions
         ref = completion_logps(fp32, batch32, ids, num_generations=3, temperature=1.0)       # (B*G, C)
         ours = completion_logps(bf16, batch16, ids, num_generations=3, temperature=1.0).float()
@@ -78,39 +87,46 @@ def test_compiled_decode_with_cuda_graphs_equals_eager(tiny_setup, dtype=torch.f
     assert not torch.equal(swapped, after) and torch.equal(swapped, sample_completions(model, batch, greedy=True, **kw))
 
 
-def bf16_ulp(x):
-    """The spacing of bf16 numbers at |x| (8 significant bits): 2^(floor(log2 |x|) - 7); at |x| in [4, 8) 1/32."""
-    return 2.0 ** (torch.floor(torch.log2(x.abs().float())) - 7)
-
-
 def test_compiled_decode_step_bf16_logprobs(tiny_setup):
     # bf16: inductor's fused kernels keep fp32 intermediates that eager rounds to bf16 between ops, so the step's
     # log-probs differ by a few units of bf16 precision at the logits' scale (the ulp of the row's largest |logit|, 1/32
-    # for the tiny model's ~5). The same comparison on CPU (inductor's C++ kernels, 3 steps, Qwen2-VL and Qwen3-VL
-    # tiny): max 3.6 and 2.6 ulps, mean 0.67 and 0.69. Allowed: max 8, mean 2; a wrong position, cache slot or mask
-    # moves log-probs by whole units. Greedy tokens must agree wherever eager's top two are 8 ulps apart or more.
+    # for the tiny model's ~5). Teacher-forced, 4 steps (warm-up, record, then replays), every step compared. The same
+    # comparison on CPU: test_rollout_compile.test_compiled_decode_step_bf16_teacher_forced. Allowed: max 8, mean 2; a
+    # wrong position, cache slot or mask moves log-probs by whole units. Greedy tokens must agree wherever eager's top
+    # two are 8 ulps apart or more.
     tokenizer, model, batch, eos, suppress = tiny_setup
     model, batch = on_cuda(model, batch, torch.bfloat16)
     release_decode_caches()
-    with torch.no_grad():
-        logits = []
-        for step in (decode_step, compiled_decode_step("reduce-overhead")):
-            cache, first, mask, next_pos = prefill(model, batch, 2)
-            cache = static_cache(model, cache, 8)
-            mask = torch.cat([mask, mask.new_ones(mask.size(0), cache.layers[0].max_cache_len - mask.size(1))], 1)
-            token = first.argmax(-1)
-            for t in range(4):  # warm-up, record, then replays
-                torch.compiler.cudagraph_mark_step_begin()
-                out = step(model, token, next_pos + t, mask, cache).clone()                  # (4, V)
-                token = out.argmax(-1)
-            logits.append(out)
-    eager, compiled = logits
-    ulp = bf16_ulp(eager.abs().amax(-1, keepdim=True))                                     # (4, 1)
-    diff = (torch.log_softmax(compiled, -1) - torch.log_softmax(eager, -1)).abs() / ulp   # (4, V), in ulps
+    tokens = torch.randint(20, 300, (4, 4), generator=torch.Generator().manual_seed(0)).cuda()  # (T, B*G)
+    eager = teacher_forced_logits(decode_step, model, batch, tokens)                            # (T, B*G, V)
+    compiled = teacher_forced_logits(compiled_decode_step("reduce-overhead"), model, batch, tokens)
+    diff = ulps_apart(compiled, eager)                                                           # (T, B*G, V)
     assert diff.max() <= 8 and diff.mean() <= 2, f"compiled vs eager log-probs: max {diff.max():.2f}, mean {diff.mean():.2f} ulps"
-    top2 = eager.topk(2, -1).values
-    clear = (top2[:, 0] - top2[:, 1]) >= 8 * ulp[:, 0]
-    assert torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
+    top2 = eager.topk(2, -1).values                                                              # (T, B*G, 2)
+    clear = (top2[..., 0] - top2[..., 1]) >= 8 * bf16_ulp(eager.abs().amax(-1))
+    assert clear.any() and torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
+
+
+def test_rollout_positions_through_generate_on_cuda(tiny_setup):
+    # positions on CUDA: the compiled rollout's greedy tokens equal transformers' own generate, per prompt, with its
+    # get_rope_index replaced by the release rule (test_grpo.release_rule); fp32, so no rounding flips a token
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    model, batch = on_cuda(model, batch)
+    G, C = 2, 12
+    ours = sample_completions(model, batch, greedy=True, decode="compiled", **dict(kwargs(tokenizer, eos, suppress),
+                                                                                 num_generations=G, max_new_tokens=C))
+    for b in range(2):
+        row = batch["attention_mask"][b].bool()
+        pixel_values = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())[b]
+        with release_rule(model), torch.no_grad():
+            ref = model.generate(input_ids=batch["input_ids"][b:b + 1, row], attention_mask=batch["attention_mask"][b:b + 1, row],
+                                 mm_token_type_ids=batch["mm_token_type_ids"][b:b + 1, row], pixel_values_videos=pixel_values,
+                                 video_grid_thw=batch["video_grid_thw"][b:b + 1], max_new_tokens=C, do_sample=False,
+                                 **family_inputs(model, batch, rows=slice(b, b + 1)),
+                                 suppress_tokens=suppress, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        ref = ref[0, row.sum():].tolist()
+        for g in range(G):
+            assert ours[b * G + g, :len(ref)].tolist() == ref, f"prompt {b}, completion {g}"
 
 
 def test_cuda_graphs_replay_and_stay_bounded(tiny_setup):
@@ -149,27 +165,9 @@ def test_one_step_2b_shaped():
                           env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON "))[len("BENCH_JSON "):])
-    assert result["rollout_decode"] == "compiled" and result["graph_replays_per_token_compiled"] >= 1
+    assert result["graph_replays_per_token_compiled"] >= 1
     assert result["cudagraph_skips"] == 0 and 1 <= result["cuda_graphs"] <= model_lib.CUDA_GRAPHS_MAX, result
     assert result["decode_ms_per_token_compiled"] > 0 and result["ours"]["total"]["time_s"] > 0
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_ranks_compiled_rollout(tmp_path):
-    # the production combination: DeepSpeed, 2 ranks, the compiled rollout, 12 steps; recompiles logged
-    # (TORCH_LOGS=recompiles) and counted: each rank compiles each decode shape once, so fewer than COMPILED_SHAPES_MAX
-    # recompiles a rank, never an eager fallback, and every step finishes
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "train.py", "--tiny", "--compile_rollout", "on", "--max_steps", "12",
-           "--output_dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TORCH_LOGS="recompiles"))
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    recompiles = log.count("Recompiling function decode_step")
-    print(f"decode_step recompiles, both ranks: {recompiles}")
-    assert recompiles < 2 * model_lib.COMPILED_SHAPES_MAX and "runs eagerly" not in log, log[-4000:]
-    assert "step 12/12" in log
 
 
 def test_policy_pass_peak_memory_against_the_estimate():
@@ -182,7 +180,7 @@ def test_policy_pass_peak_memory_against_the_estimate():
     import train
     tokenizer = tiny.build_tiny_tokenizer()
     model = bench.build_model("2b", tokenizer, torch.device("cuda"), torch.bfloat16, "sdpa", layers=2)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model_lib.checkpoint_activations(model)
     batch = bench.build_batch(tokenizer, frames=16, prompts=1, device=torch.device("cuda"), seed=0)
     (B, P), G, C = batch["input_ids"].shape, 8, 512
     ids = torch.randint(20, len(tokenizer), (B * G, C), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

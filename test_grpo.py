@@ -688,7 +688,8 @@ def release_rule(model):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else None
         positions = torch.tensor(reference_positions(mm_token_type_ids.tolist(), mask.tolist(), video_grid_thw.tolist(),
-                                                     seconds=seconds, tokens_per_second=tps))   # (3, B, P)
+                                                     seconds=seconds, tokens_per_second=tps),
+                                 device=input_ids.device)                                      # (3, B, P)
         return positions, (positions.amax(dim=(0, 2)) + 1 - mask.sum(1))[:, None]        # the decode's delta (B, 1)
 
     model.model.get_rope_index = get_rope_index

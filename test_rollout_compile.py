@@ -11,7 +11,7 @@ import torch
 
 import eval as evaluate
 import train
-from model import ModelError, decode_step, prefill, rollout_decode, sample_completions, static_cache
+from model import ModelError, compiled_decode_step, decode_step, prefill, rollout_decode, sample_completions, static_cache
 from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
 
 
@@ -99,6 +99,34 @@ def test_decode_step_logits_equal_the_eager_forward(tiny_setup):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def bf16_ulp(x):
+    """The spacing of bf16 numbers at |x| (8 significant bits): 2^(floor(log2 |x|) - 7); at |x| in [4, 8) 1/32."""
+    return 2.0 ** (torch.floor(torch.log2(x.abs().float())) - 7)
+
+
+def ulps_apart(logits, ref):
+    """|log_softmax(logits) - log_softmax(ref)| in bf16 ulps at the scale of each row of ref (its largest |logit|).
+    (..., V), (..., V) -> (..., V)"""
+    ulp = bf16_ulp(ref.abs().amax(-1, keepdim=True))                                       # (..., 1)
+    return (torch.log_softmax(logits.float(), -1) - torch.log_softmax(ref.float(), -1)).abs() / ulp
+
+
+def teacher_forced_logits(step, model, batch, tokens):
+    """The logits of `step` (decode_step or its compiled form) at each of T decode steps after one prefill of 2
+    completions per prompt, fed `tokens`, the same whatever it predicts: two paths then compare step by step, where
+    feeding each its own argmax lets one rounding flip change every later input. (T, B*2) -> (T, B*2, V) fp32"""
+    cache, _, mask, next_pos = prefill(model, batch, 2)                                   # (B*2, P) mask, (B*2,)
+    cache = static_cache(model, cache, tokens.size(0))
+    assert cache.layers[0].keys.size(0) == tokens.size(1), "B*2 rows must be a power of 2 (no padded rows)"
+    mask = torch.nn.functional.pad(mask, (0, cache.layers[0].max_cache_len - mask.size(1)), value=1)  # (B*2, L)
+    out = []
+    with torch.no_grad():
+        for t, token in enumerate(tokens):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's output is cloned, reuse its memory
+            out.append(step(model, token, next_pos + t, mask, cache).clone())                  # (B*2, V)
+    return torch.stack(out)
+
+
 @pytest.fixture
 def fresh_dynamo():
     """Each compiled case starts and ends with dynamo's caches empty: one graph per case, never the recompile limit."""
@@ -128,3 +156,22 @@ def test_rollout_logps_equal_the_policy_pass(tiny_setup, decode, fresh_dynamo, m
     with torch.no_grad():
         policy = model_lib.completion_logps(model, batch, completion_ids, num_generations=G, temperature=T)  # (B*G, C)
     torch.testing.assert_close(policy, rollout, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("tiny_setup", ["qwen3_vl"], indirect=True)  # the family where the CPU copy found 216 ulps untaught
+def test_compiled_decode_step_bf16_teacher_forced(tiny_setup, fresh_dynamo):
+    # test_gpu's bf16 comparison on CPU (inductor's C++ kernels): the compiled step against the eager one, both fed
+    # the same 4 tokens per row, every step's log-probs within 8 bf16 ulps at most, 2 on average (docs/gpu.md has
+    # the figures); a wrong position, cache slot or mask moves them by whole units
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    batch = dict(batch, pixel_values_videos=batch["pixel_values_videos"].to(torch.bfloat16))
+    tokens = torch.randint(20, 300, (4, 4), generator=torch.Generator().manual_seed(0))       # (T, B*G)
+    eager = teacher_forced_logits(decode_step, model, batch, tokens)                          # (T, B*G, V)
+    compiled = teacher_forced_logits(compiled_decode_step("default"), model, batch, tokens)
+    diff = ulps_apart(compiled, eager)                                                         # (T, B*G, V)
+    print(f"compiled vs eager, bf16, teacher-forced: max {diff.max():.2f}, mean {diff.mean():.2f} ulps")
+    assert diff.max() <= 8 and diff.mean() <= 2, f"max {diff.max():.2f}, mean {diff.mean():.2f} ulps"
+    # and the comparison can fail: the step on positions one further (a wrong position) is whole units away
+    shifted = teacher_forced_logits(lambda m, tok, pos, *a: decode_step(m, tok, pos + 1, *a), model, batch, tokens)
+    assert ulps_apart(shifted, eager).max() > 8

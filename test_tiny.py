@@ -141,3 +141,20 @@ def test_tiny_chat_template_renders_what_the_real_one_does(name, tokenizer, tmp_
     # the tokens around the video and the turn markers decode to the same text in both vocabularies
     assert real.decode(real(text, add_special_tokens=False)["input_ids"]) == text
     assert [real.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS] == list(range(151643, 151657))
+
+
+def test_checkpoint_activations_on_either_transformers_name():
+    # transformers 5.23's activation_checkpointing_enable, or 5.17's gradient_checkpointing_enable (a GPU node's, which
+    # lacks the newer name: docs/gpu.md), non-reentrant either way
+    import model as model_lib
+    net = tiny.build_tiny_model(tiny.build_tiny_tokenizer())
+    model_lib.checkpoint_activations(net)
+    assert net.is_gradient_checkpointing
+    calls = []
+
+    class Older:  # transformers 5.17's surface
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(gradient_checkpointing_kwargs)
+
+    model_lib.checkpoint_activations(Older())
+    assert calls == [{"use_reentrant": False}]

@@ -446,7 +446,7 @@ def setup(cfg):
     model.partition_at_load(ds_config)  # ZeRO-3: weights partitioned as they load, no whole copy per rank
     policy_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
     if cfg.gradient_checkpointing:
-        policy_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.checkpoint_activations(policy_model)
     if cfg.lora_rank:  # only the adapters train; the reference is the policy with them off: no second model
         policy_model = model.add_lora(policy_model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
     updates = total_steps * cfg.num_iterations
@@ -774,6 +774,8 @@ def train(cfg):
     if rank == 0:
         import plot
         plot.plot_run(cfg.output_dir)
+    if model.rollout_decode(cfg.compile_rollout, run.device) == "compiled":  # gpu_check.sh reads the shapes and graphs
+        print0(f"compiled rollout: {model.decode_state(run.device)}")
     print0(f"done: {cfg.output_dir}/final")
     return cfg.output_dir
 
