@@ -4,6 +4,7 @@ Evaluate Qwen2-VL models on a DVD-counting-style test set, scored exactly as tra
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
+    python eval.py --tiny --tiny_model qwen3.5       # the same with train.py --tiny --tiny_model qwen3.5's tiny model
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
     python eval.py --tiny --data data/synthetic/test_mc.jsonl   # the same on the multiple-choice split
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
@@ -71,6 +72,7 @@ class Config:
     video_root: str = field(default="", metadata={"help": "folder that relative video paths start from (default: the data file's folder)"})
     output: str = field(default="", metadata={"help": "results JSON (one model) or folder (several); default results/<model>-<data>.json"})
     tiny: bool = field(default=False, metadata={"help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
+    tiny_model: str = field(default=train.Config.tiny_model, metadata={"help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>, as train.py --tiny_model)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (per rank)"})
     max_new_tokens: int = field(default=512, metadata={"help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N rows of the data file (0: all)"})
@@ -127,7 +129,10 @@ def parse_config(argv=None):
     elif args.protocol not in PROTOCOLS:
         parser.error(f"--protocol {args.protocol!r}: choose one of {PROTOCOLS}")
     args = vars(parser.parse_args(argv))
-    args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
+    import tiny
+    if args["tiny_model"] not in tiny.TINY_MODELS:
+        parser.error(f"--tiny_model {args['tiny_model']!r}: choose one of {', '.join(tiny.TINY_MODELS)}")
+    args["model"] = args["model"] or ([f"data/tiny-{args['tiny_model']}"] if args["tiny"] else [])
     args["data"] = [args["data"]] if isinstance(args["data"], str) else args["data"] or []
     if args["protocol"] == "video-r1":
         args["data"] = video_r1_files(args["data"], parser)
@@ -392,7 +397,7 @@ def main(argv=None):
     if cfg.tiny:  # made on first use, on rank 0, while the others wait
         if rank == 0:
             import tiny
-            tiny.save_tiny_model(cfg.model[0])
+            tiny.save_tiny_model(cfg.model[0], family=tiny.TINY_MODELS[cfg.tiny_model])
             if not os.path.exists(cfg.data) and os.path.dirname(cfg.data) == os.path.dirname(TINY["data"]):
                 data.make_synthetic_dataset(os.path.dirname(cfg.data))
         if world > 1:
@@ -607,7 +612,7 @@ def main_video_r1(cfg, world, device):
         raise SystemExit("error: --protocol video-r1 runs in one process (python eval.py, not torchrun)")
     if cfg.tiny:
         import tiny
-        tiny.save_tiny_model(cfg.model[0])
+        tiny.save_tiny_model(cfg.model[0], family=tiny.TINY_MODELS[cfg.tiny_model])
         if not all(os.path.exists(d) for d in cfg.data):
             data.make_synthetic_dataset(os.path.dirname(cfg.data[0]))
     t0, summaries = time.time(), []

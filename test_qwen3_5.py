@@ -203,32 +203,41 @@ def test_lora_targets_name_the_linear_attention_projections_and_decay_groups(set
 
 
 def test_tiny_folder_has_the_qwen3_vl_video_processing_and_show_prints_timestamps(tmp_path):
-    # tiny.py --tiny_model qwen3.5: a Qwen3.5 folder with Qwen3-VL's processor settings (16-px patches, mean/std 0.5,
-    # timestamps per frame pair); data.py --show prints its prompt with the timestamps and the model's own positions
+    # tiny.py's qwen3.5 folder: Qwen3-VL's processor settings (16-px patches, mean/std 0.5, a timestamp per frame pair);
+    # data.py --show prints its prompt with the timestamps, and the model's own positions (each frame pair a t = 1 grid)
+    from test_positions import write_clip
     folder = tiny.save_tiny_model(str(tmp_path / "tiny-qwen3.5"), warm_start=False, family="qwen3_5")
     assert json.loads(Path(folder, "config.json").read_text())["model_type"] == "qwen3_5"
     settings = data.video_settings_from_pretrained(folder)
     assert (settings.patch_size, settings.factor, settings.image_mean, settings.frame_timestamps) == (16, 32, (0.5,) * 3, True)
-    clip = tmp_path / "clip.mp4"
-    frames = (torch.rand(16, 64, 96, 3) * 255).to(torch.uint8)
-    try:
-        import torchvision.io  # noqa: F401
-        raise ImportError
-    except ImportError:
-        import av  # noqa: F401  (data.py's reader: decord; written here with PyAV, as test_data does)
-    write_clip(clip, frames.numpy(), fps=8)
-    out = subprocess.run([sys.executable, "data.py", "--show", str(clip), "--model", folder, "--max_frames", "4"],
+    write_clip(tmp_path / "clip.mp4", 40, 10)  # 4 s at 10 fps: 2 fps samples 8 frames, 4 pairs
+    out = subprocess.run([sys.executable, "data.py", "--show", str(tmp_path / "clip.mp4"), "--model_name_or_path", folder,
+                          "--min_pixels", str(64 * 64), "--max_pixels", str(64 * 64)],
                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "<0.1 seconds><|vision_start|><|video_pad|>" in out.stdout and " seconds>" in out.stdout, out.stdout[-2000:]
+    shown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert shown["family"] == "qwen3_5" and shown["grid_thw"] == [4, 4, 4] and len(shown["timestamps"]) == 4
+    # frames 0, 5, 10, ... at 10 fps: pairs (0, 5) -> 0.25 s, printed with one decimal as the processor does
+    for seconds in shown["timestamps"]:
+        assert f"<{seconds:.1f} seconds><|vision_start|>" + "<|video_pad|>" * 4 + "<|vision_end|>" in shown["prompt"]
+    T, H, W = shown["position_ids"]
+    first = shown["input_ids"].index(tiny.build_tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>"))
+    assert T[first:first + 4] == [T[first]] * 4 and H[first:first + 4] == [H[first]] * 2 + [H[first] + 1] * 2
 
 
-def write_clip(path, frames, fps):
-    """An mp4 of uint8 frames (T, H, W, 3) at `fps`, with PyAV."""
-    import av
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+def test_memory_estimate_counts_the_hybrid_cache_and_the_lora_adapters(setup):
+    # bench.memory_per_gpu's "KV cache (rollout)" for Qwen3.5: KV in the full-attention layer, a conv and a recurrent
+    # state per Gated DeltaNet layer, against the bytes of the cache prefill really holds; its LoRA count against peft's
+    import bench
+    tokenizer, net, batch, eos, suppress = setup
+    G, P = 3, batch["input_ids"].size(1)
+    with torch.no_grad():
+        cache = model_lib.prefill(net, batch, G)[0]
+    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None),
+                                                     *getattr(layer, "conv_states", {}).values(),
+                                                     *getattr(layer, "recurrent_states", {}).values()) if t is not None]
+    assert len(tensors) == 2 + 3 * 2 and all(t.size(0) == 2 * G for t in tensors)
+    terms = bench.memory_per_gpu(net, world=1, lora_rank=4, B=2, G=G, P=P, C=0, bytes_per=4)  # fp32 here
+    assert terms["KV cache (rollout)"] * 2**30 == sum(t.numel() * t.element_size() for t in tensors)
+    lora = model_lib.add_lora(copy.deepcopy(net), rank=4, alpha=8.0, target_modules="")
+    assert terms["trainable parameters"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
