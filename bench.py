@@ -91,8 +91,8 @@ import data
 import runtime
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, decode_state, hf_model, lora_targets, position_inputs, prefill,
-                   prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
+from model import (completion_logps, completion_logps_shared_prompt, decode_state, has_linear_attention, hf_model, lora_targets,
+                   position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
                    use_packed_attention, video_features, vision_attention)
 
 
@@ -860,6 +860,10 @@ def main(argv=None):
                   f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
                   f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
         result = {**setup, **row}
+        if has_linear_attention(model) and set(args.decodes) - {"eager"}:  # sample_completions would decode them eagerly
+            print(f"--decode: {model.config.model_type} decodes eagerly (model.sample_completions); static and compiled not "
+                  f"measured", file=sys.stderr)
+            args.decodes = tuple(d for d in args.decodes if d == "eager")
         if args.decodes:
             batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
                                 model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)

@@ -512,7 +512,7 @@ class PromptState:
     def is_recording_past(self, layer_idx):
         return True
 
-    def update_conv_state(self, conv_input, layer_idx, conv_kernel_size, **kwargs):  # (N, D, T) -> (N, D, k + T)
+    def update_conv_state(self, conv_input, layer_idx, conv_kernel_size, **kwargs):  # (N, D, T) -> (N, D, [k +] T)
         full = conv_input if self.conv is None else torch.cat([self.conv, conv_input], dim=-1)
         self.conv = torch.nn.functional.pad(full, (max(conv_kernel_size - full.size(-1), 0), 0))[..., -conv_kernel_size:]
         return full

@@ -241,3 +241,15 @@ def test_memory_estimate_counts_the_hybrid_cache_and_the_lora_adapters(setup):
     assert terms["KV cache (rollout)"] * 2**30 == sum(t.numel() * t.element_size() for t in tensors)
     lora = model_lib.add_lora(copy.deepcopy(net), rank=4, alpha=8.0, target_modules="")
     assert terms["trainable parameters"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def test_eval_tiny_model_flag(capsys):
+    # eval.py --tiny --tiny_model qwen3.5 evaluates train.py --tiny --tiny_model qwen3.5's tiny folder; a family it does not
+    # know is one error line
+    import eval as evaluate
+    assert evaluate.parse_config(["--tiny", "--tiny_model", "qwen3.5"]).model == ["data/tiny-qwen3.5"]
+    assert evaluate.parse_config(["--tiny"]).model == ["data/tiny-qwen2-vl"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_config(["--tiny", "--tiny_model", "qwen9"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--tiny_model 'qwen9': choose one of" in err and "qwen3.5" in err
