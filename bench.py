@@ -10,6 +10,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
     python bench.py --shape qwen3-vl-8b --memory 4            # Qwen3-VL-2B/4B/8B-Instruct's (qwen3-vl-2b|4b|8b)
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
+    python bench.py --shape qwen3.5-2b --memory 4             # Qwen3.5-2B at assumed sizes (bench.QWEN3_5, docs/models.md)
     python bench.py --shape 2b --memory 1 --layers 2 --check_memory   # + the one-process terms measured on CPU
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
@@ -91,14 +92,14 @@ import data
 import runtime
 import tiny
 import train
-from model import (completion_logps, completion_logps_shared_prompt, decode_state, has_linear_attention, hf_model, lora_targets,
-                   position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
-                   use_packed_attention, video_features, vision_attention)
+from model import (completion_logps, completion_logps_shared_prompt, decode_state, has_linear_attention, hf_model,
+                   lora_targets, position_inputs, prefill, prompt_positions, rollout_decode, sample_completions,
+                   selective_log_softmax, special_token_ids, use_packed_attention, video_features, vision_attention)
 
 
 @dataclass
 class Args:
-    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
+    shape: str = field(default="tiny", metadata={"help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b or qwen3.5-2b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture; Qwen3.5-2B's assumed one: QWEN3_5; random weights)"})
     tiny_model: str = field(default="qwen2-vl", metadata={"help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
     frames: int = field(default=16, metadata={"help": "video frames (the seed: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
@@ -131,7 +132,8 @@ def parse_args(argv=None):
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")
-    assert args.shape in ("tiny", *QWEN2_VL_TEXT, *QWEN3_VL, *QWEN3_5), f"--shape {args.shape}: choose tiny, {', '.join([*QWEN2_VL_TEXT, *QWEN3_VL, *QWEN3_5])}"
+    shapes = ("tiny", *QWEN2_VL_TEXT, *QWEN3_VL, *QWEN3_5)
+    assert args.shape in shapes, f"--shape {args.shape}: choose {', '.join(shapes)}"
     assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
     assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
@@ -285,7 +287,8 @@ def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0, tiny_fam
         model.set_attn_implementation(attn)
     else:
         with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
-            config = (qwen3_vl_config if shape in QWEN3_VL else qwen3_5_config if shape in QWEN3_5 else qwen2_vl_config)(shape, tokenizer, layers)
+            family_config = qwen3_vl_config if shape in QWEN3_VL else qwen3_5_config if shape in QWEN3_5 else qwen2_vl_config
+            config = family_config(shape, tokenizer, layers)
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
                                                             attn_implementation=attn)
     return use_packed_attention(model)
@@ -332,11 +335,10 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2):
     # Qwen3.5: a KV cache in the full-attention layers only; each Gated DeltaNet layer holds a conv state (conv_dim x
     # kernel, bf16) and an fp32 recurrent state (value heads x d_k x d_v) per row, whatever the length
     full = sum(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"] * layers)
-    linear_state = (layers - full) * ((2 * getattr(text, "linear_num_key_heads", 0) * getattr(text, "linear_key_head_dim", 0)
-                                       + getattr(text, "linear_num_value_heads", 0) * getattr(text, "linear_value_head_dim", 0))
-                                      * getattr(text, "linear_conv_kernel_dim", 0) * bytes_per
-                                      + getattr(text, "linear_num_value_heads", 0) * getattr(text, "linear_key_head_dim", 0)
-                                      * getattr(text, "linear_value_head_dim", 0) * 4)
+    lin = lambda name: getattr(text, "linear_" + name, 0)  # the Gated DeltaNet's sizes; 0 in the other families
+    conv_dim = 2 * lin("num_key_heads") * lin("key_head_dim") + lin("num_value_heads") * lin("value_head_dim")
+    linear_state = (layers - full) * (conv_dim * lin("conv_kernel_dim") * bytes_per
+                                      + lin("num_value_heads") * lin("key_head_dim") * lin("value_head_dim") * 4)
     trained = adapter or N
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
