@@ -4,10 +4,12 @@ Qwen3.5 (hybrid: Gated DeltaNet linear attention + gated full attention) on the 
 recurrent state and no attention mask, so every pass that shares a prompt between completions (the packed policy pass,
 the reference pass on the repeated cache, the rollout) must start each completion from the prompt's state.
 """
+import contextlib
 import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,15 +177,12 @@ def test_rollout_logps_equal_the_policy_pass(setup, decode, monkeypatch):
     torch.testing.assert_close(policy, rollout, rtol=0, atol=2e-5)
 
 
-class _no_warning:
-    def __enter__(self):
-        import warnings
-        self.catch = warnings.catch_warnings()
-        self.catch.__enter__()
+@contextlib.contextmanager
+def _no_warning():
+    """Any warning inside is an error: the eager rollout has nothing to warn about."""
+    with warnings.catch_warnings():
         warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self.catch.__exit__(*exc)
+        yield
 
 
 def test_lora_targets_name_the_linear_attention_projections_and_decay_groups(setup):
