@@ -10,6 +10,7 @@ Benchmark of one GRPO step as train.py takes it, phase by phase, against the see
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
     python bench.py --shape qwen3-vl-8b --memory 4            # Qwen3-VL-2B/4B/8B-Instruct's (qwen3-vl-2b|4b|8b)
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
+    python bench.py --shape qwen3.5-2b --memory 4             # Qwen3.5-2B at assumed sizes (bench.QWEN3_5, docs/models.md)
     python bench.py --shape 2b --memory 1 --layers 2 --check_memory   # + the one-process terms measured on CPU
     python bench.py --shape tiny --frames 4 --num_generations 2 --completion_tokens 4 --repeats 1   # CI smoke run
     python bench.py --shape tiny --temporal_contrast --only ours  # the added cost of T-GRPO per step (way "tgrpo")
@@ -92,13 +93,14 @@ import runtime
 import tiny
 import train
 from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_shape, decode_state,
-                   position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax,
-                   special_token_ids, use_packed_attention, video_features, vision_attention)
+                   has_linear_attention, hf_model, lora_targets, position_inputs, prefill, prompt_positions, rollout_decode,
+                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention, video_features,
+                   vision_attention)
 
 
 @dataclass
 class Args:
-    shape: str = field(default="tiny", metadata={"group": "the step's shape", "help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b or qwen3-vl-8b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture, random weights)"})
+    shape: str = field(default="tiny", metadata={"group": "the step's shape", "help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b or qwen3.5-2b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture; Qwen3.5-2B's assumed one: QWEN3_5; random weights)"})
     tiny_model: str = field(default="qwen2-vl", metadata={"group": "the step's shape", "help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
     frames: int = field(default=16, metadata={"group": "the step's shape", "help": "video frames (the seed: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"group": "the step's shape", "help": "G: completions per prompt"})
@@ -131,7 +133,8 @@ def parse_args(argv=None):
     # derived values, right after parsing
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.only = args.only or ("ours" if args.sweep else "both")
-    assert args.shape in ("tiny", *QWEN2_VL_TEXT, *QWEN3_VL), f"--shape {args.shape}: choose tiny, {', '.join([*QWEN2_VL_TEXT, *QWEN3_VL])}"
+    shapes = ("tiny", *QWEN2_VL_TEXT, *QWEN3_VL, *QWEN3_5)
+    assert args.shape in shapes, f"--shape {args.shape}: choose {', '.join(shapes)}"
     assert args.device in ("cpu", "cuda"), f"--device {args.device}: choose cpu or cuda"
     assert args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device here"
     assert args.only in ("ours", "baseline", "both"), f"--only {args.only}: choose ours, baseline or both"
@@ -197,6 +200,20 @@ QWEN3_VL = {
                          num_key_value_heads=8, tie_word_embeddings=False),
                     dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24])),
 }
+# Qwen3.5-2B: ASSUMED sizes (no published config.json copy was found offline; docs/models.md lists each field and where
+# it comes from): Qwen3-VL-2B's tower without DeepStack, a 24-layer hybrid text stack (full_attention_interval 4: 18
+# Gated DeltaNet layers, 6 gated full-attention ones), head_dim 256 with partial rotary 0.25, the 248,320-id vocabulary
+QWEN3_5 = {
+    "qwen3.5-2b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+                        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                        full_attention_interval=4, vocab_size=248320, tie_word_embeddings=True, hidden_act="silu",
+                        max_position_embeddings=262144, rms_norm_eps=1e-6, initializer_range=0.02,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                         "mrope_section": [11, 11, 10], "mrope_interleaved": True}),
+                   dict(depth=24, hidden_size=1024, intermediate_size=4096, hidden_act="gelu_pytorch_tanh", in_channels=3,
+                        num_heads=16, num_position_embeddings=2304, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)),
+}
 # dense bf16 peak TFLOP/s by device name (first match wins); other GPUs: --peak_tflops
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
@@ -245,6 +262,22 @@ def qwen3_vl_config(shape, tokenizer, layers=0):
                          vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=text["tie_word_embeddings"])
 
 
+def qwen3_5_config(shape, tokenizer, layers=0):
+    """Qwen3_5Config of QWEN3_5's (assumed) sizes, special ids the tokenizer's; layers > 0 keeps that many decoder layers
+    (the first ones: 3 of every 4 linear attention) and vision blocks."""
+    from transformers import Qwen3_5Config
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    text, vision = QWEN3_5[shape]
+    text = dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(vision, out_hidden_size=text["hidden_size"])
+    if layers:
+        text.update(num_hidden_layers=layers)
+        vision.update(depth=layers)
+    return Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=text["tie_word_embeddings"])
+
+
 def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0, tiny_family="qwen2_vl"):
     """The tiny model of tiny.py, or a random Qwen2-VL-2B/7B built directly on the device in its dtype; attention as
     load_model's (packed_attention for the language model, `vision_attn` for the vision tower)."""
@@ -255,7 +288,8 @@ def build_model(shape, tokenizer, device, dtype, vision_attn, layers=0, tiny_fam
         model.set_attn_implementation(attn)
     else:
         with torch.device(device):  # initialise on the GPU: a 7B init on CPU takes minutes
-            config = (qwen3_vl_config if shape in QWEN3_VL else qwen2_vl_config)(shape, tokenizer, layers)
+            family_config = qwen3_vl_config if shape in QWEN3_VL else qwen3_5_config if shape in QWEN3_5 else qwen2_vl_config
+            config = family_config(shape, tokenizer, layers)
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
                                                             attn_implementation=attn)
     return use_packed_attention(model)
@@ -297,9 +331,18 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2, decode_c
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
     head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads  # Qwen3-VL-4B: 128, not 2560/32
-    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
-    # LoRA on q/k/v/o/gate/up/down of every layer: r * (in + out) per projection
-    adapter = lora_rank * layers * ((d + q) * 2 + (d + kv) * 2 + (d + inter) * 3) if lora_rank else 0
+    kv = text.num_key_value_heads * head_dim
+    # LoRA on the default targets (model.lora_targets: q/k/v/o/gate/up/down; Qwen3.5 also in_proj_qkv/z, out_proj; its
+    # q_proj is 2x wide, with the output gate): r * (in + out) per projection
+    targets = set(lora_targets(model, "")) if lora_rank else set()
+    adapter = lora_rank * sum(m.in_features + m.out_features for n, m in hf_model(model).named_modules() if n in targets)
+    # Qwen3.5: a KV cache in the full-attention layers only; each Gated DeltaNet layer holds a conv state (conv_dim x
+    # kernel, bf16) and an fp32 recurrent state (value heads x d_k x d_v) per row, whatever the length
+    full = sum(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    lin = lambda name: getattr(text, "linear_" + name, 0)  # the Gated DeltaNet's sizes; 0 in the other families
+    conv_dim = 2 * lin("num_key_heads") * lin("key_head_dim") + lin("num_value_heads") * lin("value_head_dim")
+    linear_state = (layers - full) * (conv_dim * lin("conv_kernel_dim") * bytes_per
+                                      + lin("num_value_heads") * lin("key_head_dim") * lin("value_head_dim") * 4)
     trained = adapter or N
     gib = lambda x: x / 2**30
     positions = B * (P + G * C)
@@ -309,8 +352,9 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2, decode_c
         "gradients, sharded": gib(bytes_per * trained / world),
         "AdamW fp32 master + m + v, sharded": gib(12 * trained / world),
         "weights gathered for the rollout": gib(bytes_per * (N + adapter)),
-        "KV cache (rollout)": gib(layers * 2 * kv * bytes_per * B * G * (P + C)),
-        "static KV caches kept (compiled rollout)": gib(decode_caches * layers * 2 * kv * bytes_per * rows * width),
+        "KV cache (rollout)": gib(full * 2 * kv * bytes_per * B * G * (P + C) + linear_state * B * G),
+        # a hybrid family (Qwen3.5) decodes eagerly (model.sample_completions): no static cache kept
+        "static KV caches kept (compiled rollout)": gib((decode_caches if full == layers else 0) * layers * 2 * kv * bytes_per * rows * width),
         "logits and their gradient (policy pass)": gib(2 * B * G * C * V * bytes_per + C * V * 4),
         "activations (policy pass, checkpointed)": gib(positions * d * bytes_per * layers + positions * (6 * d + 3 * inter) * bytes_per),
         "LM head / embedding weight gradient, whole": gib((0 if lora_rank else 3 if tied(model) else 1) * V * d * bytes_per),
@@ -403,7 +447,7 @@ def check_memory(args):
 
 def video_settings(model_type):
     """data.VideoSettings of the family: Qwen3-VL's 16-px patches, mean/std 0.5 and frame timestamps, else the defaults."""
-    if model_type == "qwen3_vl":
+    if model_type in data.TIMESTAMPED:  # Qwen3-VL, Qwen3.5
         return data.VideoSettings(patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, frame_timestamps=True)
     return data.VideoSettings()
 
@@ -752,7 +796,7 @@ def main(argv=None):
     # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
     bytes_per = torch.finfo(dtype).bits // 8
     approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
-                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}[args.shape]
+                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9, "qwen3.5-2b": 2.3e9}[args.shape]
     free = available_memory_bytes(device)
     assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
                                                     f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
@@ -824,6 +868,10 @@ def main(argv=None):
                   f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
                   f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
         result = {**setup, **row}
+        if has_linear_attention(model) and set(args.decodes) - {"eager"}:  # sample_completions would decode them eagerly
+            print(f"--decode: {model.config.model_type} decodes eagerly (model.sample_completions); static and compiled not "
+                  f"measured", file=sys.stderr)
+            args.decodes = tuple(d for d in args.decodes if d == "eager")
         if args.decodes:
             batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
                                 model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)

@@ -313,9 +313,13 @@ class VideoSettings:
         return self.patch_size * self.merge_size
 
 
+# the families whose processor (Qwen3VLProcessor: Qwen3.5 has none of its own) puts "<t seconds>" before each frame group
+TIMESTAMPED = ("qwen3_vl", "qwen3_5")
+
+
 def video_settings_from_pretrained(model_dir, **overrides):
     """Patch layout and normalisation from model_dir's video_preprocessor_config.json, else its preprocessor_config.json
-    (if any); frame_timestamps from config.json's model_type (qwen3_vl); the rest from overrides."""
+    (if any); frame_timestamps from config.json's model_type (TIMESTAMPED); the rest from overrides."""
     names = {f.name for f in fields(VideoSettings)}
     unknown = set(overrides) - names
     if unknown:
@@ -332,7 +336,7 @@ def video_settings_from_pretrained(model_dir, **overrides):
                 values[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
     config_path = Path(model_dir) / "config.json" if model_dir else None
     if config_path is not None and config_path.is_file():
-        values["frame_timestamps"] = json.loads(config_path.read_text()).get("model_type") == "qwen3_vl"
+        values["frame_timestamps"] = json.loads(config_path.read_text()).get("model_type") in TIMESTAMPED
     values.update(overrides)
     return VideoSettings(**values)
 

@@ -5,6 +5,7 @@ training rewards them; several --model flags print one table with a column per m
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --output results/base.json
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
+    python eval.py --tiny --tiny_model qwen3.5       # the same with train.py --tiny --tiny_model qwen3.5's tiny model
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
     python eval.py --tiny --data data/synthetic/test_mc.jsonl   # the same on the multiple-choice split
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
@@ -77,6 +78,7 @@ class Config:
     video_root: str = field(default="", metadata={"group": "models and data", "help": "folder that relative video paths start from ('': the data file's folder)"})
     output: str = field(default="", metadata={"group": "models and data", "help": "results JSON (one model) or folder (several); '': results/<model>-<data>.json"})
     tiny: bool = field(default=False, metadata={"group": "models and data", "help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
+    tiny_model: str = field(default=train.Config.tiny_model, metadata={"group": "models and data", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>, as train.py --tiny_model)"})
     batch_size: int = field(default=8, metadata={"group": "generation and scoring", "help": "prompts per generation batch (per rank)"})
     max_new_tokens: int = field(default=512, metadata={"group": "generation and scoring", "help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
     limit: int = field(default=0, metadata={"group": "models and data", "help": "evaluate only the first N rows of the data file (0: all); --protocol video-r1: not fewer than its output holds"})
@@ -133,7 +135,10 @@ def parse_config(argv=None):
     elif args.protocol not in PROTOCOLS:
         parser.error(f"--protocol {args.protocol!r}: choose one of {PROTOCOLS}")
     args = vars(parser.parse_args(argv))
-    args["model"] = args["model"] or (list(TINY["model"]) if args["tiny"] else [])
+    import tiny
+    if args["tiny_model"] not in tiny.TINY_MODELS:
+        parser.error(f"--tiny_model {args['tiny_model']!r}: choose one of {', '.join(tiny.TINY_MODELS)}")
+    args["model"] = args["model"] or ([f"data/tiny-{args['tiny_model']}"] if args["tiny"] else [])
     args["data"] = [args["data"]] if isinstance(args["data"], str) else args["data"] or []
     if args["protocol"] == "video-r1":
         args["data"] = video_r1_files(args["data"], parser)

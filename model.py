@@ -2,7 +2,7 @@
 The network: everything about the model that train.py, eval.py and bench.py share. Loading (and the family
 differences), the special tokens, the vision pass, the rollout, the log-prob passes and the attention they run on.
 
-    FAMILIES                               -> Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the one table of family differences
+    FAMILIES                               -> Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: the one table of family differences
     load_model(dir)                        -> the policy, the language model on packed_attention
     add_lora(model, ...)                   -> the policy with LoRA adapters (peft); reference(...) = adapters off
     sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once; the decode
@@ -200,9 +200,27 @@ def prefill(model, batch, repeats):
                 mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
     if not isinstance(repeats, int):
         repeats = torch.as_tensor(repeats, device=batch["input_ids"].device)         # (B,)
-    out.past_key_values.batch_repeat_interleave(repeats)                              # (B*G, heads, P, d) per layer
+    repeat_cache(out.past_key_values, repeats)                                        # (B*G, ...) per layer
     return (out.past_key_values, out.logits[:, -1].repeat_interleave(repeats, dim=0),
             batch["attention_mask"].repeat_interleave(repeats, dim=0), next_pos.repeat_interleave(repeats))
+
+
+def repeat_cache(cache, repeats):
+    """Repeat each prompt's cache rows in place for its completions: the KV layers by transformers' batch_repeat_interleave;
+    Qwen3.5's linear-attention layers (a conv state (B, D, k) and a recurrent state (B, H, d_k, d_v), which transformers'
+    LinearAttentionLayer does not repeat) by repeat_interleave of each state. repeats: G, or one count per row (B,)."""
+    for layer in cache.layers:
+        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
+            for i, state in states.items():
+                if state is not None:
+                    states[i] = state.repeat_interleave(repeats, dim=0)                # (B*G, ...)
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(repeats)                                    # (B*G, heads, P, d)
+
+
+def has_linear_attention(model):
+    """Whether the language model has linear-attention layers (Qwen3.5's Gated DeltaNet): a recurrent state, no mask."""
+    return "linear_attention" in (getattr(hf_model(model).config.text_config, "layer_types", None) or ())
 
 
 def apply_repetition_penalty(logits, seen_ids, penalty):
@@ -376,6 +394,10 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     """
     cache, logits, attention_mask, next_pos = prefill(model, batch, num_generations)  # logits (B*G, V)
     assert decode in ("eager", "static", "compiled"), f"decode={decode!r}: eager, static or compiled"
+    if decode != "eager" and has_linear_attention(model):
+        warnings.warn(f"rollout: decode {decode!r} runs eagerly for {model.config.model_type}: the static cache is built "
+                      f"for KV layers only, not Gated DeltaNet's conv and recurrent states (docs/models.md)")
+        decode = "eager"
     N = logits.size(0)
     if decode != "eager":
         cache = static_cache(model, cache, max_new_tokens)
@@ -476,13 +498,67 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
     return torch.cat([prompt_out, completion_out], dim=2).transpose(1, 2).contiguous(), None
 
 
+class PromptState:
+    """The conv and recurrent states one Gated DeltaNet layer leaves after the prompt, behind the cache methods its
+    forward calls (transformers' LinearAttentionLayer's, minus the in-place writes: the states keep their autograd graph,
+    and a gradient-checkpointing recompute builds a fresh one). Recording past: a one-token completion takes the same
+    path as longer ones (conv state concatenated, never updated in place)."""
+
+    def __init__(self):
+        self.conv, self.recurrent = None, None                                         # (N, D, k), (N, H, d_k, d_v)
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.conv
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.recurrent
+
+    def is_recording_past(self, layer_idx):
+        return True
+
+    def update_conv_state(self, conv_input, layer_idx, conv_kernel_size, **kwargs):  # (N, D, T) -> (N, D, [k +] T)
+        full = conv_input if self.conv is None else torch.cat([self.conv, conv_input], dim=-1)
+        self.conv = torch.nn.functional.pad(full, (max(conv_kernel_size - full.size(-1), 0), 0))[..., -conv_kernel_size:]
+        return full
+
+    def update_recurrent_state(self, state, layer_idx, **kwargs):
+        self.recurrent = state
+        return state
+
+
+def packed_linear_attention(module, forward, hidden_states, cache_params=None, attention_mask=None, packed=None, **kwargs):
+    """Qwen3.5's Gated DeltaNet layer (linear attention: a recurrent state, no attention mask) in the policy pass. A mask
+    cannot split [prompt | completion 1 | ... | completion G] here: the state would flow from one completion into the
+    next. So the prompt runs first, its conv and recurrent states are repeated G times (with grad), and the G
+    completions run from them as B*G rows: each starts from its prompt's state, as in the rollout. Without `packed`
+    (prefill, decode, the reference pass): transformers' `forward` as it is. (B, L, D) -> (B, L, D)"""
+    if packed is None:
+        return forward(module, hidden_states, cache_params, attention_mask, **kwargs)
+    prompt_mask, completion_mask = packed
+    padded = torch.is_tensor(prompt_mask)  # else packed = (P, C): no left padding
+    P, C = (prompt_mask.size(-1), completion_mask.size(-2)) if padded else packed
+    B, L, D = hidden_states.shape
+    G = (L - P) // C
+    # left padding: the last prompt query (a real token) sees exactly the real ones; padding is zeroed as transformers does
+    real = prompt_mask[:, 0, -1] if padded else None                                   # (B, P)
+    state = PromptState()
+    prompt_out = forward(module, hidden_states[:, :P], state, real, **kwargs)          # (B, P, D)
+    state.conv, state.recurrent = state.conv.repeat_interleave(G, 0), state.recurrent.repeat_interleave(G, 0)  # (B*G, ...)
+    completion_out = forward(module, hidden_states[:, P:].reshape(B * G, C, D), state, None, **kwargs)  # (B*G, C, D)
+    return torch.cat([prompt_out, completion_out.reshape(B, G * C, D)], dim=1)        # (B, L, D)
+
+
 def use_packed_attention(model):
-    """Register packed_attention with transformers as "packed_sdpa" and put the language model on it."""
+    """Register packed_attention with transformers as "packed_sdpa" and put the language model on it; Qwen3.5's linear-
+    attention layers run packed_linear_attention."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register("packed_sdpa", packed_attention)
     AttentionMaskInterface.register("packed_sdpa", sdpa_mask)  # outside the packed pass: the masks sdpa gets
     model.set_attn_implementation({"text_config": "packed_sdpa"})
+    for module in model.modules():
+        if type(module).__name__.endswith("GatedDeltaNet") and not isinstance(module.forward, functools.partial):
+            module.forward = functools.partial(packed_linear_attention, module, type(module).forward)
     return model
 
 
@@ -546,6 +622,10 @@ FAMILIES = {
     # get_rope_index), DeepStack (vision features added after the first decoder layers: video_features keeps them),
     # QK-norm (inside its attention layer, which still calls packed_attention)
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", (), own_rope),
+    # Qwen3.5: Qwen3-VL's tower without DeepStack, its processor, timestamps and get_rope_index; a hybrid text stack, three
+    # Gated DeltaNet (linear attention) layers per gated full-attention one: the policy pass runs them from the prompt's
+    # state (packed_linear_attention), prefill repeats their states (repeat_cache), the rollout decodes eagerly
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", (), own_rope),
 }
 
 
@@ -558,7 +638,7 @@ def model_family(model_dir):
         found = json.load(f).get("model_type")
     if found not in FAMILIES:
         raise ModelError(f"{path}: model_type {found!r} is not supported; supported: {', '.join(FAMILIES)} "
-                         f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+                         f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)")
     return found
 
 def is_hub_id(name):
@@ -622,7 +702,7 @@ def weight_decay_groups(model, weight_decay):
 
 
 def load_model(model_dir, *, bf16, attn_implementation="auto", device=None):
-    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 (model_family) from a local folder. The vision tower runs `attn_implementation` ('auto' =
     flash_attention_2 when it imports, on CUDA, in bf16, else sdpa); the language model runs packed_attention (sdpa,
     split for the packed policy pass)."""
     import transformers
@@ -675,6 +755,9 @@ def vision_attention(attn_implementation, device, bf16=True):
 
 # the language model's attention and MLP projections, as module-name suffixes (Qwen2-VL and Qwen2.5-VL alike)
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# and with linear-attention layers (Qwen3.5's Gated DeltaNet) their q/k/v, output-gate and output projections; not the
+# per-head decay and beta inputs in_proj_a / in_proj_b (16-48 rows each: a rank-16 adapter would be as large as the matrix)
+LORA_LINEAR_ATTENTION_TARGETS = "in_proj_qkv,in_proj_z,out_proj"
 
 
 def lora_targets(model, target_modules):
@@ -683,7 +766,8 @@ def lora_targets(model, target_modules):
     asked: Qwen2.5-VL's vision MLP has gate/up/down_proj too). A name matching nothing: ModelError listing the names."""
     linear = [n for n, m in hf_model(model).named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
     names, unknown = [], []
-    for target in [t.strip() for t in (target_modules or LORA_DEFAULT_TARGETS).split(",") if t.strip()]:
+    default = LORA_DEFAULT_TARGETS + ("," + LORA_LINEAR_ATTENTION_TARGETS if has_linear_attention(model) else "")
+    for target in [t.strip() for t in (target_modules or default).split(",") if t.strip()]:
         where, suffix = ("visual.", target[len("visual."):]) if target.startswith("visual.") else ("language_model.", target)
         found = [n for n in linear if where in n and n.endswith("." + suffix)]
         names += found

@@ -161,9 +161,9 @@ def test_show_prints_one_json_line_for_every_family(tmp_path):
         assert len(shown["position_ids"]) == 3 and all(len(p) == len(shown["input_ids"]) for p in shown["position_ids"])
         assert shown["input_ids"].count(tiny.build_tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>")) == shown["video_tokens"]
         pixels = np.load(tmp_path / f"{name}.npy")
-        patch = 16 if family == "qwen3_vl" else 14
+        patch = 16 if family in data.TIMESTAMPED else 14  # Qwen3-VL and Qwen3.5
         assert pixels.dtype == np.float32 and pixels.shape == (math.prod(shown["grid_thw"]), 3 * 2 * patch * patch)
-        assert (shown["timestamps"] is not None) == (family == "qwen3_vl")
+        assert (shown["timestamps"] is not None) == (family in data.TIMESTAMPED)
     config = json.loads((tmp_path / "qwen3-vl" / "config.json").read_text())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps(dict(config, model_type="llava")))

@@ -20,6 +20,7 @@ the first two, not by counting. `build_tiny_model` stays the purely random model
 
     python tiny.py data/tiny-qwen2-vl
     python tiny.py data/tiny-qwen2.5-vl qwen2.5-vl    # the same architecture sizes as a Qwen2.5-VL
+    python tiny.py data/tiny-qwen3.5 qwen3.5          # a hybrid Qwen3.5: 3 Gated DeltaNet layers + 1 full attention
 """
 import json
 import os
@@ -88,7 +89,7 @@ def build_tiny_tokenizer(vocab_size=512):
 
 
 # --tiny_model name -> config.json's model_type (model.FAMILIES)
-TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
+TINY_MODELS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "qwen3.5": "qwen3_5"}
 
 
 def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl", vocab_size=None):
@@ -127,6 +128,19 @@ def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl", vocab_
                              num_position_embeddings=64, deepstack_visual_indexes=[0, 1], **common)
         text_config.update(num_hidden_layers=3, head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                       "mrope_interleaved": True})
+    elif family == "qwen3_5":
+        config_class, model_class = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+        # Qwen3-VL's tower without DeepStack; the text stack a hybrid: full_attention_interval 4 = three Gated DeltaNet
+        # (linear attention) layers, then one gated full-attention layer (4 layers: both kinds, the recurrent state
+        # carried through three); head_dim 32 with partial rotary 0.25 = 4 rotary frequencies, interleaved M-RoPE
+        common = dict(common, patch_size=16)
+        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                             num_position_embeddings=64, **common)
+        text_config.pop("rope_scaling"), text_config.pop("rope_theta")
+        text_config.update(num_hidden_layers=4, head_dim=32, full_attention_interval=4, linear_num_key_heads=2,
+                           linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                            "mrope_section": [2, 1, 1], "mrope_interleaved": True})
     else:
         raise ValueError(f"build_tiny_model: family {family!r}, choose one of {sorted(TINY_MODELS.values())}")
     config = config_class(
@@ -199,12 +213,13 @@ def warm_start_format(model, tokenizer, seed=0, steps=60, lr=3e-3, batch_size=8,
     import data
     import model as model_lib
     t0 = time.time()
-    grid = grid or ((2, 6, 6) if model.config.model_type == "qwen3_vl" else (2, 8, 8))  # Qwen3-VL: 112x112 -> 96x96
+    timestamped = model.config.model_type in data.TIMESTAMPED  # Qwen3-VL, Qwen3.5: 16-px patches, timestamped frames
+    grid = grid or ((2, 6, 6) if timestamped else (2, 8, 8))  # Qwen3-VL: 112x112 -> 96x96
     gen = torch.Generator().manual_seed(seed)
     grid_thw = torch.tensor([grid])
     vision = model.config.vision_config
     # Qwen3-VL's prompt times each frame pair: those of 4 frames of a 16-frame 8-fps synthetic clip, as --tiny reads them
-    timestamps = data.video_timestamps([0, 5, 10, 15], 8.0) if model.config.model_type == "qwen3_vl" else None
+    timestamps = data.video_timestamps([0, 5, 10, 15], 8.0) if timestamped else None
     prompts = [data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, p), grid_thw, timestamps=timestamps)
                for p in WARM_PROBLEMS]
     model.model.visual.requires_grad_(False)
@@ -247,8 +262,9 @@ def save_tiny_model(out_dir, seed=0, warm_start=True, family="qwen2_vl"):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-        processor = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(family, "Qwen2VLProcessor")
-        settings = QWEN3_PREPROCESSOR if family == "qwen3_vl" else {}  # Qwen2.5-VL: the same image settings as Qwen2-VL
+        # Qwen3.5 has no processor of its own: transformers maps it to Qwen3VLProcessor and Qwen3-VL's video processor
+        processor = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor"}.get(family, "Qwen2VLProcessor")
+        settings = QWEN3_PREPROCESSOR if family in ("qwen3_vl", "qwen3_5") else {}  # Qwen2.5-VL: the same image settings as Qwen2-VL
         json.dump(dict(PREPROCESSOR_CONFIG, processor_class=processor, **settings), f, indent=2)
     try:
         os.rename(tmp, out_dir)
@@ -259,6 +275,6 @@ def save_tiny_model(out_dir, seed=0, warm_start=True, family="qwen2_vl"):
 
 
 if __name__ == "__main__":
-    name = sys.argv[2] if len(sys.argv) > 2 else "qwen2-vl"  # python tiny.py DIR [qwen2-vl|qwen2.5-vl]
+    name = sys.argv[2] if len(sys.argv) > 2 else "qwen2-vl"  # python tiny.py DIR [qwen2-vl|qwen2.5-vl|qwen3-vl|qwen3.5]
     out = save_tiny_model(sys.argv[1] if len(sys.argv) > 1 else f"data/tiny-{name}", family=TINY_MODELS[name])
     print(f"tiny {name} written to {out}")

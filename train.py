@@ -1,11 +1,12 @@
 """
-GRPO on a video vision-language model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), the Video-R1 recipe, written out by hand.
+GRPO on a video vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5), the Video-R1 recipe, written out by hand.
 
     deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
     python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
     python train.py --tiny --tiny_model qwen2.5-vl  # the same on a tiny Qwen2.5-VL; --lora_rank 8: LoRA (peft)
     python train.py --tiny --tiny_model qwen3-vl    # the same on a tiny Qwen3-VL (timestamped frames, DeepStack)
+    python train.py --tiny --tiny_model qwen3.5     # the same on a tiny Qwen3.5 (Gated DeltaNet + full attention)
     deepspeed --num_gpus 2 train.py --tiny          # the same under ZeRO-3 on CPU (gloo)
     torchrun --nproc_per_node 4 train.py --max_steps 100 --output_dir runs/short
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py  # on each node
@@ -60,7 +61,7 @@ class Config:
     data: str = field(default="data/dvd/train_dvd.jsonl", metadata={"group": "data and video", "help": "JSONL (or JSON list) of rows in DVD-counting's or Video-R1-260k's layout, any answer type (docs/data.md)"})
     video_root: str = field(default="", metadata={"group": "data and video", "help": "folder that relative video paths start from ('': the data file's folder)"})
     tiny: bool = field(default=False, metadata={"group": "model", "help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
-    tiny_model: str = field(default="qwen2-vl", metadata={"group": "model", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl or qwen3-vl (made in data/tiny-<name>)"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"group": "model", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>)"})
     # video (the seed's settings)
     fps: float = field(default=2.0, metadata={"group": "data and video", "help": "frames sampled per second of video"})
     min_frames: int = field(default=4, metadata={"group": "data and video", "help": "fewest frames per video"})
