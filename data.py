@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import rewards
+import runtime
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -132,6 +133,10 @@ class SkipSummary:
         hidden = sorted(((n, k) for k, n in self.counts.items() if n > self.examples or k == "other reasons"), reverse=True)
         return [f"{self.prefix}{what + ' ' if what else ''}{n} rows: {k}" + ("" if k == "other reasons" else f" (the first {self.examples} above)")
                 for n, k in hidden]
+
+    def print_summary(self, what="skipped"):
+        for line in self.summary(what):
+            print(line, file=self.stream or sys.stderr, flush=True)
 
     def lines(self, what="skipped"):
         return self.shown + self.summary(what)
@@ -603,6 +608,29 @@ def batches_from(dataset, position, loader_kwargs, **order_kwargs):
         for i, batch in enumerate(loader, start):
             yield epoch, i, batch
         epoch, start = epoch + 1, 0
+
+
+def next_batch(run):
+    """train.py's next batch of this rank (run: train.Run), on the device; a batch whose every video failed is replaced
+    by the next one (every rank must take the step). A rank that cannot draw one makes every rank raise
+    (runtime.raise_together), so none waits in the step's collectives. Failed examples go to run.skips (the first 3 of
+    each reason printed, counts at the end). Returns (epoch, batch_index, batch, examples failed, examples tried)."""
+    failed, tried, error = 0, 0, None
+    try:
+        while True:
+            epoch, batch_index, batch = next(run.batches)
+            for item in batch["skipped"]:
+                run.skips.add("skipped", item["error"], item["video"])
+            failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
+            if batch["solution"]:
+                break
+            if tried >= run.cfg.skip_window * run.cfg.prompts_per_device:
+                raise RuntimeError(f"rank {run.rank}: the last {tried} examples all failed to load (see the warnings above)")
+    except Exception as e:  # noqa: BLE001 -- re-raised on this rank, after every rank has heard of it
+        error = e
+    runtime.raise_together(error, run.device)
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return epoch, batch_index, batch, failed, tried
 
 
 # ----------------------------------------------------------------------------- synthetic counting dataset
