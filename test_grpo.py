@@ -1005,21 +1005,23 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
         assert (out / "final" / name).exists()
 
 
-# every completion equally right: under --dynamic_sampling (filtering on accuracy) no group is ever informative
+# every completion equally right, while a second reward varies in every group: filtering on accuracy (the default) no
+# group is ever informative, filtering on the total reward every group is
 SAME_ACCURACY_SCRIPT = """
 import sys, rewards, train
 rewards.REWARD_FUNCS["same_accuracy"] = lambda completions, solutions: [1.0 for _ in completions]
+rewards.REWARD_FUNCS["alternating"] = lambda completions, solutions: [float(i % 2) for i in range(len(completions))]
 train.main(sys.argv[1:])
 """
 
 
-def test_dynamic_sampling_epochs_are_passes_over_the_data_and_a_step_without_signal_does_not_update(tiny_data):
+def test_dynamic_sampling_filter_run_length_and_steps_without_signal(tiny_data):
     root, model_dir, train_path = tiny_data
     small = root / "synthetic" / "train8.jsonl"  # 8 rows: 4 batches of 2 prompts an epoch
     small.write_text("".join(open(train_path).readlines()[:8]))
     flags = ["--tiny", "--model_name_or_path", model_dir, "--data", str(small), "--num_workers", "0", "--save_steps", "0",
              "--num_generations", "2", "--prompts_per_device", "2", "--max_completion_length", "8", "--dynamic_sampling",
-             "--rewards", "same_accuracy,format", "--log_samples_steps", "0"]
+             "--rewards", "same_accuracy,alternating", "--log_samples_steps", "0"]
     # one epoch: step 1 takes 1 + 2 batches, step 2 the last one, and the run ends with its data (the step count 4 was
     # an upper bound); the schedule counts batches (linear to 0 over 4), whether or not an update was taken
     out = root / "dyn-epoch"
@@ -1034,12 +1036,13 @@ def test_dynamic_sampling_epochs_are_passes_over_the_data_and_a_step_without_sig
     assert "update skipped, no informative group on any rank" in proc.stdout
     before, after = load_model(model_dir, bf16=False).state_dict(), load_model(str(out / "final"), bf16=False).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # weights unchanged
-    # --max_steps: the run is max_steps long, and a step without an update leaves the schedule where it was
+    # --dynamic_sampling_metric reward: every group informative; --max_steps: the run is max_steps long, its schedule in steps
     out = root / "dyn-steps"
-    run([sys.executable, "-c", SAME_ACCURACY_SCRIPT, *flags, "--max_steps", "2", "--max_resample", "0",
-         "--output_dir", str(out)])
+    run([sys.executable, "-c", SAME_ACCURACY_SCRIPT, *flags, "--max_steps", "2", "--max_resample", "1",
+         "--dynamic_sampling_metric", "reward", "--output_dir", str(out)])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == [2e-3, 2e-3]
+    assert [r["step"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == pytest.approx([1e-3, 0.0])
+    assert [(r["skipped_update"], r["dynamic/rollouts"], r["dynamic/groups_dropped"]) for r in rows] == [(0, 1, 0)] * 2
 
 
 # the run's accuracy reward is toy_accuracy (every completion correct) at weight 0: the total reward is the bonuses alone
