@@ -186,7 +186,7 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
             if not os.path.isfile(video):
                 err = f"video file not found: {video}"
         if err is not None:
-            skips.add(f"{path}:{i}", f"skipped: {err}", video)
+            skips.add(f"{path}:{i}: skipped", err, video)
             if skipped is not None:
                 skipped.append({"index": i, "video": video, "reason": err})
             continue
@@ -804,7 +804,7 @@ def format_report(path, report):
 
     bad = SkipSummary()
     for b in report["bad"]:
-        bad.add(f"{path}:{b['index']}", f"bad: {b['reason']}", b["video"])
+        bad.add(f"{path}:{b['index']}: bad", b["reason"], b["video"])
     lines, clips = bad.lines("bad"), report["clips"]
     lines.append(f"{path}: {report['rows']} rows, {len(clips)} good, {len(report['bad'])} bad")
     if clips:

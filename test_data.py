@@ -88,14 +88,14 @@ def test_many_bad_rows_print_a_bounded_summary_with_right_counts(tmp_path, capsy
     assert len(err) == 3 * 3 + 1 + 3, err  # 3 examples of each of the 3 reasons, the loaded line, 3 counts
     assert sum(f"{path}:{i}: skipped: video file not found" in e for e in err for i in (3, 4, 5)) == 3
     assert f"loaded 2 of 602 rows from {path}, skipped 600" in err
-    assert "skipped 300 rows: skipped: video file not found: <video> (the first 3 above)" in err
-    assert any(e.startswith("skipped 200 rows: skipped: invalid JSON") for e in err)
-    assert "skipped 100 rows: skipped: field 'solution' missing or not a string (the first 3 above)" in err
+    assert "skipped 300 rows: video file not found: <video> (the first 3 above)" in err
+    assert any(e.startswith("skipped 200 rows: invalid JSON") for e in err)
+    assert "skipped 100 rows: field 'solution' missing or not a string (the first 3 above)" in err
     # data.py --check's report: the same summary of its bad rows
     report = {"rows": 602, "clips": [], "bad": [{"index": s["index"], "video": s["video"], "reason": s["reason"]} for s in skipped]}
     out = data.format_report(str(path), report).splitlines()
     assert len(out) == 3 * 3 + 3 + 1 and out[-1] == f"{path}: 602 rows, 0 good, 600 bad"
-    assert "bad 300 rows: bad: video file not found: <video> (the first 3 above)" in out
+    assert "bad 300 rows: video file not found: <video> (the first 3 above)" in out
     # more reasons than `kinds`: the rest count together, still bounded
     skips = data.SkipSummary(kinds=2)
     for i in range(50):
