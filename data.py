@@ -110,9 +110,11 @@ class SkipSummary:
 
     @staticmethod
     def reason(message, video=None):
-        """"video file not found: /d/a.mp4" -> "video file not found: <video>"; digits -> N."""
-        message = message.replace(video, "<video>") if video else message
-        return re.sub(r"\d+", "N", message.splitlines()[0] if message else message)
+        """"video file not found: /d/a.mp4" -> "video file not found: <video>"; other absolute paths -> <path>, numbers
+        (and hex addresses) -> N."""
+        message = (message.replace(video, "<video>") if video else message).split("\n")[0]
+        message = re.sub(r"(?<![\w<])/[^\s,;:()]+", "<path>", message)  # another file (a decoder's message may name one)
+        return re.sub(r"0x[0-9a-fA-F]+|\d+", "N", message)
 
     def add(self, where, message, video=None):
         kind = self.reason(message, video)
