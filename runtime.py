@@ -131,3 +131,13 @@ def rank_means(metrics, weights, counts, device):
     torch.distributed.all_reduce(summed)
     n, summed = len(w), summed.tolist()
     return {k: v / x if x else float("nan") for k, v, x in zip(metrics, summed[:n], summed[n:2 * n])}, summed[2 * n:]
+
+
+def together(device, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank; when it raises on any rank, every rank raises (raise_together)."""
+    try:
+        result, error = fn(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001 -- re-raised on this rank, after every rank has heard of it
+        result, error = None, e
+    raise_together(error, device)
+    return result

@@ -309,6 +309,11 @@ def _ranks_agree(rank, port, out):
         result["next_batch"] = "returned"
     except RuntimeError as e:
         result["next_batch"] = str(e)
+    try:  # a reward that raises on rank 0 inside the resample loop (runtime.together): both raise
+        runtime.together(torch.device("cpu"), lambda: 1 / rank)
+        result["together"] = "returned"
+    except (RuntimeError, ZeroDivisionError) as e:
+        result["together"] = type(e).__name__
     # metrics: a token mean weighted by real tokens (rank 1's mask emptied, its kl 0 must not halve rank 0's)
     result["means"], result["counts"] = runtime.rank_means({"kl": [0.5, 0.0][rank], "reward": [1.0, 0.0][rank]},
                                                            {"kl": [10, 0][rank]}, [rank + 1], torch.device("cpu"))
@@ -326,6 +331,7 @@ def test_a_rank_that_fails_to_draw_makes_all_raise_and_metrics_weigh_real_tokens
     r0, r1 = (json.load(open(tmp_path / f"out.{r}")) for r in (0, 1))
     assert "the last 2 examples all failed to load" in r1["next_batch"], r1
     assert "another rank that failed" in r0["next_batch"], r0
+    assert (r0["together"], r1["together"]) == ("ZeroDivisionError", "RuntimeError")
     for r in (r0, r1):
         assert r["means"] == {"kl": 0.5, "reward": 0.5} and r["counts"] == [3.0]
         assert math.isnan(r["empty"]["kl"])  # no real token on any rank: not a number, never 0

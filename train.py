@@ -487,8 +487,7 @@ def setup(cfg):
     return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
                scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
                reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
-               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
-               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
+               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name], G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
                length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress,
                batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger, start_step=start_step,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -552,7 +551,8 @@ def dynamic_sampling(run, batch, sampled, scores, room=None):
         epoch, batch_index, batch, failed, tried = data.next_batch(run)
         drawn = (epoch, batch_index, failed + (drawn[2] if drawn else 0), tried + (drawn[3] if drawn else 0))
         s = sample(run, batch)
-        rounds.append((batch, s, rewards.score(run, batch, s.completions, s.shuffled, s.lengths.cpu())))
+        rounds.append((batch, s, runtime.together(run.device, rewards.score, run, batch, s.completions, s.shuffled,
+                                                  s.lengths.cpu())))  # a reward raising on one rank: all raise
         flags.append(informative(rounds[-1][2]))
     # informative groups first, in the order drawn; then, if short, uninformative ones
     groups = sorted(((r, b) for r, f in enumerate(flags) for b in range(len(f))), key=lambda rb: not flags[rb[0]][rb[1]])[:B]
