@@ -101,8 +101,8 @@ class VideoError(ValueError):
 class SkipSummary:
     """Skipped rows, summarised (train.py, eval.py and --check share it): a file of 146k bad rows prints a few lines,
     not 146k. add() keeps (and, given a stream, prints) the first `examples` rows of each reason; lines() are those
-    rows, then a count for every reason some of whose rows were not shown. A reason is the message with its video path
-    and numbers blanked; past `kinds` reasons the rest count as "other reasons"."""
+    rows, then a count for every reason some of whose rows were not shown. A reason is the message's first line with its
+    paths and numbers blanked (reason()); past `kinds` reasons the rest count as "other reasons"."""
 
     def __init__(self, examples=3, kinds=10, stream=None, prefix=""):
         self.examples, self.kinds, self.stream, self.prefix = examples, kinds, stream, prefix
@@ -133,8 +133,8 @@ class SkipSummary:
     def summary(self, what="skipped"):
         """A count line for each reason with rows not shown, most rows first."""
         hidden = sorted(((n, k) for k, n in self.counts.items() if n > self.examples or k == "other reasons"), reverse=True)
-        return [f"{self.prefix}{what + ' ' if what else ''}{n} rows: {k}" + ("" if k == "other reasons" else f" (the first {self.examples} above)")
-                for n, k in hidden]
+        return [f"{self.prefix}{what + ' ' if what else ''}{n} rows: {k}"
+                + ("" if k == "other reasons" else f" (the first {self.examples} above)") for n, k in hidden]
 
     def print_summary(self, what="skipped"):
         for line in self.summary(what):
@@ -150,8 +150,9 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
     "index"}], index being the row's line (JSONL) or record (JSON list) number. Two layouts: DVD-counting
     (video_filename, problem, solution) and Video-R1-260k (path, data_type, problem_type, problem, options, solution).
     problem_type defaults to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown
-    problem_type or a data_type other than "video" is bad. Bad rows are reported (SkipSummary) and dropped; when `skipped` is
-    a list, each is also appended to it as {"index", "video" (None if unknown), "reason"}.
+    problem_type or a data_type other than "video" is bad. Bad rows are reported (SkipSummary: the first 3 of each
+    reason, then counts) and dropped; when `skipped` is a list, each is also appended to it as {"index", "video" (None
+    if unknown), "reason"}.
     """
     path = Path(path)
     if not path.is_file():
@@ -801,7 +802,8 @@ def check_dataset(path, video_root=None, settings=None, progress=True):
 
 
 def format_report(path, report):
-    """The --check report: bad rows as FILE:LINE: reason (the first 3 of each reason, then counts), then frame/size/grid/token statistics of the good clips."""
+    """The --check report: bad rows as FILE:LINE: reason (the first 3 of each reason, then counts per reason), then
+    frame/size/grid/token statistics of the good clips."""
     from collections import Counter
 
     bad = SkipSummary()

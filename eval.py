@@ -369,7 +369,7 @@ def format_table(summaries):
     for s in summaries:  # the first 3 of each reason, then counts (data.SkipSummary): not one line per row
         skips = data.SkipSummary(prefix=f"skipped ({s['model']}): ")
         for sk in s["skipped"]:
-            skips.add(f"row {sk['index']}", sk["reason"], sk["video"])
+            skips.add(f"row {sk['index']}", sk["reason"], sk.get("video"))
         out += skips.lines("")
     return "\n".join(out)
 

@@ -52,11 +52,11 @@ anchored regex without nested quantifiers, so a 200k-char completion or thousand
 of repeated tags cost milliseconds.
 """
 
+import collections
 import contextlib
 import inspect
 import math
 import re
-import collections
 from collections import Counter
 from decimal import Decimal
 
@@ -415,10 +415,10 @@ def score(run, batch, completions, shuffled, lengths):
     bonuses = {}
     if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
         shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
-                                            **columns)[1]                                # (B*G~,)
+                                            **columns)[1]                                   # (B*G~,)
         has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
         bonus, given = temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
-                                              alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
+                                      alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)          # (B*G,), (B,)
         reward, bonuses["temporal_rewards"] = reward + bonus, given.float().repeat_interleave(G)  # (B*G,)
     if cfg.length_reward:
         bonus = length_bonus(accuracy, lengths, G, window=run.length_window, bonus=cfg.length_bonus)  # (B*G,)
