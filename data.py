@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import rewards
+import runtime
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -97,14 +98,61 @@ class VideoError(ValueError):
 
 # ----------------------------------------------------------------------------- examples
 
+class SkipSummary:
+    """Skipped rows, summarised (train.py, eval.py and --check share it): a file of 146k bad rows prints a few lines,
+    not 146k. add() keeps (and, given a stream, prints) the first `examples` rows of each reason; lines() are those
+    rows, then a count for every reason some of whose rows were not shown. A reason is the message's first line with its
+    paths and numbers blanked (reason()); past `kinds` reasons the rest count as "other reasons"."""
+
+    def __init__(self, examples=3, kinds=10, stream=None, prefix=""):
+        self.examples, self.kinds, self.stream, self.prefix = examples, kinds, stream, prefix
+        self.counts, self.shown = {}, []  # reason -> rows; the example lines in the order added
+
+    @staticmethod
+    def reason(message, video=None):
+        """"video file not found: /d/a.mp4" -> "video file not found: <video>"; other absolute paths -> <path>, numbers
+        (and hex addresses) -> N."""
+        message = (message.replace(video, "<video>") if video else message).split("\n")[0]
+        message = re.sub(r"(?<![\w<])/[^\s,;:()]+", "<path>", message)  # another file (a decoder's message may name one)
+        return re.sub(r"0x[0-9a-fA-F]+|\d+", "N", message)
+
+    def add(self, where, message, video=None):
+        kind = self.reason(message, video)
+        if kind not in self.counts and len(self.counts) >= self.kinds:
+            kind = "other reasons"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= self.examples and kind != "other reasons":
+            line = f"{self.prefix}{where}: {message}"
+            self.shown.append(line)
+            if self.stream is not None:
+                print(line, file=self.stream, flush=True)
+
+    def __len__(self):
+        return sum(self.counts.values())
+
+    def summary(self, what="skipped"):
+        """A count line for each reason with rows not shown, most rows first."""
+        hidden = sorted(((n, k) for k, n in self.counts.items() if n > self.examples or k == "other reasons"), reverse=True)
+        return [f"{self.prefix}{what + ' ' if what else ''}{n} rows: {k}"
+                + ("" if k == "other reasons" else f" (the first {self.examples} above)") for n, k in hidden]
+
+    def print_summary(self, what="skipped"):
+        for line in self.summary(what):
+            print(line, file=self.stream or sys.stderr, flush=True)
+
+    def lines(self, what="skipped"):
+        return self.shown + self.summary(what)
+
+
 def load_examples(path, video_root=None, skipped=None, verbose=True):
     """
     Read rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution", "problem_type", "options",
     "index"}], index being the row's line (JSONL) or record (JSON list) number. Two layouts: DVD-counting
     (video_filename, problem, solution) and Video-R1-260k (path, data_type, problem_type, problem, options, solution).
     problem_type defaults to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown
-    problem_type or a data_type other than "video" is bad. Bad rows are reported and dropped; when `skipped` is
-    a list, each is also appended to it as {"index", "video" (None if unknown), "reason"}.
+    problem_type or a data_type other than "video" is bad. Bad rows are reported (SkipSummary: the first 3 of each
+    reason, then counts) and dropped; when `skipped` is a list, each is also appended to it as {"index", "video" (None
+    if unknown), "reason"}.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,7 +173,7 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
                 rows.append((i, json.loads(line), None))
             except json.JSONDecodeError as e:
                 rows.append((i, None, f"invalid JSON ({e.msg})"))
-    examples = []
+    examples, skips = [], SkipSummary(stream=sys.stderr if verbose else None)
     for i, row, err in rows:
         video = None
         if err is None and not isinstance(row, dict):
@@ -141,8 +189,7 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
             if not os.path.isfile(video):
                 err = f"video file not found: {video}"
         if err is not None:
-            if verbose:
-                print(f"{path}:{i}: skipped: {err}", file=sys.stderr)
+            skips.add(f"{path}:{i}: skipped", err, video)
             if skipped is not None:
                 skipped.append({"index": i, "video": video, "reason": err})
             continue
@@ -152,8 +199,8 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
     if not examples:  # the caller reports it in one line
         raise ValueError(f"load_examples: no usable row in {path} (video_root={root})")
     if verbose:
-        print(f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
-              file=sys.stderr)
+        print("\n".join([f"loaded {len(examples)} of {len(rows)} rows from {path}, skipped {len(rows) - len(examples)}",
+                         *skips.summary()]), file=sys.stderr)
     return examples
 
 
@@ -570,6 +617,29 @@ def batches_from(dataset, position, loader_kwargs, **order_kwargs):
         epoch, start = epoch + 1, 0
 
 
+def next_batch(run):
+    """train.py's next batch of this rank (run: train.Run), on the device; a batch whose every video failed is replaced
+    by the next one (every rank must take the step). A rank that cannot draw one makes every rank raise
+    (runtime.raise_together), so none waits in the step's collectives. Failed examples go to run.skips (the first 3 of
+    each reason printed, counts at the end). Returns (epoch, batch_index, batch, examples failed, examples tried)."""
+    failed, tried, error = 0, 0, None
+    try:
+        while True:
+            epoch, batch_index, batch = next(run.batches)
+            for item in batch["skipped"]:
+                run.skips.add("skipped", item["error"], item["video"])
+            failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
+            if batch["solution"]:
+                break
+            if tried >= run.cfg.skip_window * run.cfg.prompts_per_device:
+                raise RuntimeError(f"rank {run.rank}: the last {tried} examples all failed to load (see the warnings above)")
+    except Exception as e:  # noqa: BLE001 -- re-raised on this rank, after every rank has heard of it
+        error = e
+    runtime.raise_together(error, run.device)
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return epoch, batch_index, batch, failed, tried
+
+
 # ----------------------------------------------------------------------------- synthetic counting dataset
 
 COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (240, 220, 30)}
@@ -736,11 +806,14 @@ def check_dataset(path, video_root=None, settings=None, progress=True):
 
 
 def format_report(path, report):
-    """The --check report: bad rows as FILE:LINE: reason, then frame/size/grid/token statistics of the good clips."""
+    """The --check report: bad rows as FILE:LINE: reason (the first 3 of each reason, then counts per reason), then
+    frame/size/grid/token statistics of the good clips."""
     from collections import Counter
 
-    lines = [f"{path}:{b['index']}: bad: {b['reason']}" for b in report["bad"]]
-    clips = report["clips"]
+    bad = SkipSummary()
+    for b in report["bad"]:
+        bad.add(f"{path}:{b['index']}: bad", b["reason"], b["video"])
+    lines, clips = bad.lines("bad"), report["clips"]
     lines.append(f"{path}: {report['rows']} rows, {len(clips)} good, {len(report['bad'])} bad")
     if clips:
         def stats(key):

@@ -439,7 +439,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
 # reporting and the command line
 
 def format_table(summaries):
-    """Models side by side: one column per model, one line per metric, then the skipped rows and why."""
+    """Models side by side: one column per model, one line per metric, then the skipped rows and why (summarised)."""
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -459,9 +459,11 @@ def format_table(summaries):
     width = max(len(name) for name, _ in lines)
     cols = [max(len(values[i]) for _, values in lines) for i in range(len(summaries))]
     out = [f"{name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, cols)) for name, values in lines]
-    for s in summaries:
+    for s in summaries:  # the first 3 of each reason, then counts (data.SkipSummary): not one line per row
+        skips = data.SkipSummary(prefix=f"skipped ({s['model']}): ")
         for sk in s["skipped"]:
-            out.append(f"skipped ({s['model']}): row {sk['index']}: {sk['reason']}")
+            skips.add(f"row {sk['index']}", sk["reason"], sk.get("video"))
+        out += skips.lines("")
     return "\n".join(out)
 
 
@@ -772,7 +774,10 @@ def format_video_r1_tables(models, summaries):
                  ("rows not read (scored 0)", [str(len(s["errors"])) for s in per_model])]
         out += table(f"{per_model[0]['benchmark']} ({per_model[0]['data']})", lines)
         for m, s in zip(models, per_model):
-            out += [f"  not read ({m}): row {e['row']}: {e['reason']}" for e in s["errors"]]
+            skips = data.SkipSummary(prefix=f"  not read ({m}): ")  # the first 3 of each reason, then counts
+            for e in s["errors"]:
+                skips.add(f"row {e['row']}", e["reason"])
+            out += skips.lines("")
     lines = [("benchmark", [f"{m} mean_acc / mean_mra" for m in models])]
     lines += [(s[0]["benchmark"], [f"{pct(x[b]['final_acc']['mean_acc'])} / {pct(x[b]['final_acc']['mean_mra'])}"
                                    for x in summaries]) for b, s in enumerate(zip(*summaries))]

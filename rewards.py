@@ -52,6 +52,7 @@ anchored regex without nested quantifiers, so a 200k-char completion or thousand
 of repeated tags cost milliseconds.
 """
 
+import collections
 import contextlib
 import inspect
 import math
@@ -395,6 +396,40 @@ def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_
     per_reward = torch.tensor([call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
                               dtype=torch.float32)  # (R, B*G)
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
+
+
+# a rollout's scores, row by row (B*G,): per reward (R, B*G), the weighted total with the bonuses, the run's accuracy
+# reward, and which rows got T-GRPO's and the length bonus ({name: (B*G,)}); rows can be picked from several rollouts
+Scores = collections.namedtuple("Scores", "per_reward reward accuracy bonuses")
+
+
+def score(run, batch, completions, shuffled, lengths):
+    """train.py's rewards of B*G completions, completion i answering prompt i // G (Scores), each reward scored once.
+    run: train.Run (cfg, reward_funcs, reward_weights, accuracy_reward, length_window, G_shuffled).
+    shuffled: T-GRPO's B*G~ completions on the shuffled videos, or None; lengths (B*G,): tokens, EOS included."""
+    cfg, G = run.cfg, run.cfg.num_generations
+    columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
+    per_reward, reward = compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
+    accuracy = (per_reward[run.reward_funcs.index(run.accuracy_reward)] if run.accuracy_reward in run.reward_funcs else
+                compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1])  # (B*G,)
+    bonuses = {}
+    if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
+        shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
+                                            **columns)[1]                                   # (B*G~,)
+        has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
+        bonus, given = temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
+                                      alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)          # (B*G,), (B,)
+        reward, bonuses["temporal_rewards"] = reward + bonus, given.float().repeat_interleave(G)  # (B*G,)
+    if cfg.length_reward:
+        bonus = length_bonus(accuracy, lengths, G, window=run.length_window, bonus=cfg.length_bonus)  # (B*G,)
+        reward, bonuses["length_rewards"] = reward + bonus, (bonus > 0).float()
+    return Scores(per_reward, reward, accuracy, bonuses)
+
+
+def score_metrics(scores, G):
+    """The accuracy-based metrics of the rows trained on: all_correct, all_wrong, the share given each bonus."""
+    return {**dict(zip(("all_correct", "all_wrong"), signal_groups(scores.accuracy, G))),
+            **{name: rows.mean().item() for name, rows in scores.bonuses.items()}}
 
 
 def reward_of_kind(names, kind):

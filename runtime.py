@@ -142,3 +142,44 @@ def gather_entropies(entropies, mask):
     gathered = [None] * torch.distributed.get_world_size()  # a few thousand floats a rank: as objects, no padding
     torch.distributed.all_gather_object(gathered, entropies[mask.bool()].float().cpu())
     return torch.cat(gathered)                                                 # (M,)
+
+
+def all_ranks(value, device, op="sum"):
+    """A number reduced over all ranks: op sum, max or min. -> float"""
+    x = torch.tensor(float(value), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(x, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+                                        "min": torch.distributed.ReduceOp.MIN}[op])
+    return x.item()
+
+
+def raise_together(error, device):
+    """Every rank raises when any rank has an error (one all-reduce of a flag, before any rank raises), so that no rank
+    waits in a later collective for one that is gone until DIST_TIMEOUT. error: an exception or None."""
+    failed = torch.tensor(float(error is not None), device=device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"rank {torch.distributed.get_rank()}: stopping with another rank that failed (its error is above)")
+
+
+def rank_means(metrics, weights, counts, device):
+    """The step's metrics over all ranks in one all-reduce: each a mean over ranks or, where `weights` gives this rank's
+    weight (its real tokens, its real rows), over those, so that a rank with none (an emptied mask) adds nothing rather
+    than a 0 (NaN when no rank has any). counts (numbers) are summed. -> ({name: mean}, [sums])"""
+    w = [weights.get(k, 1.0) for k in metrics]
+    summed = torch.tensor([*(v * x if x else 0.0 for v, x in zip(metrics.values(), w)), *w, *counts],
+                          dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    n, summed = len(w), summed.tolist()
+    return {k: v / x if x else float("nan") for k, v, x in zip(metrics, summed[:n], summed[n:2 * n])}, summed[2 * n:]
+
+
+def together(device, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank; when it raises on any rank, every rank raises (raise_together)."""
+    try:
+        result, error = fn(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001 -- re-raised on this rank, after every rank has heard of it
+        result, error = None, e
+    raise_together(error, device)
+    return result

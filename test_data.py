@@ -74,6 +74,37 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     assert err[4] == f"loaded 2 of 6 rows from {path}, skipped 4"
 
 
+def test_many_bad_rows_print_a_bounded_summary_with_right_counts(tmp_path, capsys):
+    # Video-R1-260k holds ~146k rows training cannot use: a count per reason and the first 3 of each, not a line each
+    _touch(tmp_path / "a.mp4")
+    lines = [json.dumps({"video_filename": "a.mp4", "problem": "Q", "solution": "<answer>1</answer>"})] * 2
+    lines += [json.dumps({"video_filename": f"missing{i}.mp4", "problem": "Q", "solution": "1"}) for i in range(300)]
+    lines += ["{not json"] * 200 + [json.dumps({"video_filename": "a.mp4", "problem": "Q"})] * 100
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    skipped = []
+    assert len(data.load_examples(path, skipped=skipped)) == 2 and len(skipped) == 600
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 * 3 + 1 + 3, err  # 3 examples of each of the 3 reasons, the loaded line, 3 counts
+    assert sum(f"{path}:{i}: skipped: video file not found" in e for e in err for i in (3, 4, 5)) == 3
+    assert f"loaded 2 of 602 rows from {path}, skipped 600" in err
+    assert "skipped 300 rows: video file not found: <video> (the first 3 above)" in err
+    assert any(e.startswith("skipped 200 rows: invalid JSON") for e in err)
+    assert "skipped 100 rows: field 'solution' missing or not a string (the first 3 above)" in err
+    # data.py --check's report: the same summary of its bad rows
+    report = {"rows": 602, "clips": [], "bad": [{"index": s["index"], "video": s["video"], "reason": s["reason"]} for s in skipped]}
+    out = data.format_report(str(path), report).splitlines()
+    assert len(out) == 3 * 3 + 3 + 1 and out[-1] == f"{path}: 602 rows, 0 good, 600 bad"
+    assert "bad 300 rows: video file not found: <video> (the first 3 above)" in out
+    # more reasons than `kinds`: the rest count together, still bounded
+    skips = data.SkipSummary(kinds=2)
+    for i in range(50):
+        skips.add(f"row {i}", f"reason {chr(65 + i % 5)}")
+    assert len(skips) == 50 and len(skips.lines()) == 3 + 3 + 3
+    assert skips.summary() == ["skipped 30 rows: other reasons", "skipped 10 rows: reason B (the first 3 above)",
+                               "skipped 10 rows: reason A (the first 3 above)"]
+
+
 def test_load_examples_json_list_video_root_and_absolute(tmp_path, capsys):
     a = _touch(tmp_path / "videos" / "a.mp4")
     b = _touch(tmp_path / "elsewhere" / "b.mp4")

@@ -138,6 +138,21 @@ def test_bad_rows_and_videos_are_skipped_with_reasons(setup, tmp_path):
     assert "row 6" in ev.format_table([summary])
 
 
+def test_format_table_summarises_many_skipped_rows():
+    # a data file of thousands of bad rows: the table ends with 3 examples per reason and a count each, not a line per row
+    skipped = [{"index": i, "video": f"/v/{i}.mp4", "reason": f"video file not found: /v/{i}.mp4"} for i in range(1, 1001)]
+    skipped += [{"index": i, "video": None, "reason": "invalid JSON (Expecting value)"} for i in range(1001, 1501)]
+    summary = {"model": "m", "accuracy": 0.5, "format_rate": 1.0, "mean_completion_length": 9.0,
+               "mean_thinking_length": 3.0, "n": 2, "skipped": skipped}
+    lines = ev.format_table([summary]).splitlines()
+    tail = [line for line in lines if line.startswith("skipped (m): ")]
+    assert len(tail) == 3 + 3 + 2, tail
+    assert "skipped (m): row 1: video file not found: /v/1.mp4" in tail
+    assert "skipped (m): 1000 rows: video file not found: <video> (the first 3 above)" in tail
+    assert "skipped (m): 500 rows: invalid JSON (Expecting value) (the first 3 above)" in tail
+    assert any(line.startswith("examples skipped") and line.endswith("1500") for line in lines)
+
+
 def test_accuracy_per_problem_type(setup, tmp_path):
     # a mixed file: 3 counting rows and 3 multiple-choice rows about the same clips
     folder = Path(setup["data"]).parent

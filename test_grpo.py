@@ -432,6 +432,75 @@ def test_dapo_two_ranks_equal_the_whole_batch_token_mean(tmp_path):
     assert (grads[False] - whole).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
+def test_filler_rows_count_nowhere_for_every_loss_type(loss_type):
+    # --dynamic_sampling fills a short batch with uninformative groups (mask 0): the loss, value and gradient, must be the
+    # naive loss over the real rows alone. A real row masked for another reason (--mask_truncated_completions, row 1)
+    # still counts in grpo's mean over completions, as in TRL
+    torch.manual_seed(3)
+    N, T = 8, 5
+    logps = (-torch.rand(N, T)).requires_grad_(True)
+    ref = -torch.rand(N, T)
+    adv = torch.randn(N)
+    mask = (torch.arange(T)[None] < torch.tensor([3, 0, 5, 2, 4, 1, 5, 3])[:, None]).int()      # (N, T)
+    keep = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)                             # rows 4-7: filler
+    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T)
+    loss, stats = train.grpo_loss(logps, None, ref, adv, mask * keep[:, None].int(), num_rows=int(keep.sum()), **kw)
+    naive = naive_loss(logps[keep], None, ref[keep], adv[keep], mask[keep], 0.04, 0.2, 0.28, loss_type, T)
+    torch.testing.assert_close(loss, naive)
+    grad, = torch.autograd.grad(loss, logps)
+    naive_grad, = torch.autograd.grad(naive, logps)
+    torch.testing.assert_close(grad, naive_grad)
+    assert grad[~keep].abs().sum() == 0
+    # the logged kl is a mean over the real tokens only
+    kl = train.per_token_kl(logps[keep], ref[keep])
+    assert stats["kl"] == pytest.approx(((kl * mask[keep]).sum() / mask[keep].sum()).item())
+
+
+def _ranks_agree(rank, port, out):
+    import datetime
+    import types
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    good = {"skipped": [], "solution": ["<answer>1</answer>"]}
+    failed = {"skipped": [{"error": "read_video: cannot open /v/1.mp4: no such file", "video": "/v/1.mp4"}], "solution": []}
+    batches = iter([(0, i, failed if rank == 1 else good) for i in range(4)])
+    run = types.SimpleNamespace(batches=batches, skips=data.SkipSummary(), rank=rank, device=torch.device("cpu"),
+                                cfg=types.SimpleNamespace(skip_window=2, prompts_per_device=1))
+    result = {}
+    try:  # rank 1's examples all fail to load: it raises, and rank 0 must raise with it, not go on to the next collective
+        data.next_batch(run)
+        result["next_batch"] = "returned"
+    except RuntimeError as e:
+        result["next_batch"] = str(e)
+    try:  # a reward that raises on rank 0 inside the resample loop (runtime.together): both raise
+        runtime.together(torch.device("cpu"), lambda: 1 / rank)
+        result["together"] = "returned"
+    except (RuntimeError, ZeroDivisionError) as e:
+        result["together"] = type(e).__name__
+    # metrics: a token mean weighted by real tokens (rank 1's mask emptied, its kl 0 must not halve rank 0's)
+    result["means"], result["counts"] = runtime.rank_means({"kl": [0.5, 0.0][rank], "reward": [1.0, 0.0][rank]},
+                                                           {"kl": [10, 0][rank]}, [rank + 1], torch.device("cpu"))
+    result["empty"], _ = runtime.rank_means({"kl": 0.0}, {"kl": 0}, [], torch.device("cpu"))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_rank_that_fails_to_draw_makes_all_raise_and_metrics_weigh_real_tokens(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ranks_agree, args=(port, str(tmp_path / "out")), nprocs=2)
+    r0, r1 = (json.load(open(tmp_path / f"out.{r}")) for r in (0, 1))
+    assert "the last 2 examples all failed to load" in r1["next_batch"], r1
+    assert "another rank that failed" in r0["next_batch"], r0
+    assert (r0["together"], r1["together"]) == ("ZeroDivisionError", "RuntimeError")
+    for r in (r0, r1):
+        assert r["means"] == {"kl": 0.5, "reward": 0.5} and r["counts"] == [3.0]
+        assert math.isnan(r["empty"]["kl"])  # no real token on any rank: not a number, never 0
+
+
 def test_sequence_mean_kl_is_the_seeds_logged_kl():
     torch.manual_seed(2)
     logps, ref = -torch.rand(4, 6) * 3, -torch.rand(4, 6) * 3
@@ -1083,6 +1152,7 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
          "--model_name_or_path", model_dir, "--data", train_path, "--output_dir", str(out), "--max_steps", "2",
          "--num_workers", "0", "--num_generations", "4", "--prompts_per_device", "2", "--loss_type", "dapo",
          "--rewards", "rank_split,accuracy,format", "--reward_weights", "1,0,0", "--dynamic_sampling",
+         "--dynamic_sampling_metric", "reward",
          "--max_resample", "2", "--top_entropy_quantile", "0.5"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
@@ -1106,6 +1176,46 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     assert final.lm_head.weight.shape == base.lm_head.weight.shape  # the full weights, gathered from the shards
     for name in ("tokenizer.json", "preprocessor_config.json"):
         assert (out / "final" / name).exists()
+
+
+# every completion equally right, while a second reward varies in every group: filtering on accuracy (the default) no
+# group is ever informative, filtering on the total reward every group is
+SAME_ACCURACY_SCRIPT = """
+import sys, rewards, train
+rewards.REWARD_FUNCS["same_accuracy"] = lambda completions, solutions: [1.0 for _ in completions]
+rewards.REWARD_FUNCS["alternating"] = lambda completions, solutions: [float(i % 2) for i in range(len(completions))]
+train.main(sys.argv[1:])
+"""
+
+
+def test_dynamic_sampling_filter_run_length_and_steps_without_signal(tiny_data):
+    root, model_dir, train_path = tiny_data
+    small = root / "synthetic" / "train8.jsonl"  # 8 rows: 4 batches of 2 prompts an epoch
+    small.write_text("".join(open(train_path).readlines()[:8]))
+    flags = ["--tiny", "--model_name_or_path", model_dir, "--data", str(small), "--num_workers", "0", "--save_steps", "0",
+             "--num_generations", "2", "--prompts_per_device", "2", "--max_completion_length", "8", "--dynamic_sampling",
+             "--rewards", "same_accuracy,alternating", "--log_samples_steps", "0"]
+    # one epoch: step 1 takes 1 + 2 batches, step 2 the last one, and the run ends with its data (the step count 4 was
+    # an upper bound); the schedule counts batches (linear to 0 over 4), whether or not an update was taken
+    out = root / "dyn-epoch"
+    proc = run([sys.executable, "-c", SAME_ACCURACY_SCRIPT, *flags, "--max_steps", "0", "--num_train_epochs", "1",
+                "--max_resample", "2", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and [r["epoch"] for r in rows] == [0.75, 1.0]
+    assert [r["dynamic/rollouts"] for r in rows] == [3, 1] and [r["dynamic/groups_filled"] for r in rows] == [2, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 1 / 4, 0.0])
+    # no informative group on any rank: no update, logged as such, loss and kl not a number (never 0 over no token)
+    assert [r["skipped_update"] for r in rows] == [1, 1] and all(math.isnan(r["loss"]) and math.isnan(r["kl"]) for r in rows)
+    assert "update skipped, no informative group on any rank" in proc.stdout
+    before, after = load_model(model_dir, bf16=False).state_dict(), load_model(str(out / "final"), bf16=False).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # weights unchanged
+    # --dynamic_sampling_metric reward: every group informative; --max_steps: the run is max_steps long, its schedule in steps
+    out = root / "dyn-steps"
+    run([sys.executable, "-c", SAME_ACCURACY_SCRIPT, *flags, "--max_steps", "2", "--max_resample", "1",
+         "--dynamic_sampling_metric", "reward", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == pytest.approx([1e-3, 0.0])
+    assert [(r["skipped_update"], r["dynamic/rollouts"], r["dynamic/groups_dropped"]) for r in rows] == [(0, 1, 0)] * 2
 
 
 # the run's accuracy reward is toy_accuracy (every completion correct) at weight 0: the total reward is the bonuses alone
@@ -1148,7 +1258,8 @@ def test_score_reads_the_runs_accuracy_reward_and_its_bonus_decides_the_sign():
                                 accuracy_reward=my_accuracy, length_window=(3, 5), G_shuffled=2)
     batch = {"problem_type": ["numerical"], "options": [None], "solution": ["<answer>3</answer>"], "video": ["v.mp4"]}
     lengths = torch.tensor([4.0, 9.0, 3.0, 1.0])
-    _, reward, extra = train.score(run, batch, ["a", "b", "c", "d"], None, lengths)
+    scores = rewards.score(run, batch, ["a", "b", "c", "d"], None, lengths)
+    reward, extra = scores.reward, rewards.score_metrics(scores, 4)
     advantages = train.group_advantages(reward, 4)
     assert reward.tolist() == pytest.approx([0.2, 0.0, 0.2, 0.0]) and extra["all_correct"] == 1.0
     assert (advantages > 0).tolist() == [True, False, True, False]

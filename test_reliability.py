@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -357,12 +358,13 @@ def test_resume_on_another_number_of_ranks_is_refused_in_one_line(setup):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_corrupt_video_mid_run_is_skipped_and_counted(setup):
+def test_corrupt_video_mid_run_is_skipped_counted_and_summarised(setup):
     root, model_dir, train_path = setup
     rows = [json.loads(line) for line in open(train_path)]
-    bad_video = root / "synthetic" / "corrupt.mp4"
-    bad_video.write_bytes(os.urandom(3000))
-    rows[0] = dict(rows[0], video_filename=str(bad_video))
+    for i in range(5):  # 5 of the 12 rows, all seen in the 6 steps of an epoch
+        bad_video = root / "synthetic" / f"corrupt{i}.mp4"
+        bad_video.write_bytes(bytes(range(256)) * 12)  # the same bytes: the same decoder message, one reason
+        rows[i] = dict(rows[i], video_filename=str(bad_video))
     path = root / "synthetic" / "with_bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "bad_data"
@@ -370,9 +372,14 @@ def test_corrupt_video_mid_run_is_skipped_and_counted(setup):
     # are still scored on their text (scored as "" they would all get the toy reward's 1.0)
     proc = run(args(setup, out, "--data", str(path), "--max_steps", "6", "--save_steps", "0",
                     "--mask_truncated_completions", "--max_completion_length", "8"))
-    assert "corrupt.mp4" in proc.stderr
     rows = metrics(out)
-    assert len(rows) == 6 and sum(r["skipped_examples"] for r in rows) >= 1
+    assert len(rows) == 6 and sum(r["skipped_examples"] for r in rows) >= 5
+    # not a line per failure: the first 3 of the reason as they happen, the count at the end
+    shown = [line for line in proc.stderr.splitlines() if line.startswith("[rank 0] skipped: read_video: cannot open")]
+    assert len(shown) == 3 and all("corrupt" in line for line in shown), proc.stderr
+    count = re.findall(r"^\[rank 0\] skipped (\d+) rows: read_video: cannot open <video>: .*\(the first 3 above\)$",
+                       proc.stderr, re.M)
+    assert count == [str(sum(r["skipped_examples"] for r in rows))], proc.stderr
     assert all(r["truncated_ratio"] > 0.5 and r["reward"] < 0.95 and r["completion_length"] > 4 for r in rows), rows
 
 

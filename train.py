@@ -99,8 +99,9 @@ class Config:
     length_window: str = field(default="320,512", metadata={"group": "rollout and rewards", "help": "lo,hi: completion lengths (tokens, EOS included) that earn the length bonus"})
     length_bonus: float = field(default=0.2, metadata={"group": "rollout and rewards", "help": "the length reward's bonus"})
     # methods adopted since Video-R1 (docs/methods.md)
-    dynamic_sampling: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "DAPO: replace groups of equal rewards by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
+    dynamic_sampling: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "DAPO: replace groups of equal accuracy by groups of further prompts, sampled until every rank has prompts_per_device informative ones or --max_resample extra rollouts were spent"})
     max_resample: int = field(default=4, metadata={"group": "rollout and rewards", "help": "--dynamic_sampling: most extra rollouts per step"})
+    dynamic_sampling_metric: str = field(default="accuracy", metadata={"group": "rollout and rewards", "help": "--dynamic_sampling keeps groups whose run's accuracy reward varies (DAPO; verl's filter_groups.metric acc), or 'reward': whose total reward varies"})
     top_entropy_quantile: float = field(default=1.0, metadata={"group": "loss", "help": "rho: only the top-rho share of completion tokens by the policy's entropy (all ranks) keep their policy loss (the paper: 0.2; 1.0: off; 0: the top token only)"})
     cispo_epsilon_max: float = field(default=5.0, metadata={"group": "loss", "help": "--loss_type cispo: the cap on the importance weight"})
     sapo_temperature_pos: float = field(default=1.0, metadata={"group": "loss", "help": "--loss_type sapo: the gate's temperature where the advantage is > 0 (TRL's default)"})
@@ -184,6 +185,8 @@ def validate_config(cfg):
         raise ConfigError("--lr_scheduler must be linear or cosine; --kl_clamp and --shuffled_generations at least 0")
     if not 0 <= cfg.top_entropy_quantile <= 1 or cfg.max_resample < 0:
         raise ConfigError("--top_entropy_quantile must be in [0, 1] (1: off; 0: only the top entropy), --max_resample >= 0")
+    if cfg.dynamic_sampling_metric not in ("accuracy", "reward"):
+        raise ConfigError(f"--dynamic_sampling_metric {cfg.dynamic_sampling_metric!r}: choose accuracy or reward")
     if not re.fullmatch(r"\d+,\d+", cfg.length_window) or int(cfg.length_window.split(",")[0]) > int(cfg.length_window.split(",")[1]):
         raise ConfigError(f"--length_window {cfg.length_window!r}: two token counts lo,hi with lo <= hi, e.g. 320,512")
     model.vision_attention(cfg.attn_implementation, None, bf16=cfg.bf16)  # an explicit flash_attention_2 must import
@@ -305,7 +308,8 @@ LOSSES = {
 LOSS_TYPES = tuple(LOSSES)
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, settings, *, dapo_tokens=None, entropy_mask=None):
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, settings, *, dapo_tokens=None, entropy_mask=None,
+              num_rows=None):
     """logps, old_logps, ref_logps: (N, T) per-token log-probs of the completions; advantages (N,); mask (N, T);
     settings: a LossSettings (settings.loss_type names the LOSSES entry: its policy term, its average).
     old_logps=None means on-policy (ratio 1, but its gradient is the policy gradient); ref_logps may be None
@@ -313,7 +317,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, settings, *, dapo_t
     dapo_tokens: what a "token" average (dapo, cispo) divides this rank's token sum by (None: this batch's own count;
     train() passes all ranks' count / world size, so the averaged gradients are one token mean over the step).
     entropy_mask (N, T): only its tokens keep the policy term (--top_entropy_quantile); the KL term and the token count
-    are unchanged. Returns (scalar loss, dict of detached stats).
+    are unchanged. num_rows: what a "sequence" or "constant" average (grpo, sapo, dr_grpo) divides by instead of N
+    (--dynamic_sampling: all ranks' real rows / world size, so that filler rows, whose mask is 0, count nowhere; a row
+    masked for another reason still counts, as in TRL). Returns (scalar loss, dict of detached stats).
     """
     s = settings
     mask = mask.to(logps.dtype)
@@ -334,12 +340,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, settings, *, dapo_t
     if s.beta != 0.0:
         kl = per_token_kl(logps, ref_logps, clamp=s.kl_clamp)                  # (N, T)
         per_token = per_token + s.beta * kl
+    rows = mask.size(0) if num_rows is None else num_rows                     # filler rows count nowhere
     if loss_type.average == "sequence":  # mean over each completion's tokens, then over completions; empty rows give 0
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / rows
     elif loss_type.average == "token":  # every token of the step weighs the same
         loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if dapo_tokens is None else dapo_tokens)
     else:  # "constant": no length bias
-        loss = (per_token * mask).sum() / (mask.size(0) * s.max_completion_length)
+        loss = (per_token * mask).sum() / (rows * s.max_completion_length)
     n_tokens = mask.sum().clamp(min=1)
     stats = {"clip_ratio": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item(),
              "kl": 0.0 if kl is None else ((kl * mask).sum() / n_tokens).item()}
@@ -380,6 +387,7 @@ class Run:
     eos_token_ids: list         # ids that end a completion
     suppress: list              # ids never sampled (vision tokens, untrained embedding rows)
     batches: object             # (epoch, batch_index, batch) from the resume position on
+    skips: data.SkipSummary     # examples that failed to load during the run, summarised at its end
     logger: object
     start_step: int
     total_steps: int
@@ -491,27 +499,10 @@ def setup(cfg):
     return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
                scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
                reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
-               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
-               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
-               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, logger=logger, start_step=start_step,
+               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name], G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
+               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress,
+               batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger, start_step=start_step,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-
-
-def next_batch(run):
-    """This rank's next batch on the device; a batch whose every video failed is replaced by the next one (every rank
-    must take the step). Returns (epoch, batch_index, batch, examples failed, examples tried)."""
-    failed, tried = 0, 0
-    while True:
-        epoch, batch_index, batch = next(run.batches)
-        for item in batch["skipped"]:
-            print(f"[rank {run.rank}] skipped: {item['error']}", file=sys.stderr, flush=True)
-        failed, tried = failed + len(batch["skipped"]), tried + len(batch["skipped"]) + len(batch["solution"])
-        if batch["solution"]:
-            break
-        if tried >= run.cfg.skip_window * run.cfg.prompts_per_device:
-            raise RuntimeError(f"rank {run.rank}: the last {tried} examples all failed to load (see the warnings above)")
-    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return epoch, batch_index, batch, failed, tried
 
 
 def rollout(run, batch):
@@ -552,62 +543,47 @@ def sample(run, batch):
     return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
 
 
-def dynamic_sampling(run, batch, sampled):
-    """DAPO's dynamic sampling: a group of equal rewards has no advantage, so it is replaced by one of a further prompt,
-    batch after batch, until this rank has prompts_per_device informative groups or --max_resample extra rollouts were
-    spent. The ranks decide together: each takes the same rollouts (ZeRO-3 gathers the weights for each; a full rank
-    rolls out and discards). Missing groups are filled by equal-reward ones with no tokens in the loss (nor in DAPO's
-    count). Returns (batch, Sampled, (epoch, batch index, failed, tried) of the extra batches or None, metrics)."""
+def dynamic_sampling(run, batch, sampled, scores, room=None):
+    """DAPO's dynamic sampling: a group of equal accuracy (--dynamic_sampling_metric reward: total reward) has no signal,
+    so it is replaced by one of a further prompt, batch after batch, until this rank has prompts_per_device informative
+    groups, or --max_resample extra rollouts, or `room` batches (an epoch-based run's data left) were spent. The ranks
+    decide together: each takes the same rollouts (a full rank rolls out and discards). Missing groups are filled by
+    uninformative ones, filler rows (keep False), in no part of the loss. Returns (batch, Sampled, Scores, keep (B*G,),
+    (epoch, batch index, failed, tried) of the extra batches or None, metrics)."""
     cfg, G, B = run.cfg, run.cfg.num_generations, run.cfg.prompts_per_device
-    rounds, drawn = [(batch, sampled)], None
-    informative = lambda b, s: score(run, b, s.completions, s.shuffled, s.lengths.cpu())[1].view(-1, G).std(1) > 0  # (B,)
-    flags = [informative(batch, sampled)]
-    while len(rounds) <= cfg.max_resample:
-        need = torch.tensor(float(sum(f.sum().item() for f in flags) < B), device=run.device)
-        torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # any rank short: all roll out again
-        if not need.item():
+    rounds, drawn = [(batch, sampled, scores)], None
+    informative = lambda sc: getattr(sc, cfg.dynamic_sampling_metric).view(-1, G).std(1) > 0               # (B,)
+    flags = [informative(scores)]
+    while True:  # any rank short, and every rank with rollouts and data left (a min of -short, left): all roll out again
+        more = torch.tensor([-float(sum(f.sum().item() for f in flags) < B),
+                             float(len(rounds) <= min(cfg.max_resample, math.inf if room is None else room))], device=run.device)
+        torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MIN)
+        if not (more[0] < 0 and more[1] > 0):
             break
-        epoch, batch_index, batch, failed, tried = next_batch(run)
+        epoch, batch_index, batch, failed, tried = data.next_batch(run)
         drawn = (epoch, batch_index, failed + (drawn[2] if drawn else 0), tried + (drawn[3] if drawn else 0))
-        rounds.append((batch, sample(run, batch)))
-        flags.append(informative(*rounds[-1]))
-    # informative groups first, in the order drawn; then, if short, equal-reward ones
+        s = sample(run, batch)
+        rounds.append((batch, s, runtime.together(run.device, rewards.score, run, batch, s.completions, s.shuffled,
+                                                  s.lengths.cpu())))  # a reward raising on one rank: all raise
+        flags.append(informative(rounds[-1][2]))
+    # informative groups first, in the order drawn; then, if short, uninformative ones
     groups = sorted(((r, b) for r, f in enumerate(flags) for b in range(len(f))), key=lambda rb: not flags[rb[0]][rb[1]])[:B]
-    pick = lambda name, n=G: [getattr(rounds[r][1], name)[b * n:(b + 1) * n] for r, b in groups]
-    C = max(s.completion_ids.size(1) for _, s in rounds)
+    take = lambda i, name, n=G: [getattr(rounds[r][i], name)[b * n:(b + 1) * n] for r, b in groups]  # rows of the groups
+    C = max(s.completion_ids.size(1) for _, s, _ in rounds)
     padded = lambda rows, value: torch.cat([torch.nn.functional.pad(x, (0, C - x.size(1)), value=value) for x in rows])
     keep = torch.tensor([bool(flags[r][b]) for r, b in groups], device=run.device).repeat_interleave(G)  # (B*G,)
-    sampled = Sampled(padded(pick("completion_ids"), run.tokenizer.pad_token_id), padded(pick("mask"), 0) * keep[:, None],
-                      torch.cat(pick("lengths")), torch.cat(pick("truncated")), sum(pick("completions"), []),
-                      None if sampled.shuffled is None else sum(pick("shuffled", run.G_shuffled), []))
-    items = [data.uncollate(b) for b, _ in rounds]
+    sampled = Sampled(padded(take(1, "completion_ids"), run.tokenizer.pad_token_id), padded(take(1, "mask"), 0) * keep[:, None],
+                      torch.cat(take(1, "lengths")), torch.cat(take(1, "truncated")), sum(take(1, "completions"), []),
+                      None if sampled.shuffled is None else sum(take(1, "shuffled", run.G_shuffled), []))
+    scores = rewards.Scores(torch.cat([rounds[r][2].per_reward[:, b * G:(b + 1) * G] for r, b in groups], dim=1),  # (R, B*G)
+                    torch.cat(take(2, "reward")), torch.cat(take(2, "accuracy")),
+                    {k: torch.cat([rounds[r][2].bonuses[k][b * G:(b + 1) * G] for r, b in groups]) for k in scores.bonuses})
+    items = [data.uncollate(b) for b, _, _ in rounds]
     batch = data.collate([items[r][b] for r, b in groups], run.tokenizer.pad_token_id)
     batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     metrics = {"dynamic/groups_dropped": sum((~f).sum().item() for f in flags), "dynamic/rollouts": len(rounds),
                "dynamic/groups_filled": len(groups) - int(keep.sum()) // G}
-    return batch, sampled, drawn, metrics
-
-
-def score(run, batch, completions, shuffled, lengths):
-    """The rewards of B*G completions, completion i answering prompt i // G: per reward (R, B*G), the weighted total
-    with T-GRPO's and the length bonus (B*G,), and the accuracy-based metrics. shuffled: T-GRPO's B*G~ completions on
-    the shuffled videos, or None; lengths (B*G,): tokens, EOS included."""
-    cfg, G = run.cfg, run.cfg.num_generations
-    columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
-    per_reward, reward = rewards.compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
-    accuracy = rewards.compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1]  # (B*G,)
-    extra = dict(zip(("all_correct", "all_wrong"), rewards.signal_groups(accuracy, G)))
-    if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
-        shuffled_accuracy = rewards.compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
-                                            **columns)[1]                                # (B*G~,)
-        has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
-        bonus, given = rewards.temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
-                                              alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)  # (B*G,), (B,)
-        reward, extra["temporal_rewards"] = reward + bonus, given.float().mean().item()
-    if cfg.length_reward:
-        bonus = rewards.length_bonus(accuracy, lengths, G, window=run.length_window, bonus=cfg.length_bonus)  # (B*G,)
-        reward, extra["length_rewards"] = reward + bonus, (bonus > 0).float().mean().item()
-    return per_reward, reward, extra
+    return batch, sampled, scores, keep, drawn, metrics
 
 
 def reference_logps(run, batch, completion_ids):
@@ -620,7 +596,7 @@ def reference_logps(run, batch, completion_ids):
                                                     temperature=cfg.temperature)         # (B*G, C)
 
 
-def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
+def policy_update(run, batch, completion_ids, advantages, mask, ref_logps, num_rows=None):
     """num_iterations (mu) optimizer updates on one rollout; a non-finite loss on any rank skips the update on all of
     them. Returns (the last pass's log-probs (B*G, C), its loss and stats, grad norm, why the update was skipped:
     None, "loss" or "gradient")."""
@@ -642,7 +618,7 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
             entropy_mask, threshold = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile,
                                                         runtime.gather_entropies(entropies, mask))  # (B*G, C)
         loss, loss_stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, run.loss_settings,
-                                     dapo_tokens=dapo_tokens, entropy_mask=entropy_mask)
+                                     dapo_tokens=dapo_tokens, entropy_mask=entropy_mask, num_rows=num_rows)
         if top_entropy:
             loss_stats.update(entropy=((entropies * mask).sum() / mask.sum().clamp(min=1)).item(), entropy_threshold=threshold)
         finite = torch.tensor(float(torch.isfinite(loss)), device=run.device)
@@ -660,7 +636,7 @@ def policy_update(run, batch, completion_ids, advantages, mask, ref_logps):
 
 
 def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths, truncated, loss, loss_stats, logps,
-                 ref_logps, mask, rollout_time):
+                 ref_logps, mask, real, rollout_time):
     """This rank's metrics of the step, by name (docs/training.md, Metrics); the loop averages them over ranks."""
     G = run.cfg.num_generations
     columns = dict(problem_type=batch["problem_type"], options=batch["options"])
@@ -670,42 +646,65 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
             "truncated_ratio": truncated.float().mean().item(),
             "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
             "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
-            "seed/kl": 0.0 if ref_logps is None else sequence_mean_kl(logps.detach(), ref_logps, mask),
+            "seed/kl": (0.0 if run.cfg.beta == 0 else float("nan") if logps is None or not real.any() else
+                        sequence_mean_kl(logps.detach()[real], ref_logps[real], mask[real])),  # real rows only
             **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
                 completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
             **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names (docs/training.md)
 
 
-# what grpo_step returns: this rank's metrics (by name), the rollout for samples.jsonl (texts, per-reward scores
-# (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why the update was skipped (None, "loss",
-# "gradient"), the batch trained on, and (epoch, batch index, failed, tried) of the batches --dynamic_sampling added
-StepResult = collections.namedtuple("StepResult", "metrics completions per_reward advantages tokens grad_norm skipped batch drawn")
+# what grpo_step returns: this rank's metrics (by name) and what each is weighted by across ranks, the rollout for
+# samples.jsonl (texts, per-reward scores (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why
+# the update was skipped (None, "loss", "gradient", "signal": no informative group on any rank), the batch trained on,
+# and (epoch, batch index, failed, tried) of the batches --dynamic_sampling added
+StepResult = collections.namedtuple("StepResult", "metrics weights completions per_reward advantages tokens grad_norm skipped batch drawn")
 
 
-def grpo_step(run, batch):
-    """One GRPO step on this rank's batch: rollout, rewards, advantages, log-probs, loss and update(s), metrics."""
+def grpo_step(run, batch, room=None):
+    """One GRPO step on this rank's batch: rollout, rewards, advantages, log-probs, loss and update(s), metrics. room:
+    --dynamic_sampling in an epoch-based run, the batches left in its last epoch (no draw goes past them)."""
     cfg, G = run.cfg, run.cfg.num_generations
-    # rollout: G completions per prompt, with the policy's current weights
+    # rollout: G completions per prompt, with the policy's current weights; rewards, each scored once
     t_rollout = time.time()
-    sampled, drawn, dynamic = sample(run, batch), None, {}
-    if cfg.dynamic_sampling:  # groups of equal rewards replaced by groups of further prompts
-        batch, sampled, drawn, dynamic = dynamic_sampling(run, batch, sampled)
+    sampled, keep, drawn, dynamic = sample(run, batch), None, None, {}
+    scores = rewards.score(run, batch, sampled.completions, sampled.shuffled, sampled.lengths.cpu())  # (R, B*G), (B*G,) ...
+    if cfg.dynamic_sampling:  # groups of equal accuracy replaced by groups of further prompts
+        batch, sampled, scores, keep, drawn, dynamic = dynamic_sampling(run, batch, sampled, scores, room)
     rollout_time = time.time() - t_rollout
     completion_ids, mask, lengths, truncated, completions, shuffled = sampled             # (B*G, C), (B*G, C), (B*G,) x2
+    real = torch.ones(len(completions), dtype=torch.bool, device=run.device) if keep is None else keep  # (B*G,) not filler
 
-    # rewards -> advantages, within each group of G
-    per_reward, reward, extra = score(run, batch, completions, shuffled, lengths.cpu())   # (R, B*G), (B*G,)
-    advantages = group_advantages(reward, G, scale=cfg.scale_rewards).to(run.device)      # (B*G,)
+    # advantages, within each group of G
+    advantages = group_advantages(scores.reward, G, scale=cfg.scale_rewards).to(run.device)  # (B*G,)
+    # --dynamic_sampling: grpo and dr_grpo divide by all ranks' real rows / world: one mean over the step's real rows
+    num_rows = None if keep is None else runtime.all_ranks(keep.sum(), run.device) / run.world
+    if num_rows == 0:  # no informative group on any rank: no pass, no engine.step (weights and Adam moments unmoved)
+        logps = ref_logps = None
+        loss, grad_norm, skipped = torch.tensor(math.nan), math.nan, "signal"
+        stats = ("clip_ratio", "kl") + (("entropy", "entropy_threshold") if cfg.top_entropy_quantile < 1 else ())
+        loss_stats = dict.fromkeys(stats, math.nan)
+    else:  # log-probs: the reference's, fixed for the step; then the policy's, with grad, and mu updates
+        ref_logps = reference_logps(run, batch, completion_ids) if cfg.beta != 0.0 else None   # (B*G, C)
+        logps, loss, loss_stats, grad_norm, skipped = policy_update(run, batch, completion_ids, advantages, mask,
+                                                                    ref_logps, num_rows)
 
-    # log-probs: the reference's, fixed for the step; then the policy's, with grad, and mu updates
-    ref_logps = reference_logps(run, batch, completion_ids) if cfg.beta != 0.0 else None   # (B*G, C)
-    logps, loss, loss_stats, grad_norm, skipped = policy_update(run, batch, completion_ids, advantages, mask, ref_logps)
+    metrics = step_metrics(run, batch, completions, reward=scores.reward, per_reward=scores.per_reward,
+                           extra=rewards.score_metrics(scores, G), lengths=lengths, truncated=truncated, loss=loss,
+                           loss_stats=loss_stats, logps=logps, ref_logps=ref_logps, mask=mask, real=real,
+                           rollout_time=rollout_time)
+    # what a metric is averaged over across ranks: the real tokens (token means), the real rows (seed/kl), else ranks
+    weights = dict.fromkeys(("kl", "clip_ratio", "entropy"), mask.sum().item()) | {"seed/kl": real.sum().item()}
+    return StepResult({**metrics, **dynamic}, weights, completions, scores.per_reward, advantages, lengths.sum().item(),
+                      grad_norm, skipped, batch, drawn)
 
-    metrics = step_metrics(run, batch, completions, reward=reward, per_reward=per_reward, extra=extra, lengths=lengths,
-                           truncated=truncated, loss=loss, loss_stats=loss_stats, logps=logps, ref_logps=ref_logps,
-                           mask=mask, rollout_time=rollout_time)
-    return StepResult({**metrics, **dynamic}, completions, per_reward, advantages, lengths.sum().item(), grad_norm, skipped,
-                      batch, drawn)
+
+def batches_consumed(run, position):
+    """An epoch-based --dynamic_sampling run: the batches consumed so far (the most of any rank, which may have replaced
+    a failed batch); the LR schedule, counted in batches, is moved up to them."""
+    consumed = runtime.all_ranks(position[0] * run.steps_per_epoch + position[1], run.device, op="max")
+    while run.scheduler.last_epoch < consumed * run.cfg.num_iterations:  # each batch as many updates as a step
+        run.scheduler.step()
+    return consumed
 
 
 def train(cfg):
@@ -716,32 +715,35 @@ def train(cfg):
     recent_failures = []  # (examples failed, examples tried) of the last skip_window steps, over all ranks
     bad_steps = 0
 
+    # --dynamic_sampling takes 1 + extra batches a step: an epoch-based run ends when num_train_epochs passes of data are
+    # consumed, its schedule counting batches (total_steps is then the batches of the run, an upper bound on its steps)
+    until_data = cfg.dynamic_sampling and cfg.max_steps <= 0
     t_start = time.time()
     for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
-        epoch, batch_index, batch, failed, tried = next_batch(run)
-        out = grpo_step(run, batch)
+        epoch, batch_index, batch, failed, tried = data.next_batch(run)
+        out = grpo_step(run, batch, total_steps - (epoch * run.steps_per_epoch + batch_index + 1) if until_data else None)
         if out.drawn:  # --dynamic_sampling took further batches: the data position and load counts include them
             epoch, batch_index, failed, tried = out.drawn[0], out.drawn[1], failed + out.drawn[2], tried + out.drawn[3]
         position = (epoch, batch_index + 1)
-        bad_steps = bad_steps + 1 if out.skipped else 0
+        last = step == total_steps or (until_data and batches_consumed(run, position) >= total_steps)
+        bad_steps = bad_steps + 1 if out.skipped in ("loss", "gradient") else 0
         if out.skipped:
-            print0(f"warning: step {step}: update skipped, non-finite {out.skipped}")
+            print0(f"warning: step {step}: update skipped, " + ("no informative group on any rank (--dynamic_sampling)"
+                                                                if out.skipped == "signal" else f"non-finite {out.skipped}"))
         if bad_steps >= cfg.max_bad_steps:
             raise RuntimeError(f"step {step}: {bad_steps} updates in a row skipped for a non-finite loss or gradient. "
                                f"Likely causes: learning rate too high (--learning_rate {cfg.learning_rate}), fp16/bf16 "
                                f"overflow (try --no-bf16 on a small run), a corrupt video giving NaN pixels, or a reward "
                                f"returning NaN (rewards: {run.reward_names})")
 
-        # metrics: means over all ranks (counts summed), one row per step
-        summed = torch.tensor([*out.metrics.values(), out.tokens, failed, tried, float(bool(preempted))],
-                              dtype=torch.float64, device=run.device)
-        torch.distributed.all_reduce(summed)
-        tokens, failed, tried, preempt = summed[-4:].tolist()
+        # metrics: means over all ranks, or over their real tokens or rows (out.weights); counts summed; one row per step
+        means, (tokens, failed, tried, preempt) = runtime.rank_means(
+            out.metrics, out.weights, [out.tokens, failed, tried, float(bool(preempted))], run.device)
         step_time = time.time() - t0
-        row = {"step": step, "epoch": round(epoch + position[1] / run.steps_per_epoch, 4),
-               **{k: v / world for k, v in zip(out.metrics, summed.tolist())}, "grad_norm": out.grad_norm,
-               "lr": run.scheduler.get_last_lr()[0], "step_time": step_time, "tokens_per_sec": tokens / step_time,
+        row = {"step": step, "epoch": round(epoch + position[1] / run.steps_per_epoch, 4), **means,
+               "grad_norm": out.grad_norm, "lr": run.scheduler.get_last_lr()[0], "step_time": step_time,
+               "tokens_per_sec": tokens / step_time,
                "skipped_examples": int(failed), "skipped_update": int(out.skipped is not None)}
         run.logger.log(row)
         print0(f"step {step}/{total_steps} | reward {row['reward']:.3f} | "
@@ -757,16 +759,20 @@ def train(cfg):
         if cfg.log_samples_steps > 0 and step % cfg.log_samples_steps == 0:  # every rank's rollouts, rank 0 writes
             checkpoint.log_samples(cfg.output_dir, step, rank, world, out.batch, out.completions, run.reward_names,
                                    out.per_reward, out.advantages, cfg.num_generations)
-        if step < total_steps and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
+        if not last and (preempt or (cfg.save_steps > 0 and step % cfg.save_steps == 0)):
             checkpoint_dir = os.path.join(cfg.output_dir, f"checkpoint-{step}")
             with checkpoint.writing(checkpoint_dir, rank):  # a failed write: one line, and `latest` stays the last whole one
                 checkpoint.save_model(engine, run.tokenizer, run.model_dir, checkpoint_dir, rank)
                 checkpoint.save(engine, checkpoint_dir, step, position, rank, cfg.save_total_limit, cfg.save_model_limit)
-        if preempt and step < total_steps:  # in the last step: go on to write final/, as a finished run does
+        if preempt and not last:  # in the last step: go on to write final/, as a finished run does
             print0(f"SIGTERM: saved {cfg.output_dir}/checkpoint-{step}; continue with --resume_from latest")
+            run.skips.print_summary()
             run.logger.close()
             return cfg.output_dir
+        if last:
+            break
 
+    run.skips.print_summary()  # the examples that failed to load: counts per reason
     with checkpoint.writing(os.path.join(cfg.output_dir, "final"), rank):
         checkpoint.save_model(engine, run.tokenizer, run.model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
         if rank == 0:  # only a whole final/ finishes the run; from here on --resume_from refuses it
