@@ -432,7 +432,7 @@ def test_dapo_two_ranks_equal_the_whole_batch_token_mean(tmp_path):
     assert (grads[False] - whole).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("loss_type", train.LOSS_TYPES)
 def test_filler_rows_count_nowhere_for_every_loss_type(loss_type):
     # --dynamic_sampling fills a short batch with uninformative groups (mask 0): the loss, value and gradient, must be the
     # naive loss over the real rows alone. A real row masked for another reason (--mask_truncated_completions, row 1)
@@ -445,7 +445,8 @@ def test_filler_rows_count_nowhere_for_every_loss_type(loss_type):
     mask = (torch.arange(T)[None] < torch.tensor([3, 0, 5, 2, 4, 1, 5, 3])[:, None]).int()      # (N, T)
     keep = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)                             # rows 4-7: filler
     kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T)
-    loss, stats = train.grpo_loss(logps, None, ref, adv, mask * keep[:, None].int(), num_rows=int(keep.sum()), **kw)
+    loss, stats = train.grpo_loss(logps, None, ref, adv, mask * keep[:, None].int(), train.LossSettings(**kw),
+                                  num_rows=int(keep.sum()))
     naive = naive_loss(logps[keep], None, ref[keep], adv[keep], mask[keep], 0.04, 0.2, 0.28, loss_type, T)
     torch.testing.assert_close(loss, naive)
     grad, = torch.autograd.grad(loss, logps)
