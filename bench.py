@@ -93,7 +93,7 @@ import tiny
 import train
 from model import (completion_logps, completion_logps_shared_prompt, decode_state, position_inputs, prefill,
                    prompt_positions, rollout_decode, sample_completions, selective_log_softmax, special_token_ids,
-                   use_packed_attention, video_features, vision_attention)
+                   use_packed_attention, vision_features, vision_attention)
 
 
 @dataclass
@@ -475,7 +475,7 @@ def per_completion_logps(model, batch, completion_ids, *, num_generations, tempe
     positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
-    video = video_features(model, batch)["video"]                               # vision tower once per video
+    video = vision_features(model, batch)["video"]                               # vision tower once per video
     video.pooler_output = tuple(f for f in video.pooler_output for _ in range(G))     # the same features for G rows
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 mm_encoder_outputs={"video": video}, use_cache=False, logits_to_keep=C + 1)

@@ -652,14 +652,14 @@ def test_deepstack_features_reach_every_pass(tiny_setup, monkeypatch):
         return policy, reference, first
 
     with_deepstack = passes()
-    real = model_lib.video_features
+    real = model_lib.vision_features
 
     def without_deepstack(model, batch):
         feats = real(model, batch)
         feats["video"].deepstack_features = [[torch.zeros_like(f) for f in layer] for layer in feats["video"].deepstack_features]
         return feats
 
-    monkeypatch.setattr(model_lib, "video_features", without_deepstack)
+    monkeypatch.setattr(model_lib, "vision_features", without_deepstack)
     for name, a, b in zip(("policy", "reference", "prefill"), with_deepstack, passes()):
         assert (a - b).abs().max() > 1e-3, f"{name} pass: zeroing the DeepStack features changed nothing"
 
