@@ -1002,6 +1002,32 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
         assert (out / "final" / name).exists()
 
 
+def test_deepspeed_two_ranks_zero3_one_image_one_video(tiny_data):
+    # ZeRO-3 on 2 ranks, one holding an image row and the other a video row in every step: the ranks must run the same
+    # parameter gathers (the vision tower once per pass on each), T-GRPO's shuffled rollout on the video rank only, the
+    # reference layer by layer (--no-gather_reference: the tower's gathers in that pass too)
+    root, model_dir, train_path = tiny_data
+    rows = json.loads(open(os.path.join(os.path.dirname(train_path), "train_260k.json")).read())
+    mixed = root / "synthetic" / "one_image_one_video.json"
+    mixed.write_text(json.dumps([next(r for r in rows if r["data_type"] == kind) for kind in ("image", "video")]))
+    out = root / "ds_mixed"
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
+         "--data", str(mixed), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0",
+         "--num_generations", "2", "--prompts_per_device", "1", "--max_completion_length", "8", "--log_samples_steps", "1",
+         "--temporal_contrast", "--no-gather_reference"], timeout=400)
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in metrics] == [1, 2] and all(r["skipped_examples"] == 0 for r in metrics)
+    assert all(r["temporal_rewards"] in (0.0, 0.5) for r in metrics)  # the image rank's prompt never gets the bonus
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    for step in (1, 2):  # one rank an image, the other the video, every step
+        assert sorted((s["rank"], s["data_type"]) for s in samples if s["step"] == step)[::2] in (
+            [(0, "image"), (1, "video")], [(0, "video"), (1, "image")])
+
+
 # the run's accuracy reward is toy_accuracy (every completion correct) at weight 0: the total reward is the bonuses alone
 TGRPO_SCRIPT = """
 import sys, rewards, train
