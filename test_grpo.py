@@ -1114,11 +1114,25 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--kl_clamp", "-1"], "--kl_clamp"),
     (["--top_entropy_quantile", "0"], "--top_entropy_quantile must be in (0, 1]"),
     (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
+    (["--video_time", "seconds"], "--video_time 'seconds': one of ('true', 'video-r1')"),
+    (["--image_min_pixels", "5000", "--image_max_pixels", "4000"], "image min <= max"),
+    (["--video_max_pixels", "-1"], "0 (the default rule) or a bound"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])
     with pytest.raises(train.ConfigError, match=re.escape(message)):
         train.validate_config(cfg)
+
+
+def test_video_time_video_r1_needs_qwen2_5_vl(tmp_path):
+    # only Qwen2.5-VL reads second_per_grid_ts: on another family the flag would change nothing, so it is an error
+    for family in ("qwen2_vl", "qwen3_vl"):
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "config.json").write_text(json.dumps({"model_type": family}))
+        cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path / "out"), "--model_name_or_path",
+                                  str(tmp_path / family), "--video_time", "video-r1"])
+        with pytest.raises(train.ConfigError, match="only Qwen2.5-VL places video in time"):
+            train.validate_config(cfg)
 # the rewards a multiple-choice run must hand its columns to: one with the plain (completions, solutions)
 # signature of a DVD-counting reward, one that names the columns it wants
 MC_SCRIPT = """
