@@ -3,9 +3,11 @@ Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing (Qwe
 a timestamp per frame pair; VideoSettings from the model folder), prompts, batching.
 
 The pipeline, per example:
-    load_examples(jsonl)   -> {"video", "problem", "solution", "problem_type", "options"} dicts (DVD-counting or
-                              Video-R1-260k rows)
+    load_examples(jsonl)   -> {"video", "data_type", "problem", "solution", "problem_type", "options"} dicts
+                              (DVD-counting or Video-R1-260k rows, video or image)
     read_video(path)       -> uint8 frames (T, H, W, 3), sampled and resized exactly like qwen-vl-utils' fetch_video
+                              (an image row: vision.read_image, Video-R1's fetch_image; its patches are the image
+                              repeated to the temporal patch, pixel_values / image_grid_thw, and <|image_pad|>s)
     video_to_patches()     -> pixel_values_videos (N, 1176), video_grid_thw (1, 3), as transformers' Qwen2-VL processor
     build_prompt_text() / encode_prompt() -> input_ids with the video placeholder expanded, mm_token_type_ids
     VideoPromptDataset + collate -> left-padded batches (bad files are skipped, never crash a worker)
@@ -19,6 +21,7 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
     python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
+    python data.py --show IMAGE.png --model_name_or_path DIR  # the same for an image row
     python data.py --show VIDEO --model_name_or_path DIR --prompt_template video-r1 --problem_type "multiple choice" \
         --question "What colour is the cube?" --options "A. red" "B. blue"   # Video-R1's later prompt for that row
 """

@@ -35,9 +35,10 @@ accuracy 1.0 iff the completion's answer equals the truth.
          OCR: 1 - word error rate (word_error_rate: Levenshtein distance over
              whitespace-separated words / the truth's word count), case-folded,
              clipped to [0, 1]: partial credit.
-         regression: mean relative accuracy, as VSI-Bench scores it: the share of
-             the ten thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth|
-             < 1 - t (mean_relative_accuracy); a non-number answer scores 0.0.
+         regression: mean relative accuracy, as Video-R1's eval script scores it:
+             the share of its ten thresholds t = 0.50, 0.55, ..., 0.95 with
+             |pred - truth| / |truth| < 1 - t (mean_relative_accuracy; VSI-Bench's own
+             scorer in lmms-eval takes eleven, with <=); a non-number answer scores 0.0.
 
 video_r1_accuracy: Video-R1's later trainer's rule exactly (src/r1-v/src/open_r1/grpo.py; see its docstring);
          its format rule is seed_format's, so its recipe is --rewards video_r1_accuracy,seed_format.
