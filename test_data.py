@@ -59,9 +59,9 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     skipped = []
     ex = data.load_examples(path, skipped=skipped)
     assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>",
-         "problem_type": "numerical", "options": [], "index": 1},
-        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>",
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "data_type": "video", "problem": "How many?",
+         "solution": "<answer>3</answer>", "problem_type": "numerical", "options": [], "index": 1},
+        {"video": str(tmp_path / "dvd" / "b.mp4"), "data_type": "video", "problem": "Q2", "solution": "<answer>0</answer>",
          "problem_type": "numerical", "options": [], "index": 7},
     ]
     assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
@@ -114,8 +114,8 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
          "solution": "<answer>2</answer>", "path": "./LLaVA-Video/a.mp4"},
         {"problem": "Describe", "data_type": "video", "problem_type": "free-form", "solution": "<answer>a cat</answer>",
          "path": "./LLaVA-Video/a.mp4"},
-        {"problem": "What?", "data_type": "image", "problem_type": "numerical", "solution": "<answer>1</answer>",
-         "path": "./LLaVA-Video/a.mp4"},                                                       # 4: an image row
+        {"problem": "What?", "data_type": "audio", "problem_type": "numerical", "solution": "<answer>1</answer>",
+         "path": "./LLaVA-Video/a.mp4"},                                                       # 4: neither video nor image
         {"problem": "Read it", "data_type": "video", "problem_type": "essay", "solution": "<answer>x</answer>",
          "path": "./LLaVA-Video/a.mp4"},                                                       # 5: unknown type
         {"problem": "Pick", "data_type": "video", "problem_type": "multiple choice", "options": [],
@@ -133,7 +133,7 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
         (1, video, "multiple choice", ["A. red", "B. blue"]), (2, video, "numerical", []), (3, video, "free-form", [])]
     reasons = {s["index"]: s["reason"] for s in skipped}
     assert sorted(reasons) == [4, 5, 6, 7, 8]
-    assert "data_type 'image'" in reasons[4] and "'essay'" in reasons[5] and "options" in reasons[6]
+    assert "data_type 'audio' is neither video nor image" in reasons[4] and "'essay'" in reasons[5] and "options" in reasons[6]
     assert "options" in reasons[7] and "'video_filename'" in reasons[8]
     err = capsys.readouterr().err
     assert f"{path}:5: skipped:" in err and "loaded 3 of 8 rows" in err
@@ -204,7 +204,7 @@ def test_check_a_file_without_rows_is_one_error_line(tmp_path, capsys):
     for name, text in (("empty.jsonl", ""), ("broken.json", "[{not json")):
         (tmp_path / name).write_text(text)
         args = argparse.Namespace(check=str(tmp_path / name), video_root=None, model_name_or_path=None,
-                                  **{f.name: f.default for f in fields(data.VideoSettings)[:5]})
+                                  **{f.name: f.default for f in fields(data.VideoSettings) if f.name in data.SETTING_FLAGS})
         assert data.check_main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --check {tmp_path / name}: ") and len(err.splitlines()) == 1, err
@@ -496,7 +496,7 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]
     empty = data.collate([items[1]], pad_token_id=pad_id)
     assert empty == {"problem": [], "solution": [], "video": [], "index": [], "problem_type": [], "options": [],
-                     "skipped": [items[1]]}
+                     "data_type": [], "skipped": [items[1]]}
     assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
 
 
