@@ -127,7 +127,7 @@ def vision_features(model, batch):
     tower runs ONCE per pass on the images and the videos together (every pass then reuses it). Whatever a rank's rows
     hold, it makes the same one call: under ZeRO-3 every rank then runs the same parameter gathers. The tower treats
     each grid on its own (attention within an image or a frame pair, windows and rotary positions per grid), so one call
-    is the two transformers would make (test_positions.py checks it against its forward)."""
+    is the two transformers would make (test_grpo.py checks the passes against its forward)."""
     images, videos = grids(batch, "image_grid_thw"), grids(batch, "video_grid_thw")
     parts = [(batch[k], g) for k, g in (("pixel_values", images), ("pixel_values_videos", videos)) if g is not None]
     pixels, grid_thw = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])  # (sum N_i, 1176), (I+V, 3)
