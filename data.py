@@ -873,7 +873,7 @@ def check_main(args):
     if args.video_root is not None and not os.path.isdir(args.video_root):
         print(f"error: --video_root {args.video_root}: no such folder", file=sys.stderr)
         return 2
-    video = {name: getattr(args, name) for name in SETTING_FLAGS}
+    video = {name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)}  # callers may give fewer
     try:
         settings = video_settings_from_pretrained(args.model_name_or_path, **video)
     except ValueError as e:  # --video_time
@@ -940,7 +940,7 @@ def show_main(args):
         print(f"error: --problem_type {args.problem_type!r}: one of {list(rewards.PROBLEM_TYPES)}; --options only and "
               f"always with multiple choice", file=sys.stderr)
         return 2
-    video = {name: getattr(args, name) for name in SETTING_FLAGS}
+    video = {name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)}  # callers may give fewer
     data_type = "image" if args.show.lower().endswith(vision.IMAGE_EXTENSIONS) else "video"
     try:
         shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
