@@ -77,7 +77,9 @@ eager,static: those paths only), and what the compiled path keeps: decode_caches
 compiled or eager), cuda_graphs, cudagraph_skips. BENCH_PROFILE=1 prints each path's profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
+import dataclasses
 import json
+import math
 import os
 import resource
 import statistics
@@ -94,7 +96,7 @@ import tiny
 import train
 from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_shape, decode_state,
                    has_linear_attention, hf_model, lora_targets, position_inputs, prefill, prompt_positions, rollout_decode,
-                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention, video_features,
+                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention, vision_features,
                    vision_attention)
 
 
@@ -119,6 +121,7 @@ class Args:
     seed: int = field(default=0, metadata={"group": "the step's shape", "help": "seed of the weights, the video and the sampling"})
     memory: int = field(default=0, metadata={"group": "extra measurements", "help": "print the per-GPU memory estimate of a train.py run on this many GPUs (ZeRO-3), full and LoRA, and exit"})
     lora_rank: int = field(default=64, metadata={"group": "extra measurements", "help": "--memory: the LoRA rank of its LoRA column"})
+    image_max_pixels: int = field(default=0, metadata={"group": "extra measurements", "help": "--memory: the largest image row (train.py's flag; 0: 256 merged patches): the prompt length P is the longer of the video's and the image's"})
     check_memory: bool = field(default=False, metadata={"group": "extra measurements", "help": "--memory with --layers: also measure, on CPU in bf16 at those layers, what one process allocates (the rollout's KV cache, the policy pass's peak) beside the estimate"})
     threads: int = field(default=0, metadata={"group": "how it runs", "help": "CPU: torch threads (0: torch's default); 1 is steadier on a busy machine"})
     temporal_contrast: bool = field(default=False, metadata={"group": "extra measurements", "help": "also time way 'tgrpo' (T-GRPO's rollout, see docstring) and report its added cost per step"})
@@ -452,6 +455,15 @@ def video_settings(model_type):
     return data.VideoSettings()
 
 
+def image_prompt_tokens(tokenizer, model_type="qwen2_vl", image_max_pixels=0):
+    """Tokens of the longest image row's prompt (train.py --image_max_pixels; 0: 256 merged patches): a square image
+    at that area (its side floored to merged patches), the image block expanded as data.py does."""
+    s = dataclasses.replace(video_settings(model_type), image_max_pixels=image_max_pixels)
+    side = math.isqrt(s.image_max_pixels // s.factor ** 2) * s.merge_size  # patches a side
+    text = data.build_prompt_text(tokenizer, "How many red objects are in the image?", data_type="image")
+    return len(data.encode_prompt(tokenizer, text, torch.tensor([[1, side, side]]), s.merge_size, data_type="image")[0])
+
+
 def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320, shuffled=False, model_type="qwen2_vl"):
     """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py;
     shuffled=True adds T-GRPO's copy with the frames in random order (as data.VideoPromptDataset(shuffled_frames=True))."""
@@ -524,7 +536,7 @@ def per_completion_logps(model, batch, completion_ids, *, num_generations, tempe
     positions = torch.cat([positions, completion_pos[None].expand(3, -1, -1)], dim=2).repeat_interleave(G, dim=1)
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0), torch.ones_like(completion_ids)], dim=1)
-    video = video_features(model, batch)["video"]                               # vision tower once per video
+    video = vision_features(model, batch)["video"]                               # vision tower once per video
     video.pooler_output = tuple(f for f in video.pooler_output for _ in range(G))     # the same features for G rows
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 mm_encoder_outputs={"video": video}, use_cache=False, logits_to_keep=C + 1)
@@ -766,12 +778,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory:  # the table only: shapes on the meta device, nothing allocated
         model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
-        P = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
-                        model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
+        P_video = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
+                              model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
+        P_image = image_prompt_tokens(tiny.build_tiny_tokenizer(), model.config.model_type, args.image_max_pixels)
+        P = max(P_video, P_image)  # a run's rows are videos or images: the longer prompt decides the peak
         kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
         full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
         print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
-              f"+ completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
+              f"(video row {P_video}, image row {P_image}) + completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
         for key in full:
             print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
                   f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")

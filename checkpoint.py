@@ -281,6 +281,7 @@ def log_samples(output_dir, step, rank, world, batch, completions, reward_names,
     """Every rank's rollouts of this step, appended to samples.jsonl by rank 0 (a collective: all ranks call it).
     completion i answers prompt i // G; per_reward (R, B*G), advantages (B*G,)."""
     samples = [{"step": step, "rank": rank, "example": batch["index"][i // G], "video": batch["video"][i // G],
+                "data_type": batch.get("data_type", ["video"] * len(batch["index"]))[i // G],
                 "question": batch["problem"][i // G], "solution": batch["solution"][i // G], "completion": completion,
                 "rewards": {n: r[i].item() for n, r in zip(reward_names, per_reward)},
                 "advantage": advantages[i].item()} for i, completion in enumerate(completions)]

@@ -3,9 +3,11 @@ Data for GRPO on video: DVD-counting examples, Qwen2-VL video preprocessing (Qwe
 a timestamp per frame pair; VideoSettings from the model folder), prompts, batching.
 
 The pipeline, per example:
-    load_examples(jsonl)   -> {"video", "problem", "solution", "problem_type", "options"} dicts (DVD-counting or
-                              Video-R1-260k rows)
+    load_examples(jsonl)   -> {"video", "data_type", "problem", "solution", "problem_type", "options"} dicts
+                              (DVD-counting or Video-R1-260k rows, video or image)
     read_video(path)       -> uint8 frames (T, H, W, 3), sampled and resized exactly like qwen-vl-utils' fetch_video
+                              (an image row: vision.read_image, Video-R1's fetch_image; its patches are the image
+                              repeated to the temporal patch, pixel_values / image_grid_thw, and <|image_pad|>s)
     video_to_patches()     -> pixel_values_videos (N, 1176), video_grid_thw (1, 3), as transformers' Qwen2-VL processor
     build_prompt_text() / encode_prompt() -> input_ids with the video placeholder expanded, mm_token_type_ids
     VideoPromptDataset + collate -> left-padded batches (bad files are skipped, never crash a worker)
@@ -19,6 +21,7 @@ not used: it rounds to uint8 between its two passes, which moves up to ~20% of p
                                                 # and multiple choice (train_mc/test_mc.jsonl) about the same clips
     python data.py --check data/synthetic/train.jsonl   # decodes every video: bad rows, frame/token statistics
     python data.py --show VIDEO --model_name_or_path DIR  # what the model sees: frames, grid, prompt ids, positions
+    python data.py --show IMAGE.png --model_name_or_path DIR  # the same for an image row
     python data.py --show VIDEO --model_name_or_path DIR --prompt_template video-r1 --problem_type "multiple choice" \
         --question "What colour is the cube?" --options "A. red" "B. blue"   # Video-R1's later prompt for that row
 """
@@ -41,6 +44,8 @@ import torch
 
 import rewards
 import runtime
+import vision
+from vision import smart_resize  # noqa: F401 (data.smart_resize: callers and tests)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -90,6 +95,9 @@ VIDEO_R1_TEMPLATES = {"video-r1": (VIDEO_R1_QUESTION, VIDEO_R1_TYPE_SUFFIX),
                       "video-r1-eval": (VIDEO_R1_EVAL_QUESTION, VIDEO_R1_TYPE_SUFFIX)}
 PROMPT_TEMPLATE_NAMES = ("default", *VIDEO_R1_TEMPLATES)
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+# data_type -> (chat template part, placeholder, pad token, mm_token_type_ids value: transformers' 1 image, 2 video)
+MEDIA = {"video": ("video", VIDEO_PLACEHOLDER, "<|video_pad|>", 2), "image": ("image", IMAGE_PLACEHOLDER, "<|image_pad|>", 1)}
 
 
 class VideoError(ValueError):
@@ -146,13 +154,13 @@ class SkipSummary:
 
 def load_examples(path, video_root=None, skipped=None, verbose=True):
     """
-    Read rows (JSONL, or a JSON list) into [{"video": abs path, "problem", "solution", "problem_type", "options",
-    "index"}], index being the row's line (JSONL) or record (JSON list) number. Two layouts: DVD-counting
-    (video_filename, problem, solution) and Video-R1-260k (path, data_type, problem_type, problem, options, solution).
-    problem_type defaults to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown
-    problem_type or a data_type other than "video" is bad. Bad rows are reported (SkipSummary: the first 3 of each
-    reason, then counts) and dropped; when `skipped` is a list, each is also appended to it as {"index", "video" (None
-    if unknown), "reason"}.
+    Read rows (JSONL, or a JSON list) into [{"video": abs path, "data_type", "problem", "solution", "problem_type",
+    "options", "index"}], index being the row's line (JSONL) or record (JSON list) number, "video" the row's file (a
+    video, or an image when data_type is "image"). Two layouts: DVD-counting (video_filename, problem, solution) and
+    Video-R1-260k (path, data_type "video" or "image", problem_type, problem, options, solution). problem_type defaults
+    to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown problem_type or
+    data_type is bad. Bad rows are reported (SkipSummary: the first 3 of each reason, then counts) and dropped; when `skipped` is
+    a list, each is also appended to it as {"index", "video" (None if unknown), "reason"}.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,13 +195,13 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
         if err is None:
             video = os.path.abspath(root / os.path.expanduser(row[video_key]))  # absolute paths stay as is
             if not os.path.isfile(video):
-                err = f"video file not found: {video}"
+                err = f"{row.get('data_type', 'video')} file not found: {video}"
         if err is not None:
             skips.add(f"{path}:{i}: skipped", err, video)
             if skipped is not None:
                 skipped.append({"index": i, "video": video, "reason": err})
             continue
-        examples.append({"video": video, "problem": row["problem"], "solution": row["solution"],
+        examples.append({"video": video, "data_type": row.get("data_type", "video"), "problem": row["problem"], "solution": row["solution"],
                          "problem_type": row.get("problem_type", "numerical"), "options": row.get("options") or [],
                          "index": i})
     if not examples:  # the caller reports it in one line
@@ -206,8 +214,8 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
 
 def _answer_type_error(row):
     """Why a row's data_type / problem_type / options cannot be used, else None."""
-    if row.get("data_type", "video") != "video":
-        return f"data_type {row['data_type']!r} is not video"
+    if row.get("data_type", "video") not in ("video", "image"):
+        return f"data_type {row['data_type']!r} is neither video nor image"
     problem_type = row.get("problem_type", "numerical")
     if problem_type not in rewards.PROBLEM_TYPES:
         return f"problem_type {problem_type!r} unknown; known: {list(rewards.PROBLEM_TYPES)}"
@@ -221,36 +229,21 @@ def _answer_type_error(row):
 
 # ----------------------------------------------------------------------------- video
 
-def smart_resize(height, width, factor=28, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28):
-    """Qwen's target size: sides multiples of factor, area within [min_pixels, max_pixels], aspect ~kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"smart_resize: aspect ratio of {height}x{width} is above 200")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0, factor=28):
+def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0, factor=28, video_max_pixels=0):
     """The (h, w) the seed's reader (fetch_video) resizes nframes frames of height x width to. The seed passed no pixel
     bounds with a video, so its cap was max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min_pixels * 1.05))
     = 105,369 pixels at min_pixels 128*28*28 (a 640x480 clip: 280x364). max_pixels 0 = that rule; a positive
     max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video. factor: patch * merge (Qwen3-VL:
-    32, its min_pixels 128*32*32, the same 128 merged patches, and its cap int(1.05 * 128*32*32) = 137,625 pixels)."""
-    video_max = VIDEO_MAX_PIXELS // 28 ** 2 * factor ** 2
+    32, its min_pixels 128*32*32, the same 128 merged patches, and its cap int(1.05 * 128*32*32) = 137,625 pixels).
+    video_max_pixels replaces the reader's VIDEO_MAX_PIXELS constant in that rule, as Video-R1's README has one edit its
+    copy for evaluation ("256 x 28 x 28"); 0: VIDEO_MAX_PIXELS (128 merged patches of the family)."""
+    video_max = video_max_pixels or VIDEO_MAX_PIXELS // 28 ** 2 * factor ** 2
     cap = max(min(video_max, VIDEO_TOTAL_PIXELS / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     return smart_resize(height, width, factor, min_pixels, min(max_pixels, cap) if max_pixels > 0 else cap)
 
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=0, factor=28,
-               with_meta=False):
+               with_meta=False, video_max_pixels=0):
     """Decode ~fps frames per second, evenly spaced, resized Qwen's way. Returns (frames (T, H, W, 3) uint8, sample_fps),
     with_meta: and {"frame_indices", "video_fps"} (the video's own fps: Qwen3-VL's timestamps need both)."""
     import decord  # imported here: a module that only builds prompts should not need it
@@ -279,7 +272,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 *
     except Exception as e:
         raise VideoError(f"read_video: cannot decode frames of {path}: {str(e).splitlines()[0]}{_folded(decoder)}") from e
     sample_fps = nframes / max(total, 1e-6) * video_fps
-    h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels, factor)
+    h, w = frame_size(frames.shape[1], frames.shape[2], nframes, min_pixels, max_pixels, factor, video_max_pixels)
     if (h, w) != frames.shape[1:3]:  # torchvision returns the input untouched when the size already matches
         # = torchvision's tensor resize(BICUBIC, antialias=True) on uint8: float32 interpolate, clamp, round
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
@@ -350,9 +343,16 @@ class VideoSettings:
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     frame_timestamps: bool = False  # Qwen3-VL: "<t seconds>" before each group of temporal_patch_size frames
+    video_max_pixels: int = 0  # 0: the reader's VIDEO_MAX_PIXELS, 128 merged patches (frame_size)
+    image_min_pixels: int = 0  # 0: 4 merged patches (Video-R1's reader: 4*28*28)
+    image_max_pixels: int = 0  # 0: 256 merged patches (Video-R1's reader: 256*28*28)
+    image_bounds: tuple = (0, 0)  # the image processor's own (min, max) pixels (preprocessor_config.json); 0: none
+    video_time: str = "true"  # seconds per temporal patch: "true" 2 / sample fps; "video-r1" 1.0 (VIDEO_TIMES)
 
     def __post_init__(self):  # the seed's 128*28*28 is 128 merged patches; a family with 32-px ones gets 128*32*32
         self.min_pixels = self.min_pixels or 128 * self.factor ** 2
+        self.image_min_pixels = self.image_min_pixels or vision.IMAGE_MIN_PATCHES * self.factor ** 2
+        self.image_max_pixels = self.image_max_pixels or vision.IMAGE_MAX_PATCHES * self.factor ** 2
 
     @property
     def factor(self):
@@ -362,11 +362,21 @@ class VideoSettings:
 
 # the families whose processor (Qwen3VLProcessor: Qwen3.5 has none of its own) puts "<t seconds>" before each frame group
 TIMESTAMPED = ("qwen3_vl", "qwen3_5")
+# the trainer's flags that set VideoSettings (train.py, eval.py and data.py --check/--show alike)
+SETTING_FLAGS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "video_max_pixels", "image_min_pixels",
+                 "image_max_pixels", "video_time")
+# --video_time: "true" places Qwen2.5-VL's video in time by the sampled fps (its processor given the fps, as Video-R1's
+# eval script does); "video-r1" as Video-R1's later trainer trained: its processor called without the fps (default 2.0,
+# so second_per_grid_ts 2 / 2.0) and second_per_grid_ts deleted before the log-prob passes (grpo_trainer.py; get_rope_index
+# then takes 1.0): 1.0 s per temporal patch in every pass
+VIDEO_TIMES = ("true", "video-r1")
 
 
 def video_settings_from_pretrained(model_dir, **overrides):
     """Patch layout and normalisation from model_dir's video_preprocessor_config.json, else its preprocessor_config.json
-    (if any); frame_timestamps from config.json's model_type (TIMESTAMPED); the rest from overrides."""
+    (if any); image_bounds from its preprocessor_config.json (the image processor's); frame_timestamps from config.json's
+    model_type (TIMESTAMPED); the rest from overrides. video_time "video-r1" on a family that reads no second_per_grid_ts
+    (all but Qwen2.5-VL): ValueError."""
     names = {f.name for f in fields(VideoSettings)}
     unknown = set(overrides) - names
     if unknown:
@@ -381,10 +391,19 @@ def video_settings_from_pretrained(model_dir, **overrides):
         for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
             if key in cfg:
                 values[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+    image_cfg = Path(model_dir) / "preprocessor_config.json" if model_dir else None
+    if image_cfg is not None and image_cfg.is_file():
+        values["image_bounds"] = vision.processor_bounds(json.loads(image_cfg.read_text()))
     config_path = Path(model_dir) / "config.json" if model_dir else None
-    if config_path is not None and config_path.is_file():
-        values["frame_timestamps"] = json.loads(config_path.read_text()).get("model_type") in TIMESTAMPED
+    model_type = json.loads(config_path.read_text()).get("model_type") if config_path is not None and config_path.is_file() else None
+    if model_type is not None:
+        values["frame_timestamps"] = model_type in TIMESTAMPED
     values.update(overrides)
+    if values.get("video_time", "true") not in VIDEO_TIMES:
+        raise ValueError(f"--video_time {values['video_time']!r}: one of {VIDEO_TIMES}")
+    if values.get("video_time") == "video-r1" and model_type not in (None, "qwen2_5_vl"):
+        raise ValueError(f"--video_time video-r1: {model_type} reads no second_per_grid_ts (only Qwen2.5-VL places video "
+                         f"in time by it); leave --video_time true")
     return VideoSettings(**values)
 
 
@@ -409,15 +428,18 @@ def _has_letter(option):
     return m is not None and m.group(2) is not None
 
 
-def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None, template=None, prompt_template="default"):
-    """The chat-formatted prompt (one video, then the question), ending with the assistant turn opener."""
+def build_prompt_text(tokenizer, problem, problem_type="numerical", options=None, template=None, prompt_template="default",
+                      data_type="video"):
+    """The chat-formatted prompt (one video, or one image for data_type "image", then the question, as Video-R1's
+    conversation puts them), ending with the assistant turn opener."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"build_prompt_text: tokenizer {type(tokenizer).__name__} has no chat template")
+    part, placeholder = MEDIA[data_type][:2]
     question = format_question(problem, problem_type, options, template, prompt_template)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    messages = [{"role": "user", "content": [{"type": part}, {"type": "text", "text": question}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if text.count(VIDEO_PLACEHOLDER) != 1:
-        raise ValueError(f"build_prompt_text: chat template must render exactly one {VIDEO_PLACEHOLDER}, got: {text!r}")
+    if text.count(placeholder) != 1:
+        raise ValueError(f"build_prompt_text: chat template must render exactly one {placeholder}, got: {text!r}")
     return text
 
 
@@ -440,11 +462,12 @@ def timestamped_video(video_grid_thw, timestamps, merge_size=2):
     return "".join(f"<{s:.1f} seconds>{group}" for s in timestamps)
 
 
-def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2, timestamps=None):
-    """Tokenize and expand the one <|video_pad|> into one token per merged patch. Returns (input_ids, mm_token_type_ids).
-    With timestamps (Qwen3-VL: video_timestamps) the pad becomes timestamped_video's text before tokenizing, as its
-    processor does."""
-    video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2, timestamps=None, data_type="video"):
+    """Tokenize and expand the one <|video_pad|> (data_type "image": <|image_pad|>, its grid in video_grid_thw's place)
+    into one token per merged patch. Returns (input_ids, mm_token_type_ids). With timestamps (Qwen3-VL's videos:
+    video_timestamps) the pad becomes timestamped_video's text before tokenizing, as its processor does."""
+    pad_token, kind = MEDIA[data_type][2:]
+    video_pad = tokenizer.convert_tokens_to_ids(pad_token)
     if timestamps is not None:
         if prompt_text.count("<|video_pad|>") != 1:
             raise ValueError(f"encode_prompt: expected one <|video_pad|> in the prompt, found {prompt_text.count('<|video_pad|>')}")
@@ -456,11 +479,11 @@ def encode_prompt(tokenizer, prompt_text, video_grid_thw, merge_size=2, timestam
     ids = torch.tensor(tokenizer(prompt_text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (L0,)
     where = (ids == video_pad).nonzero().flatten()
     if len(where) != 1:
-        raise ValueError(f"encode_prompt: expected one <|video_pad|> token (id {video_pad}), found {len(where)}")
+        raise ValueError(f"encode_prompt: expected one {pad_token} token (id {video_pad}), found {len(where)}")
     n = int(torch.as_tensor(video_grid_thw).reshape(-1, 3)[0].prod()) // merge_size ** 2
     pos = int(where[0])
     input_ids = torch.cat([ids[:pos], torch.full((n,), video_pad, dtype=torch.long), ids[pos + 1:]])  # (L0 - 1 + n,)
-    mm_token_type_ids = (input_ids == video_pad).long() * 2  # 0 text, 1 image, 2 video (transformers' convention)
+    mm_token_type_ids = (input_ids == video_pad).long() * kind  # 0 text, 1 image, 2 video (transformers' convention)
     return input_ids, mm_token_type_ids
 
 
@@ -477,12 +500,19 @@ def frame_permutation(num_frames, seed):
 
 
 def shuffled_copy(batch):
-    """T-GRPO's rollout batch: the B prompts, then the same B prompts on their shuffled videos (2B rows). The prompts
-    are identical (a shuffled video has the same grid, so the same number of video tokens): one batched rollout."""
-    assert "pixel_values_videos_shuffled" in batch, "shuffled_copy needs a dataset built with shuffled_frames=True"
-    doubled = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw",
-                                                            "second_per_grid_ts") if k in batch}  # the last: Qwen2.5-VL
-    doubled["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"], batch["pixel_values_videos_shuffled"]])
+    """T-GRPO's rollout batch: the B prompts, then the same prompts of the video rows on their shuffled videos (B + V
+    rows; image rows get no shuffled copy, as in Video-R1's `if self.temporal and video_inputs`). The prompts are
+    identical (a shuffled video has the same grid, so the same number of video tokens): one batched rollout."""
+    videos = [b for b, kind in enumerate(batch.get("data_type") or ["video"] * len(batch["input_ids"])) if kind == "video"]
+    rows = torch.tensor(list(range(len(batch["input_ids"]))) + videos, device=batch["input_ids"].device)  # (B + V,)
+    doubled = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    doubled.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})  # images: once, first rows
+    if videos:
+        assert "pixel_values_videos_shuffled" in batch, "shuffled_copy needs a dataset built with shuffled_frames=True"
+        doubled.update({k: torch.cat([batch[k], batch[k]]) for k in ("video_grid_thw", "second_per_grid_ts") if k in batch})
+        doubled["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"], batch["pixel_values_videos_shuffled"]])
+    elif "second_per_grid_ts" in batch:
+        doubled["second_per_grid_ts"] = batch["second_per_grid_ts"]
     return doubled
 
 
@@ -505,10 +535,13 @@ class VideoPromptDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ex, s = self.examples[i], self.s
         meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i,
-                "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or []}
+                "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or [],
+                "data_type": ex.get("data_type", "video")}
+        if meta["data_type"] == "image":
+            return self.image_item(ex, meta)
         try:
             frames, sample_fps, info = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels,
-                                                  s.max_pixels, s.factor, with_meta=True)
+                                                  s.max_pixels, s.factor, with_meta=True, video_max_pixels=s.video_max_pixels)
         except VideoError as e:
             return {"error": str(e), **meta}
         pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
@@ -526,11 +559,36 @@ class VideoPromptDataset(torch.utils.data.Dataset):
         item = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values_videos": pixel_values,
                 "video_grid_thw": grid_thw, "second_per_grid_ts": second_per_grid_ts, "timestamps": timestamps,
                 "frame_indices": info["frame_indices"], "video_fps": info["video_fps"], **meta}
+        if s.video_time == "video-r1":  # Video-R1's later trainer: 1.0 s per temporal patch in every pass (VIDEO_TIMES)
+            second_per_grid_ts = torch.tensor([1.0])
+        item["second_per_grid_ts"] = second_per_grid_ts
         if self.shuffled_frames:
             perm = frame_permutation(len(frames), self.shuffle_seed * 1_000_003 + i)
             item["pixel_values_videos_shuffled"] = video_to_patches(frames[perm.numpy()], s.patch_size, s.temporal_patch_size,
                                                                     s.merge_size, s.image_mean, s.image_std)[0]
         return item
+
+    def image_item(self, ex, meta):
+        """An image row: read as Video-R1's reader (vision.read_image), resized to the image processor's bounds, its
+        patch rows those of the image repeated to the temporal patch (pixel_values, image_grid_thw (1, 3) with t = 1),
+        the prompt's image block one <|image_pad|> per merged patch. T-GRPO shuffles nothing here."""
+        s = self.s
+        try:
+            image = vision.read_image(ex["video"], s.image_min_pixels, s.image_max_pixels, s.factor)  # (H, W, 3) uint8
+            image = vision.processor_resize(image, s.image_bounds, s.factor)
+        except vision.ImageError as e:
+            return {"error": str(e), **meta}
+        frames = np.repeat(image[None], s.temporal_patch_size, axis=0)                     # (tps, H, W, 3)
+        pixel_values, grid_thw = video_to_patches(frames, s.patch_size, s.temporal_patch_size, s.merge_size,
+                                                  s.image_mean, s.image_std)               # (h*w, 3*tps*ps*ps), (1, 3)
+        text = build_prompt_text(self.tokenizer, ex["problem"], meta["problem_type"], meta["options"], self.template,
+                                 self.prompt_template, data_type="image")
+        input_ids, mm_token_type_ids = encode_prompt(self.tokenizer, text, grid_thw, s.merge_size, data_type="image")
+        if self.max_prompt_length is not None and len(input_ids) > self.max_prompt_length:
+            return {"error": f"{ex['video']}: prompt has {len(input_ids)} tokens > max_prompt_length "
+                             f"{self.max_prompt_length}", **meta}
+        return {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids, "pixel_values": pixel_values,
+                "image_grid_thw": grid_thw, "image_size": list(image.shape[:2]), **meta}
 
 
 def collate(items, pad_token_id):
@@ -539,6 +597,7 @@ def collate(items, pad_token_id):
     batch = {key: [it[key] for it in good] for key in ("problem", "solution", "video", "index")}
     for key in ("problem_type", "options"):  # extra columns the rewards get as keyword arguments
         batch[key] = [it.get(key, "numerical" if key == "problem_type" else []) for it in good]
+    batch["data_type"] = [it.get("data_type", "video") for it in good]
     batch["skipped"] = [it for it in items if "error" in it]
     if not good:
         return batch  # B = 0: the trainer decides what to do
@@ -551,26 +610,41 @@ def collate(items, pad_token_id):
         batch["input_ids"][b, L - n:] = it["input_ids"]
         batch["attention_mask"][b, L - n:] = 1
         batch["mm_token_type_ids"][b, L - n:] = it["mm_token_type_ids"]
-    batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in good])  # (sum N_i, 1176)
-    batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in good])  # (B, 3)
-    if "pixel_values_videos_shuffled" in good[0]:
-        batch["pixel_values_videos_shuffled"] = torch.cat([it["pixel_values_videos_shuffled"] for it in good])
-    if all("second_per_grid_ts" in it for it in good):  # items built by hand may leave it out (Qwen2-VL needs none)
-        batch["second_per_grid_ts"] = torch.cat([it["second_per_grid_ts"] for it in good])  # (B,)
+    # each kind's patch rows and grids in row order, present only when a row has one (the model passes read them so)
+    videos, images = [it for it in good if "video_grid_thw" in it], [it for it in good if "image_grid_thw" in it]
+    if images:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in images])       # (sum N_i, 1176)
+        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in images])   # (I, 3)
+    if videos:
+        batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in videos])  # (sum N_i, 1176)
+        batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in videos])   # (V, 3)
+    if videos and "pixel_values_videos_shuffled" in videos[0]:
+        batch["pixel_values_videos_shuffled"] = torch.cat([it["pixel_values_videos_shuffled"] for it in videos])
+    if all("second_per_grid_ts" in it for it in videos):  # items built by hand may leave it out (Qwen2-VL needs none)
+        batch["second_per_grid_ts"] = torch.cat([it["second_per_grid_ts"] for it in videos]) if videos else torch.zeros(0)  # (V,)
     return batch
 
 
 def uncollate(batch):
     """collate's inverse: the batch's examples as items, unpadded, so that examples of several batches can be collated
     into one (train.py --dynamic_sampling). collate(uncollate(batch), pad_token_id) equals the batch."""
-    sizes = batch["video_grid_thw"].prod(1).tolist()  # patch rows per video
-    pixels = {k: batch[k].split(sizes) for k in ("pixel_values_videos", "pixel_values_videos_shuffled") if k in batch}
-    items = []
+    per = {}  # key -> that kind's rows, one entry per image (or video) in row order
+    for grid, keys in (("image_grid_thw", ("pixel_values",)),
+                       ("video_grid_thw", ("pixel_values_videos", "pixel_values_videos_shuffled"))):
+        if grid in batch:
+            sizes = batch[grid].prod(1).tolist()  # patch rows per image / video
+            per.update({k: batch[k].split(sizes) for k in keys if k in batch}, **{grid: batch[grid].split(1)})
+    if "second_per_grid_ts" in batch:
+        per["second_per_grid_ts"] = batch["second_per_grid_ts"].split(1)
+    items, seen = [], {"image": 0, "video": 0}
     for b in range(len(batch["solution"])):
-        keep = batch["attention_mask"][b].bool()
-        item = {k: batch[k][b] for k in ("problem", "solution", "video", "index", "problem_type", "options")}
-        item.update({k: batch[k][b][keep] for k in ("input_ids", "mm_token_type_ids")}, **{k: v[b] for k, v in pixels.items()})
-        item.update({k: batch[k][b:b + 1] for k in ("video_grid_thw", "second_per_grid_ts") if k in batch})
+        keep, kind = batch["attention_mask"][b].bool(), batch["data_type"][b]
+        item = {k: batch[k][b] for k in ("problem", "solution", "video", "index", "problem_type", "options", "data_type")}
+        item.update({k: batch[k][b][keep] for k in ("input_ids", "mm_token_type_ids")})
+        mine = ("pixel_values", "image_grid_thw") if kind == "image" else (
+            "pixel_values_videos", "pixel_values_videos_shuffled", "video_grid_thw", "second_per_grid_ts")
+        item.update({k: per[k][seen[kind]] for k in mine if k in per})
+        seen[kind] += 1
         items.append(item)
     return items
 
@@ -679,7 +753,6 @@ def _write_clip(path, objects, positions, size, fps):
     import av
 
     H, W = size
-    yy, xx = np.mgrid[0:H, 0:W]
     with av.open(str(path), "w") as container:
         # PyAV wheels bundle libx264; if a build lacks it, "mpeg4" (MPEG-4 Part 2) is a drop-in fallback
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -688,24 +761,32 @@ def _write_clip(path, objects, positions, size, fps):
         if codec == "libx264":  # lossless: decoded, every fresh copy is the same clips, to the pixel (at crf 18 a
             stream.options = {"qp": "0", "threads": "1"}  # quarter of the clips decoded differently in each process)
         for frame_pos in positions:
-            img = np.full((H, W, 3), 90, dtype=np.uint8)  # (H, W, 3) plain grey background
-            for o, (cy, cx) in zip(objects, frame_pos):
-                if o["shape"] == "circle":
-                    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= o["r"] ** 2
-                else:
-                    mask = (abs(yy - cy) <= o["r"]) & (abs(xx - cx) <= o["r"])
-                img[mask] = COLORS[o["color"]]
+            img = _render_frame(objects, frame_pos, size)
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder
             container.mux(packet)
 
 
+def _render_frame(objects, frame_pos, size):
+    """The shapes at frame_pos (n, 2) as (y, x) centres on a plain grey background. (H, W, 3) uint8"""
+    H, W = size
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.full((H, W, 3), 90, dtype=np.uint8)  # (H, W, 3)
+    for o, (cy, cx) in zip(objects, frame_pos):
+        if o["shape"] == "circle":
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= o["r"] ** 2
+        else:
+            mask = (abs(yy - cy) <= o["r"]) & (abs(xx - cx) <= o["r"])
+        img[mask] = COLORS[o["color"]]
+    return img
+
+
 def _make_example(rng, name, size, num_frames, fps, out_dir):
     """One clip and one counting question about it (colour, shape, motion or total), as a DVD-counting row."""
     objects, positions = _sample_scene(rng, size, num_frames)
-    for o, (_, x) in zip(objects, positions[0]):
-        o["x"] = float(x)  # where it starts, left to right (_make_260k_row)
+    for o, (y, x) in zip(objects, positions[0]):
+        o["y"], o["x"] = float(y), float(x)  # where it starts, left to right (_make_260k_row); the image rows' frame
     pick = objects[int(rng.integers(len(objects)))]  # ask about a colour/shape in the scene: fewer trivial 0s
     color, shape = pick["color"], pick["shape"]
     problem, n = [(f"How many {color} objects are in the video?", sum(o["color"] == color for o in objects)),
@@ -736,12 +817,14 @@ def _make_mc_example(rng, video_filename, objects):
             "options": options, "solution": f"<answer>{letter}</answer>"}
 
 
-def _make_260k_row(i, counting, mc, objects):
+def _make_260k_row(i, counting, mc, objects, image=None):
     """Row i about one clip in Video-R1-260k's layout (a JSON list record: problem_id, problem, data_type, problem_type,
     options, process, solution, path, data_source), its problem_type the i-th of rewards.PROBLEM_TYPES in turn:
     numerical (the counting question), multiple choice (the mc question), free-form (describe the objects), OCR (read
-    out their colours), regression (the widest object's width in pixels). Objects are named left to right."""
-    problem_type = rewards.PROBLEM_TYPES[i % len(rewards.PROBLEM_TYPES)]
+    out their colours), regression (the widest object's width in pixels). Objects are named left to right. image: the
+    path of the clip's first frame as a PNG: an image row about it instead (the same answers hold in that frame), its
+    type two further along, and "video" in the questions becomes "image"."""
+    problem_type = rewards.PROBLEM_TYPES[(i + (2 if image else 0)) % len(rewards.PROBLEM_TYPES)]
     named = sorted(objects, key=lambda o: o["x"])  # by x in the first frame
     problem, options, answer = {
         "numerical": (counting["problem"], [], counting["solution"][len("<answer>"):-len("</answer>")]),
@@ -751,17 +834,23 @@ def _make_260k_row(i, counting, mc, objects):
         "OCR": ("Read out the colours of the objects from left to right.", [], " ".join(o["color"] for o in named)),
         "regression": ("How wide, in pixels, is the widest object?", [], f"{2 * max(o['r'] for o in objects):g}"),
     }[problem_type]
-    return {"problem_id": i, "problem": problem, "data_type": "video", "problem_type": problem_type, "options": options,
-            "process": "", "solution": f"<answer>{answer}</answer>", "path": counting["video_filename"],
-            "data_source": "synthetic"}
+    if image:
+        problem = problem.replace("in the video", "in the image")
+    return {"problem_id": i, "problem": problem, "data_type": "image" if image else "video", "problem_type": problem_type,
+            "options": options, "process": "", "solution": f"<answer>{answer}</answer>",
+            "path": image or counting["video_filename"], "data_source": "synthetic"}
 
 
 def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 112), num_frames=16, fps=8):
     """Write videos/*.mp4, DVD-counting-style train.jsonl / test.jsonl and, about the same clips, multiple-choice
-    train_mc.jsonl / test_mc.jsonl and Video-R1-260k-layout train_260k.json / test_260k.json (all five problem types
-    in turn, _make_260k_row) under out_dir. size is (H, W). Returns the two counting paths."""
+    train_mc.jsonl / test_mc.jsonl and Video-R1-260k-layout train_260k.json / test_260k.json under out_dir: a video row
+    per clip, then an image row per clip about its first frame (images/*.png), all five problem types in turn in each
+    (_make_260k_row). size is (H, W). Returns the two counting paths."""
+    from PIL import Image
+
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     mc_rng = np.random.default_rng([seed, 1])  # its own stream: the counting split is the same with or without it
     paths = []
@@ -772,6 +861,10 @@ def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 11
         mc = [_make_mc_example(mc_rng, row["video_filename"], objects) for row, objects in made]
         (out_dir / f"{split}_mc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mc))
         rows = [_make_260k_row(i, row, mc[i], objects) for i, (row, objects) in enumerate(made)]
+        for i, (row, objects) in enumerate(made):  # the first frame: the objects where the clip starts
+            image = f"./images/{split}_{i:05d}.png"
+            Image.fromarray(_render_frame(objects, [(o["y"], o["x"]) for o in objects], size)).save(out_dir / image)
+            rows.append(_make_260k_row(len(rows), row, mc[i], objects, image=image))
         (out_dir / f"{split}_260k.json").write_text(json.dumps(rows, indent=1))
     return tuple(paths)
 
@@ -779,8 +872,9 @@ def make_synthetic_dataset(out_dir, n_train=64, n_test=32, seed=0, size=(112, 11
 # ----------------------------------------------------------------------------- checking a dataset without training
 
 def check_dataset(path, video_root=None, settings=None, progress=True):
-    """Read every row and decode every video as training would. Returns {"rows", "bad": [{"index", "video",
-    "reason"}], "clips": [{"index", "frames", "size": (h, w), "grid": (t, h, w), "video_tokens"}]}."""
+    """Read every row and decode every video and image as training would. Returns {"rows", "bad": [{"index", "video",
+    "reason"}], "clips": [{"index", "frames", "size": (h, w), "grid": (t, h, w), "video_tokens"}], "images": [{"index",
+    "size": (h, w), "grid": (1, h, w), "image_tokens"}]}."""
     from tqdm import tqdm
 
     s = settings or VideoSettings()
@@ -791,43 +885,54 @@ def check_dataset(path, video_root=None, settings=None, progress=True):
         if not bad:
             raise
         examples = []
-    rows, clips = len(examples) + len(bad), []
-    for ex in tqdm(examples, desc=f"decoding {Path(path).name}", unit="video", disable=not progress, file=sys.stderr):
+    rows, clips, images = len(examples) + len(bad), [], []
+    for ex in tqdm(examples, desc=f"decoding {Path(path).name}", unit="file", disable=not progress, file=sys.stderr):
         try:
-            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels, s.factor)
-        except VideoError as e:
+            if ex.get("data_type") == "image":
+                image = vision.processor_resize(vision.read_image(ex["video"], s.image_min_pixels, s.image_max_pixels, s.factor),
+                                                s.image_bounds, s.factor)
+                grid = (1, image.shape[0] // s.patch_size, image.shape[1] // s.patch_size)
+                images.append({"index": ex["index"], "size": image.shape[:2], "grid": grid,
+                               "image_tokens": grid[1] * grid[2] // s.merge_size ** 2})
+                continue
+            frames, _ = read_video(ex["video"], s.fps, s.min_frames, s.max_frames, s.min_pixels, s.max_pixels, s.factor,
+                                   video_max_pixels=s.video_max_pixels)
+        except (VideoError, vision.ImageError) as e:
             bad.append({"index": ex["index"], "video": ex["video"], "reason": str(e)})
             continue
         T, H, W = frames.shape[:3]
         grid = (-(-T // s.temporal_patch_size), H // s.patch_size, W // s.patch_size)  # as video_to_patches pads time
         clips.append({"index": ex["index"], "frames": T, "size": (H, W), "grid": grid,
                       "video_tokens": grid[0] * grid[1] * grid[2] // s.merge_size ** 2})
-    return {"rows": rows, "bad": sorted(bad, key=lambda b: b["index"]), "clips": clips}
+    return {"rows": rows, "bad": sorted(bad, key=lambda b: b["index"]), "clips": clips, "images": images}
 
 
 def format_report(path, report):
     """The --check report: bad rows as FILE:LINE: reason (the first 3 of each reason, then counts per reason), then
     frame/size/grid/token statistics of the good clips."""
     from collections import Counter
-
     bad = SkipSummary()
     for b in report["bad"]:
         bad.add(f"{path}:{b['index']}: bad", b["reason"], b["video"])
-    lines, clips = bad.lines("bad"), report["clips"]
-    lines.append(f"{path}: {report['rows']} rows, {len(clips)} good, {len(report['bad'])} bad")
+    lines = bad.lines("bad")
+    clips, images = report["clips"], report.get("images", [])
+    kinds = f" ({len(clips)} videos, {len(images)} images)" if images else ""
+    lines.append(f"{path}: {report['rows']} rows, {len(clips) + len(images)} good{kinds}, {len(report['bad'])} bad")
+    def stats(key, rows=clips):
+        v = [c[key] for c in rows]
+        return f"min {min(v)} mean {sum(v) / len(v):.1f} max {max(v)}"
+
+    def counts(key, fmt, rows=clips):
+        return ", ".join(f"{fmt(k)}: {n}" for k, n in sorted(Counter(c[key] for c in rows).items()))
     if clips:
-        def stats(key):
-            v = [c[key] for c in clips]
-            return f"min {min(v)} mean {sum(v) / len(v):.1f} max {max(v)}"
-
-        def counts(key, fmt):
-            return ", ".join(f"{fmt(k)}: {n}" for k, n in sorted(Counter(c[key] for c in clips).items()))
-
         lines += [f"frames per clip: {stats('frames')}",
                   f"frame size (HxW): {counts('size', lambda k: f'{k[0]}x{k[1]}')}",
                   f"grid (t, h, w): {counts('grid', lambda k: f'{k[0]}x{k[1]}x{k[2]}')}",
                   f"video tokens per clip: {stats('video_tokens')}",
                   f"video tokens histogram: {counts('video_tokens', str)}"]
+    if images:
+        lines += [f"image size (HxW): {counts('size', lambda k: f'{k[0]}x{k[1]}', images)}",
+                  f"image tokens per image: {stats('image_tokens', images)}"]
     return "\n".join(lines)
 
 
@@ -840,9 +945,14 @@ def check_main(args):
     if args.video_root is not None and not os.path.isdir(args.video_root):
         print(f"error: --video_root {args.video_root}: no such folder", file=sys.stderr)
         return 2
-    video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
+    video = {name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)}  # callers may give fewer
     try:
-        report = check_dataset(args.check, args.video_root, video_settings_from_pretrained(args.model_name_or_path, **video))
+        settings = video_settings_from_pretrained(args.model_name_or_path, **video)
+    except ValueError as e:  # --video_time
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = check_dataset(args.check, args.video_root, settings)
     except ValueError as e:  # no row at all (an empty file) or not JSON: nothing to report row by row
         print(f"error: --check {args.check}: {str(e).removeprefix('load_examples: ')}", file=sys.stderr)
         return 2
@@ -852,12 +962,14 @@ def check_main(args):
 
 # ----------------------------------------------------------------------------- what the model sees
 
-def show_video(video, model_dir, question, settings, problem_type="numerical", options=None, prompt_template="default"):
-    """One video and question as the model receives them: {"frame_indices", "video_fps", "frame_size" [h, w],
-    "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "second_per_grid_ts" (Qwen2.5-VL, else null),
-    "prompt" (the training prompt, video expanded), "input_ids", "position_ids" (3 x L, model.prompt_positions, the
-    family's rule, on the folder's meta-device skeleton: no weights)}, and
-    the patch rows (N, 3*tps*ps*ps) float32."""
+def show_video(video, model_dir, question, settings, problem_type="numerical", options=None, prompt_template="default",
+               data_type="video"):
+    """One video and question as the model receives them: {"family", "data_type", "frame_indices", "video_fps",
+    "frame_size" [h, w], "grid_thw", "video_tokens", "timestamps" (Qwen3-VL, else null), "second_per_grid_ts"
+    (Qwen2.5-VL, else null), "prompt" (the training prompt, video expanded), "input_ids", "position_ids" (3 x L,
+    model.prompt_positions, the family's rule, on the folder's meta-device skeleton: no weights)}, and
+    the patch rows (N, 3*tps*ps*ps) float32. data_type "image": an image row, {"family", "data_type", "image_size" [h, w],
+    "grid_thw", "image_tokens", "prompt", "input_ids", "position_ids"} and its patch rows (pixel_values)."""
     import transformers
 
     import model as model_lib
@@ -866,23 +978,29 @@ def show_video(video, model_dir, question, settings, problem_type="numerical", o
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # the training dataset's own item: what --show prints is what a run feeds the model
     item = VideoPromptDataset([{"video": str(video), "problem": question, "solution": "", "problem_type": problem_type,
-                                "options": options or []}], tokenizer, s, prompt_template=prompt_template)[0]
+                                "options": options or [], "data_type": data_type}], tokenizer, s, prompt_template=prompt_template)[0]
     if "error" in item:
-        raise VideoError(item["error"])
+        raise (vision.ImageError if data_type == "image" else VideoError)(item["error"])
     batch = collate([item], tokenizer.pad_token_id)
     positions, _ = model_lib.prompt_positions(model_lib.meta_model(model_dir), batch)  # (3, 1, L)
-    grid_thw, input_ids = item["video_grid_thw"], item["input_ids"]
-    shown = {"family": family, "frame_indices": item["frame_indices"], "video_fps": item["video_fps"],
+    input_ids = item["input_ids"]
+    common = {"prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
+    if data_type == "image":
+        grid_thw = item["image_grid_thw"]
+        return {"family": family, "data_type": "image", "image_size": item["image_size"], "grid_thw": grid_thw[0].tolist(),
+                "image_tokens": int(grid_thw.prod()) // s.merge_size ** 2, **common}, item["pixel_values"]
+    grid_thw = item["video_grid_thw"]
+    shown = {"family": family, "data_type": "video", "frame_indices": item["frame_indices"], "video_fps": item["video_fps"],
              "frame_size": [int(n) * s.patch_size for n in grid_thw[0, 1:]], "grid_thw": grid_thw[0].tolist(),
              "video_tokens": int(grid_thw.prod()) // s.merge_size ** 2, "timestamps": item["timestamps"],
              # what every pass gets to place the video in time (Qwen2.5-VL; the other families read none)
-             "second_per_grid_ts": batch["second_per_grid_ts"].tolist() if family == "qwen2_5_vl" else None,
-             "prompt": tokenizer.decode(input_ids), "input_ids": input_ids.tolist(), "position_ids": positions[:, 0].tolist()}
+             "second_per_grid_ts": batch["second_per_grid_ts"].tolist() if family == "qwen2_5_vl" else None, **common}
     return shown, item["pixel_values_videos"]
 
 
 def show_main(args):
-    """python data.py --show VIDEO --model_name_or_path DIR: one JSON object on the last line; exit 2 on bad input."""
+    """python data.py --show VIDEO --model_name_or_path DIR: one JSON object on the last line; exit 2 on bad input. A
+    file with an image extension (vision.IMAGE_EXTENSIONS) is shown as an image row."""
     import model as model_lib
     if not args.model_name_or_path:
         print("error: --show needs --model_name_or_path DIR (its tokenizer, processor settings and config)", file=sys.stderr)
@@ -894,12 +1012,13 @@ def show_main(args):
         print(f"error: --problem_type {args.problem_type!r}: one of {list(rewards.PROBLEM_TYPES)}; --options only and "
               f"always with multiple choice", file=sys.stderr)
         return 2
-    video = {f.name: getattr(args, f.name) for f in fields(VideoSettings)[:5]}
+    video = {name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)}  # callers may give fewer
+    data_type = "image" if args.show.lower().endswith(vision.IMAGE_EXTENSIONS) else "video"
     try:
         shown, pixel_values = show_video(args.show, args.model_name_or_path, args.question,
                                          video_settings_from_pretrained(args.model_name_or_path, **video),
-                                         args.problem_type, args.options, args.prompt_template)
-    except (model_lib.ModelError, VideoError) as e:
+                                         args.problem_type, args.options, args.prompt_template, data_type)
+    except (model_lib.ModelError, VideoError, ValueError) as e:  # ValueError: --video_time, vision.ImageError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.save_pixels:
@@ -918,14 +1037,15 @@ if __name__ == "__main__":
     ap.add_argument("--check", metavar="FILE", help="read every row of FILE and decode every video; no training")
     ap.add_argument("--video_root", default=None, help="--check: folder relative video paths start from (default: FILE's)")
     ap.add_argument("--model_name_or_path", default=None, help="--check, --show: model folder whose preprocessor config sets the patch layout")
-    ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO (JSON, last line); no weights read")
+    ap.add_argument("--show", metavar="VIDEO", help="print what the model sees of VIDEO or an image (JSON, last line); no weights read")
     ap.add_argument("--question", default="How many objects are in the video?", help="--show: the question")
     ap.add_argument("--save_pixels", metavar="FILE.npy", default=None, help="--show: also write the patch rows (float32)")
     ap.add_argument("--problem_type", default="numerical", help=f"--show: the question's type, one of {rewards.PROBLEM_TYPES}")
     ap.add_argument("--options", nargs="+", default=None, help='--show: multiple choice options, e.g. "A. red" "B. blue"')
     ap.add_argument("--prompt_template", default="default", choices=PROMPT_TEMPLATE_NAMES, help="--show: whose words (as train.py)")
-    for f in fields(VideoSettings)[:5]:  # the video flags, with train.py's defaults
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
+    for f in fields(VideoSettings):  # the video and image flags, with train.py's defaults
+        if f.name in SETTING_FLAGS:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help="--check, --show: as in train.py")
     args = ap.parse_args()
     if args.show:
         sys.exit(show_main(args))

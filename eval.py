@@ -89,6 +89,10 @@ class Config:
     max_frames: int = field(default=train.Config.max_frames, metadata={"group": "video", "help": "most frames per video"})
     min_pixels: int = field(default=train.Config.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
     max_pixels: int = field(default=train.Config.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
+    video_max_pixels: int = field(default=train.Config.video_max_pixels, metadata={"group": "video", "help": "the reader's VIDEO_MAX_PIXELS; 0: 128 merged patches; Video-R1's 32-frame evaluation: 200704 (256*28*28, docs/video-r1-recipe.md)"})
+    video_time: str = field(default=train.Config.video_time, metadata={"group": "video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps, as Video-R1's eval script) or video-r1 (1.0, as its trainer)"})
+    image_min_pixels: int = field(default=train.Config.image_min_pixels, metadata={"group": "video", "help": "image rows: lower bound on image area; 0: 4 merged patches"})
+    image_max_pixels: int = field(default=train.Config.image_max_pixels, metadata={"group": "video", "help": "image rows: upper bound on image area; 0: 256 merged patches"})
     max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"group": "video", "help": "longer prompts are skipped, never truncated"})
     compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"group": "generation and scoring", "help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
     protocol: str = field(default="train", metadata={"group": "generation and scoring", "help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
@@ -350,6 +354,7 @@ def partial_header(cfg, model_dir):
             "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_length": cfg.max_prompt_length,
             **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
+            **{k: getattr(cfg, k) for k in data.SETTING_FLAGS[5:] if getattr(cfg, k) != getattr(Config, k)},
             **({"prompt_template": cfg.prompt_template} if cfg.prompt_template != "default" else {}),
             "weights": weights_fingerprint(model_dir)}
 
@@ -368,8 +373,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
     done = read_done(output, header, rank, world)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
-                                                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    settings = data.video_settings_from_pretrained(model_dir, **{k: getattr(cfg, k) for k in data.SETTING_FLAGS})
     mine = [r for r in rows if "reason" not in r][rank::world]
     new_records = [r for r in rows if "reason" in r and key(r) not in done] if rank == 0 else []  # rows bad at load
     # fixed slices of this rank's rows; a slice is re-run whole if any of its rows is missing (same padding as before)
@@ -389,8 +393,8 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
             # EOS and suppressed tokens exactly as train.setup() builds them (model.special_token_ids)
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
-            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "problem", "solution", "problem_type", "options")}
-                                               for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
+            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "data_type", "problem", "solution", "problem_type",
+                                                                   "options")} for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
                                               template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None,
                                               prompt_template=cfg.prompt_template if cfg.protocol == "train" else "default")
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
@@ -688,6 +692,7 @@ def plan_video_r1(cfg, data_path, output, model_dir, weights):
     settings = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data_path), "protocol": "video-r1",
                 "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length, **VIDEO_R1_SAMPLING,
                 **{k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")},
+                **{k: getattr(cfg, k) for k in data.SETTING_FLAGS[5:] if getattr(cfg, k) != getattr(Config, k)},
                 "limit": cfg.limit, "weights": weights}
     return {"data": data_path, "output": output, "raw": raw, "by_index": {e["index"]: e for e in examples},
             "reasons": {b["index"]: b["reason"] for b in bad}, "settings": settings,
@@ -802,9 +807,7 @@ def main_video_r1(cfg, world, device):
     t0, summaries = time.time(), []
     for model_dir, model_plans in zip(model_dirs, plans):
         ctx = {"model_dir": model_dir, "tokenizer": AutoTokenizer.from_pretrained(model_dir), "device": device,
-               "settings": data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
-                                                               max_frames=cfg.max_frames, min_pixels=cfg.min_pixels,
-                                                               max_pixels=cfg.max_pixels)}
+               "settings": data.video_settings_from_pretrained(model_dir, **{k: getattr(cfg, k) for k in data.SETTING_FLAGS})}
         summaries.append([evaluate_video_r1(cfg, plan, ctx) for plan in model_plans])
         for s in summaries[-1]:
             print(f"wrote {s['output']}", file=sys.stderr)

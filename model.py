@@ -116,19 +116,37 @@ def hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def video_features(model, batch):
-    """Run the vision tower once per video, for the model's `mm_encoder_outputs` (every pass then reuses it)."""
-    feats = hf_model(model).model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])  # B x (n_i, D)
+def grids(batch, key):
+    """batch[key] ("image_grid_thw" or "video_grid_thw", (n, 3)), or None when the batch holds none of that kind."""
+    grid = batch.get(key)
+    return grid if grid is not None and len(grid) else None
+
+
+def vision_features(model, batch):
+    """The model's `mm_encoder_outputs` ({"image": ..., "video": ...}, each kind only when the batch holds it): the vision
+    tower runs ONCE per pass on the images and the videos together (every pass then reuses it). Whatever a rank's rows
+    hold, it makes the same one call: under ZeRO-3 every rank then runs the same parameter gathers. The tower treats
+    each grid on its own (attention within an image or a frame pair, windows and rotary positions per grid), so one call
+    is the two transformers would make (test_grpo.py checks the passes against its forward)."""
+    images, videos = grids(batch, "image_grid_thw"), grids(batch, "video_grid_thw")
+    parts = [(batch[k], g) for k, g in (("pixel_values", images), ("pixel_values_videos", videos)) if g is not None]
+    pixels, grid_thw = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])  # (sum N_i, 1176), (I+V, 3)
+    feats = hf_model(model).model.get_image_features(pixels, grid_thw)  # the same as get_video_features: I+V x (n_i, D)
     # the whole output: Qwen3-VL's forward also reads its deepstack_features (added after the first decoder layers);
     # only the unmerged patch states are dropped, nothing reads them and they need not stay alive
-    feats["last_hidden_state"] = None
-    feats.pooler_output = tuple(feats.pooler_output)
-    return {"video": feats}
+    n_images, out = 0 if images is None else len(images), {}
+    for kind, part, grid in (("image", slice(0, n_images), images), ("video", slice(n_images, None), videos)):
+        if grid is not None:
+            split = {"pooler_output": tuple(feats.pooler_output[part])}
+            if getattr(feats, "deepstack_features", None) is not None:
+                split["deepstack_features"] = [tuple(layer[part]) for layer in feats.deepstack_features]
+            out[kind] = type(feats)(**split)
+    return out
 
 
 def position_inputs(model, batch):
-    """The batch entries the family's M-RoPE needs besides the grid (Qwen2.5-VL: second_per_grid_ts (B,)), as keywords
-    for its position function (FAMILIES) and the model's forward."""
+    """The batch entries the family's M-RoPE needs besides the grids (Qwen2.5-VL: second_per_grid_ts, one per video
+    (V,)), as keywords for its position function (FAMILIES) and the model's forward."""
     keys = FAMILIES[model.config.model_type][1]
     missing = [k for k in keys if k not in batch]
     assert not missing, f"{model.config.model_type} needs batch{missing} (data.collate makes it from each video's sample fps)"
@@ -136,31 +154,33 @@ def position_inputs(model, batch):
 
 
 def release_positions(mm_token_type_ids, attention_mask, video_grid_thw, spatial_merge_size, second_per_grid_ts=None,
-                      tokens_per_second=1):
+                      tokens_per_second=1, image_grid_thw=None):
     """M-RoPE positions by the rule Qwen2-VL and Qwen2.5-VL were released with (get_rope_index of transformers 4.45 and
     4.49, written by the models' authors: "the text start position_ids as the max vision position_ids plus 1"; vLLM's
     M-RoPE the same). Text: one step per token, all three axes alike. A video block of grid (t, h, w), starting at s:
     temporal s + (arange(t) * second_per_grid_t * tokens_per_second).long() (Qwen2-VL: s + arange(t)), height and width
     s + arange(h / merge), s + arange(w / merge); the text after it starts at the block's largest position + 1, temporal
     row included. (transformers 5.23 moves it on by max(h, w) / merge only: other positions once t outruns h and w.)
-    Padding gets 1, as in the release code (attention never reads it). Blocks take the grids in batch order.
-    (B, P) -> (3, B, P)"""
+    An image block (mm_token_type_ids 1, its grid from image_grid_thw) is the same with t = 1 and no time: all its
+    temporal positions are s (4.49: second_per_grid_t 0 for images). Padding gets 1, as in the release code (attention
+    never reads it). Blocks take each kind's grids in batch order. (B, P) -> (3, B, P)"""
     B, P = mm_token_type_ids.shape
     positions = torch.ones(3, B, P, dtype=torch.long, device=mm_token_type_ids.device)  # (3, B, P)
-    grids = iter(video_grid_thw.tolist())
+    video_grid_thw = video_grid_thw if video_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+    grids = {2: iter(video_grid_thw.tolist()), 1: iter(image_grid_thw.tolist() if image_grid_thw is not None else [])}
     seconds = iter(second_per_grid_ts.float().cpu() if second_per_grid_ts is not None else [None] * len(video_grid_thw))
     for b in range(B):
         real = attention_mask[b].bool()                                               # (P,)
         types = mm_token_type_ids[b][real].tolist()
         row, start = [], 0
-        for kind, run in itertools.groupby(types):  # runs of text (0) and of video (2) tokens
+        for kind, run in itertools.groupby(types):  # runs of text (0), image (1) and video (2) tokens
             n = len(list(run))
             if kind == 0:
                 row.append(start + torch.arange(n).expand(3, -1))                     # (3, n)
-            else:  # a video block
-                (t, h, w), second = next(grids), next(seconds)
+            else:  # an image or a video block
+                (t, h, w), second = next(grids[kind]), next(seconds) if kind == 2 else None
                 h, w = h // spatial_merge_size, w // spatial_merge_size
-                assert t * h * w == n, f"release_positions: {n} video tokens in row {b} for a grid of {t} x {h} x {w}"
+                assert t * h * w == n, f"release_positions: {n} vision tokens in row {b} for a grid of {t} x {h} x {w}"
                 time = torch.arange(t) if second is None else (torch.arange(t) * second * tokens_per_second).long()  # (t,)
                 thw = torch.stack(torch.meshgrid(time, torch.arange(h), torch.arange(w), indexing="ij"))  # (3, t, h, w)
                 row.append(start + thw.reshape(3, -1))                                # (3, t*h*w)
@@ -172,15 +192,17 @@ def release_positions(mm_token_type_ids, attention_mask, video_grid_thw, spatial
 def released_rope(model, batch):
     """Qwen2-VL / Qwen2.5-VL: release_positions with the model's merge size and tokens per second. (3, B, P)"""
     vision = hf_model(model).config.vision_config
-    return release_positions(batch["mm_token_type_ids"], batch["attention_mask"], batch["video_grid_thw"], vision.spatial_merge_size,
-                             tokens_per_second=getattr(vision, "tokens_per_second", 1), **position_inputs(model, batch))
+    return release_positions(batch["mm_token_type_ids"], batch["attention_mask"], grids(batch, "video_grid_thw"), vision.spatial_merge_size,
+                             tokens_per_second=getattr(vision, "tokens_per_second", 1), image_grid_thw=grids(batch, "image_grid_thw"),
+                             **position_inputs(model, batch))
 
 
 def own_rope(model, batch):
     """The model's own get_rope_index (Qwen3-VL: each 2-frame group a t = 1 block, where it and the release rule agree).
     (3, B, P)"""
-    return hf_model(model).model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
-                                                attention_mask=batch["attention_mask"], **position_inputs(model, batch))[0]
+    return hf_model(model).model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=grids(batch, "image_grid_thw"),
+                                                video_grid_thw=grids(batch, "video_grid_thw"), attention_mask=batch["attention_mask"],
+                                                **position_inputs(model, batch))[0]
 
 
 def prompt_positions(model, batch):
@@ -197,7 +219,7 @@ def prefill(model, batch, repeats):
     `repeats` is G, or one count per prompt (B,) (T-GRPO: G for the normal prompts, fewer for the shuffled ones)."""
     positions, next_pos = prompt_positions(model, batch)                              # (3, B, P), (B,)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                mm_encoder_outputs=video_features(model, batch), use_cache=True, logits_to_keep=1)
+                mm_encoder_outputs=vision_features(model, batch), use_cache=True, logits_to_keep=1)
     if not isinstance(repeats, int):
         repeats = torch.as_tensor(repeats, device=batch["input_ids"].device)         # (B,)
     repeat_cache(out.past_key_values, repeats)                                        # (B*G, ...) per layer
@@ -580,7 +602,7 @@ def completion_logps(model, batch, completion_ids, *, num_generations, temperatu
     keep = P - 1 + torch.arange(G, device=input_ids.device)[:, None] * C + torch.arange(C, device=input_ids.device)  # (G, C)
     keep[:, 0] = P - 1
     padded = not bool(batch["attention_mask"].all())  # one prompt per GPU: never padded, causal calls (packed_attention)
-    out = model(input_ids=input_ids, position_ids=positions, mm_encoder_outputs=video_features(model, batch),
+    out = model(input_ids=input_ids, position_ids=positions, mm_encoder_outputs=vision_features(model, batch),
                 packed=packed_masks(batch["attention_mask"], G, C) if padded else (P, C), use_cache=False,
                 logits_to_keep=keep.flatten())
     logits = out.logits.view(B * G, C, -1)                                            # (B*G, C, V)
@@ -619,7 +641,7 @@ FAMILIES = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("second_per_grid_ts",), released_rope),
     # Qwen3-VL: 16-px patches and mean/std 0.5 (its preprocessor configs, read by data.py), a timestamp before each
     # 2-frame group (data.VideoSettings.frame_timestamps), interleaved M-RoPE with each group its own t = 1 grid (its
-    # get_rope_index), DeepStack (vision features added after the first decoder layers: video_features keeps them),
+    # get_rope_index), DeepStack (vision features added after the first decoder layers: vision_features keeps them),
     # QK-norm (inside its attention layer, which still calls packed_attention)
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", (), own_rope),
     # Qwen3.5: Qwen3-VL's tower without DeepStack, its processor, timestamps and get_rope_index; a hybrid text stack, three

@@ -35,9 +35,10 @@ accuracy 1.0 iff the completion's answer equals the truth.
          OCR: 1 - word error rate (word_error_rate: Levenshtein distance over
              whitespace-separated words / the truth's word count), case-folded,
              clipped to [0, 1]: partial credit.
-         regression: mean relative accuracy, as VSI-Bench scores it: the share of
-             the ten thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth|
-             < 1 - t (mean_relative_accuracy); a non-number answer scores 0.0.
+         regression: mean relative accuracy, as Video-R1's eval script scores it:
+             the share of its ten thresholds t = 0.50, 0.55, ..., 0.95 with
+             |pred - truth| / |truth| < 1 - t (mean_relative_accuracy; VSI-Bench's own
+             scorer in lmms-eval takes eleven, with <=); a non-number answer scores 0.0.
 
 video_r1_accuracy: Video-R1's later trainer's rule exactly (src/r1-v/src/open_r1/grpo.py; see its docstring);
          its format rule is seed_format's, so its recipe is --rewards video_r1_accuracy,seed_format.
@@ -416,7 +417,7 @@ def score(run, batch, completions, shuffled, lengths):
     if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
         shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
                                             **columns)[1]                                   # (B*G~,)
-        has_video = torch.tensor([v is not None for v in batch["video"]])                   # (B,)
+        has_video = torch.tensor([kind == "video" for kind in batch["data_type"]])            # (B,): T-GRPO only on videos
         bonus, given = temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
                                       alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)          # (B*G,), (B,)
         reward, bonuses["temporal_rewards"] = reward + bonus, given.float().repeat_interleave(G)  # (B*G,)

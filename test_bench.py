@@ -190,3 +190,22 @@ def test_main_measures_decode_on_every_family(tiny_model, capsys):
     assert "decode_ms_per_token_compiled" not in result and ("decode_ms_per_token_static" in result) == (len(measured) == 2)
     out = capsys.readouterr().out
     assert "decode (4 tokens" in out and "compiled" not in out.split("decode (4 tokens")[1]
+
+
+def test_memory_estimate_counts_image_rows(tmp_path, capsys):
+    # P is the longer of the video row's prompt and the largest image row's, whose prompt is data.py's own for an image
+    # at --image_max_pixels (default 256 merged patches: 448x448, 256 image tokens)
+    import numpy as np
+    from PIL import Image
+
+    import data
+    tokenizer = tiny.build_tiny_tokenizer()
+    Image.fromarray(np.zeros((448, 448, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    item = data.VideoPromptDataset([{"video": str(tmp_path / "x.png"), "data_type": "image", "problem":
+                                     "How many red objects are in the image?", "solution": ""}], tokenizer, data.VideoSettings())[0]
+    assert bench.image_prompt_tokens(tokenizer) == len(item["input_ids"])
+    assert bench.image_prompt_tokens(tokenizer) - bench.image_prompt_tokens(tokenizer, image_max_pixels=4 * 28 * 28) == 256 - 4
+    big = 4096 * 28 * 28  # 4096 image tokens: longer than the 16-frame video's 1,024
+    bench.main(["--shape", "2b", "--memory", "4", "--layers", "1", "--image_max_pixels", str(big)])
+    out = capsys.readouterr().out
+    assert f"prompt {bench.image_prompt_tokens(tokenizer, 'qwen2_vl', big)} (video row " in out

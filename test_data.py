@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import vision
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 PIX = 128 * 28 * 28
@@ -58,9 +59,9 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     skipped = []
     ex = data.load_examples(path, skipped=skipped)
     assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "problem": "How many?", "solution": "<answer>3</answer>",
-         "problem_type": "numerical", "options": [], "index": 1},
-        {"video": str(tmp_path / "dvd" / "b.mp4"), "problem": "Q2", "solution": "<answer>0</answer>",
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "data_type": "video", "problem": "How many?",
+         "solution": "<answer>3</answer>", "problem_type": "numerical", "options": [], "index": 1},
+        {"video": str(tmp_path / "dvd" / "b.mp4"), "data_type": "video", "problem": "Q2", "solution": "<answer>0</answer>",
          "problem_type": "numerical", "options": [], "index": 7},
     ]
     assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
@@ -144,8 +145,8 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
          "solution": "<answer>2</answer>", "path": "./LLaVA-Video/a.mp4"},
         {"problem": "Describe", "data_type": "video", "problem_type": "free-form", "solution": "<answer>a cat</answer>",
          "path": "./LLaVA-Video/a.mp4"},
-        {"problem": "What?", "data_type": "image", "problem_type": "numerical", "solution": "<answer>1</answer>",
-         "path": "./LLaVA-Video/a.mp4"},                                                       # 4: an image row
+        {"problem": "What?", "data_type": "audio", "problem_type": "numerical", "solution": "<answer>1</answer>",
+         "path": "./LLaVA-Video/a.mp4"},                                                       # 4: neither video nor image
         {"problem": "Read it", "data_type": "video", "problem_type": "essay", "solution": "<answer>x</answer>",
          "path": "./LLaVA-Video/a.mp4"},                                                       # 5: unknown type
         {"problem": "Pick", "data_type": "video", "problem_type": "multiple choice", "options": [],
@@ -163,7 +164,7 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
         (1, video, "multiple choice", ["A. red", "B. blue"]), (2, video, "numerical", []), (3, video, "free-form", [])]
     reasons = {s["index"]: s["reason"] for s in skipped}
     assert sorted(reasons) == [4, 5, 6, 7, 8]
-    assert "data_type 'image'" in reasons[4] and "'essay'" in reasons[5] and "options" in reasons[6]
+    assert "data_type 'audio' is neither video nor image" in reasons[4] and "'essay'" in reasons[5] and "options" in reasons[6]
     assert "options" in reasons[7] and "'video_filename'" in reasons[8]
     err = capsys.readouterr().err
     assert f"{path}:5: skipped:" in err and "loaded 3 of 8 rows" in err
@@ -234,7 +235,7 @@ def test_check_a_file_without_rows_is_one_error_line(tmp_path, capsys):
     for name, text in (("empty.jsonl", ""), ("broken.json", "[{not json")):
         (tmp_path / name).write_text(text)
         args = argparse.Namespace(check=str(tmp_path / name), video_root=None, model_name_or_path=None,
-                                  **{f.name: f.default for f in fields(data.VideoSettings)[:5]})
+                                  **{f.name: f.default for f in fields(data.VideoSettings) if f.name in data.SETTING_FLAGS})
         assert data.check_main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --check {tmp_path / name}: ") and len(err.splitlines()) == 1, err
@@ -526,7 +527,7 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]
     empty = data.collate([items[1]], pad_token_id=pad_id)
     assert empty == {"problem": [], "solution": [], "video": [], "index": [], "problem_type": [], "options": [],
-                     "skipped": [items[1]]}
+                     "data_type": [], "skipped": [items[1]]}
     assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
 
 
@@ -741,20 +742,26 @@ def test_video_r1_prompt_templates_byte_for_byte(problem_type, tokenizer):
 
 
 def test_synthetic_260k_split_has_all_five_types(synthetic, tokenizer):
-    """train_260k.json / test_260k.json: a JSON list in Video-R1-260k's layout about the synthetic clips, every
-    problem type in turn, each solution worth 1.0 to our accuracy and (up to its regression quirk) Video-R1's."""
+    """train_260k.json / test_260k.json: a JSON list in Video-R1-260k's layout about the synthetic clips, a video row
+    per clip and an image row per clip (its first frame), every problem type in turn in each, each solution worth 1.0
+    to our accuracy and (up to its regression quirk) Video-R1's."""
     import rewards
     out, _, _ = synthetic
     raw = json.loads((out / "train_260k.json").read_text())
-    assert [r["problem_type"] for r in raw] == [*rewards.PROBLEM_TYPES, rewards.PROBLEM_TYPES[0]]
+    videos, images = raw[:6], raw[6:]
+    assert [r["problem_type"] for r in videos] == [*rewards.PROBLEM_TYPES, rewards.PROBLEM_TYPES[0]]
+    assert len(images) == 6 and {r["problem_type"] for r in images} == set(rewards.PROBLEM_TYPES)
     assert all(set(r) == {"problem_id", "problem", "data_type", "problem_type", "options", "process", "solution", "path",
-                          "data_source"} and r["path"].startswith("./videos/") for r in raw)
+                          "data_source"} for r in raw)
+    assert all(r["path"].startswith("./videos/") and r["data_type"] == "video" for r in videos)
+    assert all(r["path"].startswith("./images/") and r["data_type"] == "image" and "video" not in r["problem"] for r in images)
     examples = data.load_examples(out / "train_260k.json", verbose=False)
-    assert len(examples) == 6 and all(os.path.isfile(e["video"]) for e in examples)
+    assert len(examples) == 12 and all(os.path.isfile(e["video"]) for e in examples)
+    assert [e["data_type"] for e in examples] == ["video"] * 6 + ["image"] * 6
     sols, types = [e["solution"] for e in examples], [e["problem_type"] for e in examples]
     completions = [f"<think>x</think>{s}" for s in sols]
-    assert rewards.accuracy_reward(completions, sols, problem_type=types, options=[e["options"] for e in examples]) == [1.0] * 6
-    assert rewards.video_r1_accuracy(completions, sols, problem_type=types) == pytest.approx([1.0] * 6)
+    assert rewards.accuracy_reward(completions, sols, problem_type=types, options=[e["options"] for e in examples]) == [1.0] * 12
+    assert rewards.video_r1_accuracy(completions, sols, problem_type=types) == pytest.approx([1.0] * 12)
     item = data.VideoPromptDataset(examples[1:2], tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56),
                                    prompt_template="video-r1")[0]
     prompt = tokenizer.decode(item["input_ids"])
@@ -762,4 +769,144 @@ def test_synthetic_260k_split_has_all_five_types(synthetic, tokenizer):
     assert prompt.rstrip().endswith(VIDEO_R1_SUFFIX["multiple choice"] + "<|im_end|>\n<|im_start|>assistant")
     report = data.check_dataset(out / "test_260k.json", settings=data.VideoSettings(max_frames=4, min_pixels=56 * 56,
                                                                                      max_pixels=56 * 56), progress=False)
-    assert report["rows"] == 3 and report["bad"] == [] and len(report["clips"]) == 3
+    assert report["rows"] == 6 and report["bad"] == [] and len(report["clips"]) == 3
+    assert [i["grid"] for i in report["images"]] == [(1, 8, 8)] * 3  # 112x112 first frames, inside [4, 256] merged patches
+    assert "6 rows, 6 good (3 videos, 3 images), 0 bad" in data.format_report("t", report)
+
+
+# ----------------------------------------------------------------------------- image rows (Video-R1's fetch_image)
+
+def _reference_fetch_image(path, min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28):
+    """Video-R1's vendored fetch_image on a local file, written out apart from vision.py: to_rgb (RGBA pasted on white
+    through its alpha, else convert("RGB")), its smart_resize (no max(factor, ...) in the downscale branch), PIL's
+    default resize."""
+    from PIL import Image
+    image = Image.open(path)
+    if image.mode == "RGBA":
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        image = white
+    else:
+        image = image.convert("RGB")
+    width, height = image.size
+    h, w = max(28, round(height / 28) * 28), max(28, round(width / 28) * 28)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / 28) * 28, math.floor(width / beta / 28) * 28
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / 28) * 28, math.ceil(width * beta / 28) * 28
+    return np.asarray(image.resize((w, h)))
+
+
+@pytest.mark.parametrize("shape, mode, expected", [((300, 170, 4), "RGBA", (308, 168)),  # inside the bounds
+                                                   ((1000, 700, 3), "RGB", (532, 364)),  # down to <= 256 * 28 * 28
+                                                   ((20, 30, 3), "RGB", (56, 84)),       # up to >= 4 * 28 * 28
+                                                   ((40, 60), "L", (56, 84)),             # grey: convert("RGB")
+                                                   ((90, 120, 2), "LA", (84, 112))])      # LA: convert, no white
+def test_read_image_is_video_r1s_fetch_image(shape, mode, expected, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    ours = vision.read_image(path, 4 * 28 * 28, 256 * 28 * 28)
+    assert ours.shape == (*expected, 3) and ours.dtype == np.uint8
+    assert np.array_equal(ours, _reference_fetch_image(path))
+
+
+def test_read_image_rgba_goes_over_white_and_bad_images_are_errors(tmp_path):
+    from PIL import Image
+    clear = np.zeros((56, 56, 4), dtype=np.uint8)  # fully transparent black: white after fetch_image's paste
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
+    assert (vision.read_image(tmp_path / "clear.png", 4 * 28 * 28, 256 * 28 * 28) == 255).all()
+    Image.fromarray(np.zeros((2, 500, 3), dtype=np.uint8)).save(tmp_path / "thin.png")  # aspect 250 > 200
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for name, reason in (("thin.png", "aspect ratio"), ("junk.png", "cannot identify"), ("missing.png", "No such file")):
+        with pytest.raises(vision.ImageError, match=reason):
+            vision.read_image(tmp_path / name, 4 * 28 * 28, 256 * 28 * 28)
+
+
+def test_image_rows_load_patch_and_prompt(tmp_path, tokenizer):
+    # a 260k-layout file of one image row, one video row, one bad image and one of an unknown data_type
+    out = data.make_synthetic_dataset(tmp_path / "s", n_train=1, n_test=1)[0].parent
+    Image.fromarray(np.full((60, 90, 3), 7, dtype=np.uint8)).save(out / "a.jpg")
+    (out / "bad.png").write_bytes(b"junk")
+    rows = [{"path": "./a.jpg", "data_type": "image", "problem": "What is it?", "solution": "<answer>1</answer>"},
+            {"path": "./videos/train_00000.mp4", "data_type": "video", "problem": "How many?", "solution": "<answer>1</answer>"},
+            {"path": "./bad.png", "data_type": "image", "problem": "?", "solution": "<answer>1</answer>"},
+            {"path": "./a.jpg", "data_type": "audio", "problem": "?", "solution": "<answer>1</answer>"}]
+    (out / "mixed.json").write_text(json.dumps(rows))
+    skipped = []
+    examples = data.load_examples(out / "mixed.json", skipped=skipped, verbose=False)
+    assert [e["data_type"] for e in examples] == ["image", "video", "image"]
+    assert [s["reason"] for s in skipped] == ["data_type 'audio' is neither video nor image"]
+    settings = data.VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56)
+    ds = data.VideoPromptDataset(examples, tokenizer, settings, shuffled_frames=True)
+    image, video, bad = ds[0], ds[1], ds[2]
+    assert "cannot identify" in bad["error"] and bad["data_type"] == "image"
+    assert image["image_grid_thw"].tolist() == [[1, 4, 6]] and image["image_size"] == [56, 84]  # 60x90 -> 56x84
+    assert "pixel_values_videos_shuffled" not in image  # T-GRPO shuffles no image
+    frames = np.asarray(Image.open(out / "a.jpg").convert("RGB").resize((84, 56)))
+    torch.testing.assert_close(image["pixel_values"], data.video_to_patches(np.stack([frames, frames]))[0])  # t repeated
+    prompt = tokenizer.decode(image["input_ids"])
+    assert prompt.count("<|image_pad|>") == 6 and "<|video_pad|>" not in prompt
+    assert prompt.index("<|vision_start|>") < prompt.index("What is it?")  # the image before the question
+    assert image["mm_token_type_ids"].tolist() == [1 if t == "<|image_pad|>" else 0 for t in
+                                                   tokenizer.convert_ids_to_tokens(image["input_ids"])]
+    # a mixed batch: each kind's rows and grids in row order; T-GRPO doubles only the video rows
+    batch = data.collate([video, image, bad], tokenizer.pad_token_id)
+    assert batch["data_type"] == ["video", "image"] and len(batch["skipped"]) == 1
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 6]] and batch["video_grid_thw"].shape == (1, 3)
+    assert batch["second_per_grid_ts"].shape == (1,) and batch["pixel_values"].shape == (24, 1176)
+    doubled = data.shuffled_copy(batch)
+    assert doubled["input_ids"].tolist() == batch["input_ids"][[0, 1, 0]].tolist()  # B + V rows: the video row again
+    assert doubled["video_grid_thw"].shape == (2, 3) and torch.equal(doubled["pixel_values"], batch["pixel_values"])
+    again = data.collate(data.uncollate(batch), tokenizer.pad_token_id)
+    for k, v in batch.items():
+        assert (torch.equal(again[k], v) if torch.is_tensor(v) else k == "skipped" or again[k] == v), k
+    swapped = data.collate(data.uncollate(batch)[::-1], tokenizer.pad_token_id)  # items keep their own pixels
+    assert torch.equal(swapped["pixel_values"], batch["pixel_values"]) and swapped["data_type"] == ["image", "video"]
+
+
+def test_video_time_video_r1_is_one_second_per_temporal_patch(synthetic, tokenizer, tmp_path):
+    # 8 frames of a 16-frame 8-fps clip: sampled at 4 fps, 0.5 s per temporal patch in true time; Video-R1's trainer: 1.0
+    out, train, _ = synthetic
+    examples = data.load_examples(train, verbose=False)[:1]
+    for video_time, seconds in (("true", 0.5), ("video-r1", 1.0)):
+        settings = data.VideoSettings(min_frames=8, max_frames=8, min_pixels=56 * 56, max_pixels=56 * 56, video_time=video_time)
+        assert data.VideoPromptDataset(examples, tokenizer, settings)[0]["second_per_grid_ts"].tolist() == [seconds]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match="qwen2_vl reads no second_per_grid_ts"):
+        data.video_settings_from_pretrained(tmp_path, video_time="video-r1")
+    with pytest.raises(ValueError, match="--video_time 'fake'"):
+        data.video_settings_from_pretrained(None, video_time="fake")
+
+
+def test_video_max_pixels_raises_the_readers_constant():
+    # Video-R1's 32-frame evaluation: VIDEO_MAX_PIXELS edited to 256*28*28 in its reader; --max_pixels can only lower
+    assert data.frame_size(480, 640, 32) == (280, 364)  # the training cap: 128*28*28 * 1.05
+    assert data.frame_size(480, 640, 32, max_pixels=256 * 28 * 28) == (280, 364)
+    h, w = data.frame_size(480, 640, 32, video_max_pixels=256 * 28 * 28)
+    assert (h, w) == (364, 504) and h * w <= 256 * 28 * 28  # 640x480 / sqrt(307200 / 200704), floored to 28
+    assert data.VideoSettings(image_min_pixels=0).image_max_pixels == 256 * 28 * 28
+    assert data.VideoSettings(patch_size=16).image_min_pixels == 4 * 32 * 32  # Qwen3-VL: its own merged patches
+
+
+def test_qwen3_vl_image_is_its_image_processors(tmp_path):
+    # the genuine Qwen3-VL preprocessor_config.json: 16-px patches, mean/std 0.5, its bounds [65536, 16777216] after
+    # the reader's [4, 256] merged patches of 32 px: a 112x112 image ends at 256x256, as its image processor makes it
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    folder = SHARED.parent / "qwen" / "Qwen3-VL-2B-Instruct"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} absent")
+    import tiny
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    settings = data.video_settings_from_pretrained(folder)
+    assert settings.image_bounds == (65536, 16777216) and settings.factor == 32
+    item = data.VideoPromptDataset([{"video": str(tmp_path / "x.png"), "data_type": "image", "problem": "?", "solution": ""}],
+                                   tiny.build_tiny_tokenizer(), settings)[0]
+    reader = vision.read_image(tmp_path / "x.png", 4 * 32 * 32, 256 * 32 * 32, 32)
+    theirs = Qwen2VLImageProcessorPil.from_pretrained(folder)(images=[Image.fromarray(reader)], return_tensors="pt")
+    assert item["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    torch.testing.assert_close(item["pixel_values"], theirs["pixel_values"].float(), rtol=0, atol=1e-5)

@@ -754,12 +754,14 @@ def release_rule(model):
         return
     tps = getattr(model.config.vision_config, "tokens_per_second", 1)
 
-    def get_rope_index(input_ids, mm_token_type_ids, video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_):
+    def get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+                       attention_mask=None, **_):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else None
-        positions = torch.tensor(reference_positions(mm_token_type_ids.tolist(), mask.tolist(), video_grid_thw.tolist(),
-                                                     seconds=seconds, tokens_per_second=tps),
-                                 device=input_ids.device)                                      # (3, B, P)
+        positions = torch.tensor(reference_positions(
+            mm_token_type_ids.tolist(), mask.tolist(), video_grid_thw.tolist() if video_grid_thw is not None else [],
+            seconds=seconds, tokens_per_second=tps, image_grids=image_grid_thw.tolist() if image_grid_thw is not None else ()),
+            device=input_ids.device)
         return positions, (positions.amax(dim=(0, 2)) + 1 - mask.sum(1))[:, None]        # the decode's delta (B, 1)
 
     model.model.get_rope_index = get_rope_index
@@ -770,17 +772,19 @@ def release_rule(model):
 
 
 def slow_logps(model, batch, completion_ids, G):
-    """The seed's way: the video repeated G times, full logits, positions left to transformers (by the release rule)."""
+    """The seed's way: the video (or image) repeated G times, full logits, positions left to transformers (by the release
+    rule); transformers runs its vision tower on the images and on the videos apart."""
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)
     types = torch.cat([batch["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1)
-    per_video = batch["video_grid_thw"].prod(-1).tolist()
-    videos = torch.split(batch["pixel_values_videos"], per_video)
-    pixel_values = torch.cat([v for v in videos for _ in range(G)])
+    vision = {}  # one image or video per row: each repeated for the row's G completions
+    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid in batch:
+            parts = torch.split(batch[pixels], batch[grid].prod(-1).tolist())
+            vision.update({pixels: torch.cat([v for v in parts for _ in range(G)]), grid: batch[grid].repeat_interleave(G, 0)})
     with release_rule(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, use_cache=False,
-                    pixel_values_videos=pixel_values, video_grid_thw=batch["video_grid_thw"].repeat_interleave(G, 0),
-                    **family_inputs(model, batch, G))
+                    **vision, **family_inputs(model, batch, G))
     C = completion_ids.size(1)
     logits = out.logits[:, -C - 1:-1]
     return torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -807,6 +811,64 @@ def test_packed_logps_equal_slow_path_values_and_grads(tiny_setup):
         scale = p.grad.abs().max().item()
         torch.testing.assert_close(fast_grads[name], p.grad, rtol=0, atol=1e-5 * scale, msg=lambda m: f"grad {name}: {m}")
     assert sum(g.abs().sum() > 0 for g in fast_grads.values()) == len(fast_grads)
+
+
+def mixed_batch(tokenizer, model, batch):
+    """The fixture's two video rows with an image row between them (grid 1 x 4 x 6, random pixels), float64."""
+    vision = model.config.vision_config
+    grid = torch.tensor([[1, 4, 6]])
+    ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, "What colour is it?", data_type="image"),
+                                    grid, data_type="image")
+    image = {"input_ids": ids, "mm_token_type_ids": types, "image_grid_thw": grid, "data_type": "image",
+             "pixel_values": torch.randn(24, 3 * vision.temporal_patch_size * vision.patch_size ** 2, dtype=torch.float64),
+             "problem": "What colour is it?", "solution": "<answer>red</answer>", "video": "i.png", "index": 2}
+    first, second = data.uncollate(dict(batch, pixel_values_videos=batch["pixel_values_videos"].double()))
+    mixed = data.collate([first, image, second], tokenizer.pad_token_id)
+    assert mixed["data_type"] == ["video", "image", "video"]
+    return mixed
+
+
+def test_packed_pass_on_images_and_videos_equals_transformers_forward(tiny_setup):
+    # a batch of video, image, video rows: the packed policy pass and the reference pass (one vision tower call for the
+    # image and the videos together) against transformers' own forward (the tower run on images and videos apart)
+    tokenizer, model, batch, eos, _ = tiny_setup
+    model = copy.deepcopy(model).double()
+    torch.manual_seed(3)
+    mixed = mixed_batch(tokenizer, model, batch)
+    G, C = 2, 5
+    completion_ids = torch.randint(NORMAL_IDS, 400, (3 * G, C))
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    fast = completion_logps(model, mixed, completion_ids, num_generations=G, temperature=1.0)
+    assert len(calls) == 1, "the vision tower must run once per pass, whatever the rows hold"
+    reference = completion_logps_shared_prompt(model, mixed, completion_ids, num_generations=G, temperature=1.0)
+    hook.remove()
+    slow = slow_logps(model, mixed, completion_ids, G)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(reference, slow, rtol=1e-9, atol=1e-9)
+    # the image's features matter: other pixels, other log-probs for its row only
+    other = dict(mixed, pixel_values=mixed["pixel_values"] + 1)
+    moved = (completion_logps(model, other, completion_ids, num_generations=G, temperature=1.0) - fast).abs().amax(1)
+    assert moved[2:4].min() > 1e-6 and moved[[0, 1, 4, 5]].max() == 0
+
+
+def test_rollout_on_a_mixed_batch_matches_transformers_generate(tiny_setup):
+    # greedy, video / image / video rows: the prefill-once sampler against transformers' generate, row by row
+    tokenizer, model, batch, eos, suppress = tiny_setup
+    mixed = mixed_batch(tokenizer, model, batch)
+    mixed = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in mixed.items()}
+    ours = sample_completions(model, mixed, num_generations=1, max_new_tokens=6, temperature=1.0, eos_token_ids=eos,
+                              suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id, greedy=True)
+    for b, item in enumerate(data.uncollate(mixed)):
+        one = data.collate([item], tokenizer.pad_token_id)
+        kinds = {k: one[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in one}
+        with release_rule(model):
+            out = model.generate(input_ids=one["input_ids"], attention_mask=one["attention_mask"],
+                                 mm_token_type_ids=one["mm_token_type_ids"], max_new_tokens=6, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress,
+                                 **kinds, **(family_inputs(model, one) if item["data_type"] == "video" else {}))
+        theirs = out[0, one["input_ids"].size(1):].tolist()
+        assert ours[b, :len(theirs)].tolist() == theirs, f"row {b} ({item['data_type']})"
 
 
 def test_packed_masks_layout():
@@ -890,14 +952,14 @@ def test_deepstack_features_reach_every_pass(tiny_setup, monkeypatch):
         return policy, reference, first
 
     with_deepstack = passes()
-    real = model_lib.video_features
+    real = model_lib.vision_features
 
     def without_deepstack(model, batch):
         feats = real(model, batch)
         feats["video"].deepstack_features = [[torch.zeros_like(f) for f in layer] for layer in feats["video"].deepstack_features]
         return feats
 
-    monkeypatch.setattr(model_lib, "video_features", without_deepstack)
+    monkeypatch.setattr(model_lib, "vision_features", without_deepstack)
     for name, a, b in zip(("policy", "reference", "prefill"), with_deepstack, passes()):
         assert (a - b).abs().max() > 1e-3, f"{name} pass: zeroing the DeepStack features changed nothing"
 
@@ -1219,6 +1281,32 @@ def test_dynamic_sampling_filter_run_length_and_steps_without_signal(tiny_data):
     assert [(r["skipped_update"], r["dynamic/rollouts"], r["dynamic/groups_dropped"]) for r in rows] == [(0, 1, 0)] * 2
 
 
+def test_deepspeed_two_ranks_zero3_one_image_one_video(tiny_data):
+    # ZeRO-3 on 2 ranks, one holding an image row and the other a video row in every step: the ranks must run the same
+    # parameter gathers (the vision tower once per pass on each), T-GRPO's shuffled rollout on the video rank only, the
+    # reference layer by layer (--no-gather_reference: the tower's gathers in that pass too)
+    root, model_dir, train_path = tiny_data
+    rows = json.loads(open(os.path.join(os.path.dirname(train_path), "train_260k.json")).read())
+    mixed = root / "synthetic" / "one_image_one_video.json"
+    mixed.write_text(json.dumps([next(r for r in rows if r["data_type"] == kind) for kind in ("image", "video")]))
+    out = root / "ds_mixed"
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run([deepspeed, "--num_gpus", "2", "--master_port", port, "train.py", "--tiny", "--model_name_or_path", model_dir,
+         "--data", str(mixed), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0",
+         "--num_generations", "2", "--prompts_per_device", "1", "--max_completion_length", "8", "--log_samples_steps", "1",
+         "--temporal_contrast", "--no-gather_reference"], timeout=400)
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in metrics] == [1, 2] and all(r["skipped_examples"] == 0 for r in metrics)
+    assert all(r["temporal_rewards"] in (0.0, 0.5) for r in metrics)  # the image rank's prompt never gets the bonus
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    for step in (1, 2):  # one rank an image, the other the video, every step
+        assert sorted((s["rank"], s["data_type"]) for s in samples if s["step"] == step)[::2] in (
+            [(0, "image"), (1, "video")], [(0, "video"), (1, "image")])
+
+
 # the run's accuracy reward is toy_accuracy (every completion correct) at weight 0: the total reward is the bonuses alone
 TGRPO_SCRIPT = """
 import sys, rewards, train
@@ -1266,6 +1354,21 @@ def test_score_reads_the_runs_accuracy_reward_and_its_bonus_decides_the_sign():
     assert (advantages > 0).tolist() == [True, False, True, False]
 
 
+def test_temporal_bonus_goes_to_video_rows_only_and_the_length_bonus_to_all():
+    # T-GRPO as Video-R1 (`if self.temporal and video_inputs`): an image row has no shuffled rollout ("" texts) and no
+    # temporal bonus; the length bonus is every row's
+    import types
+    import rewards
+    always = lambda completions, solutions: [1.0 for _ in completions]  # noqa: E731
+    cfg = train.Config(num_generations=2, temporal_contrast=True, length_reward=True, length_bonus=0.2, temporal_alpha=0.3)
+    run = types.SimpleNamespace(cfg=cfg, reward_funcs=[always], reward_weights=[0.0], accuracy_reward=always,
+                                length_window=(3, 5), G_shuffled=1)
+    batch = {"problem_type": ["numerical"] * 2, "options": [None] * 2, "solution": ["<answer>3</answer>"] * 2,
+             "video": ["v.mp4", "i.png"], "data_type": ["video", "image"]}
+    _, reward, extra = train.score(run, batch, ["a"] * 4, ["x", ""], torch.tensor([4.0, 9.0, 4.0, 9.0]))
+    assert reward.tolist() == pytest.approx([0.3 + 0.2, 0.3, 0.2, 0.0]) and extra["temporal_rewards"] == 0.5
+
+
 def test_weight_decay_groups_follow_the_hf_trainer():
     # the HF Trainer's rule (Video-R1's 260k recipe): no decay for biases and norm weights, decay for the rest
     from transformers import Trainer
@@ -1293,11 +1396,25 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--top_entropy_quantile", "1.5"], "--top_entropy_quantile must be in [0, 1]"),
     (["--loss_type", "cispo", "--cispo_epsilon_max", "0"], "--cispo_epsilon_max above 0"),
     (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], "--loss_type sapo: temperatures above 0"),
+    (["--video_time", "seconds"], "--video_time 'seconds': one of ('true', 'video-r1')"),
+    (["--image_min_pixels", "5000", "--image_max_pixels", "4000"], "image min <= max"),
+    (["--video_max_pixels", "-1"], "0 (the default rule) or a bound"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])
     with pytest.raises(train.ConfigError, match=re.escape(message)):
         train.validate_config(cfg)
+
+
+def test_video_time_video_r1_needs_qwen2_5_vl(tmp_path):
+    # only Qwen2.5-VL reads second_per_grid_ts: on another family the flag would change nothing, so it is an error
+    for family in ("qwen2_vl", "qwen3_vl"):
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "config.json").write_text(json.dumps({"model_type": family}))
+        cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path / "out"), "--model_name_or_path",
+                                  str(tmp_path / family), "--video_time", "video-r1"])
+        with pytest.raises(train.ConfigError, match="only Qwen2.5-VL places video in time"):
+            train.validate_config(cfg)
 # the rewards a multiple-choice run must hand its columns to: one with the plain (completions, solutions)
 # signature of a DVD-counting reward, one that names the columns it wants
 MC_SCRIPT = """
@@ -1348,14 +1465,18 @@ def test_tiny_run_on_all_five_video_r1_types_with_its_reward_and_prompt(tiny_dat
     root, model_dir, train_path = tiny_data
     out, split = root / "video-r1", os.path.join(os.path.dirname(train_path), "train_260k.json")
     assert {r["problem_type"] for r in json.load(open(split))} == set(rewards.PROBLEM_TYPES)
+    # the later recipe's flags (docs/video-r1-recipe.md's tiny demo): T-GRPO and the length reward, on video and image rows
     run([sys.executable, "train.py", "--tiny", "--model_name_or_path", model_dir, "--data", split,
          "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0", "--num_generations", "2",
          "--prompts_per_device", "5", "--max_completion_length", "8", "--log_samples_steps", "1",
-         "--rewards", "video_r1_accuracy,format", "--prompt_template", "video-r1"])
+         "--rewards", "video_r1_accuracy,seed_format", "--prompt_template", "video-r1", "--temporal_contrast", "--length_reward"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rewards/video_r1_accuracy"] <= 1 for r in rows)
+    assert all(r["skipped_examples"] == 0 and "temporal_rewards" in r and "length_rewards" in r for r in rows)
     assert json.load(open(out / "run_config.json"))["prompt_template"] == "video-r1"
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert {s["data_type"] for s in samples} == {"video", "image"}
+    assert all(s["video"].endswith(".png") == (s["data_type"] == "image") for s in samples)
     for s in samples:  # each completion scored by its own row's type
         row = next(r for r in json.load(open(split)) if r["problem"] == s["question"] and r["solution"] == s["solution"])
         assert s["rewards"]["video_r1_accuracy"] == pytest.approx(

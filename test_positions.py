@@ -5,7 +5,8 @@ The release rule (Qwen2-VL: transformers 4.45, Qwen2.5-VL: 4.49, `get_rope_index
 docstring: "we calculate the text start position_ids as the max vision position_ids plus 1"): text one step per token
 in all three axes; a video block of grid (t, h, w) starting at s gets temporal s + (arange(t) * second_per_grid_t *
 tokens_per_second).long() (Qwen2-VL: s + arange(t)), height s + arange(h/2), width s + arange(w/2); the text after it
-starts at the block's largest position + 1. `reference_positions` writes it out token by token, apart from model.py.
+starts at the block's largest position + 1. An image block is the same with t = 1 and no time (4.49: second_per_grid_t
+0 for an image; Qwen2-VL: arange(1)). `reference_positions` writes it out token by token, apart from model.py.
 """
 import math
 import shutil
@@ -18,17 +19,18 @@ import torch
 import data
 import model as model_lib
 import tiny
+import vision
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 
 
-def reference_positions(types, mask, grids, merge=2, seconds=None, tokens_per_second=1):
+def reference_positions(types, mask, grids, merge=2, seconds=None, tokens_per_second=1, image_grids=()):
     """The release rule, one token at a time on Python lists: types, mask (B, P) lists; grids one (t, h, w) per video
-    block in batch order; seconds one second_per_grid_t per video (None: Qwen2-VL). Padding 1 (the release code fills
-    torch.ones). Returns (3, B, P) nested lists."""
+    block in batch order; seconds one second_per_grid_t per video (None: Qwen2-VL); image_grids one (1, h, w) per image
+    block (type 1) in batch order. Padding 1 (the release code fills torch.ones). Returns (3, B, P) nested lists."""
     B, P = len(types), len(types[0])
     out = [[[1] * P for _ in range(B)] for _ in range(3)]
-    video = 0
+    video = image = 0
     for b in range(B):
         real = [p for p in range(P) if mask[b][p]]
         nxt, i = 0, 0
@@ -38,10 +40,12 @@ def reference_positions(types, mask, grids, merge=2, seconds=None, tokens_per_se
                     out[axis][b][real[i]] = nxt
                 nxt, i = nxt + 1, i + 1
                 continue
-            t, h, w = grids[video]
+            is_image = types[b][real[i]] == 1
+            t, h, w = image_grids[image] if is_image else grids[video]
             h, w = h // merge, w // merge
             # the release code's product, in its float32 tensor arithmetic, then truncated
-            times = [int(k) for k in (torch.arange(t) * torch.tensor(seconds[video], dtype=torch.float32) * tokens_per_second).long()] \
+            times = [0] * t if is_image else [int(k) for k in (
+                torch.arange(t) * torch.tensor(seconds[video], dtype=torch.float32) * tokens_per_second).long()] \
                 if seconds is not None else list(range(t))
             for k in range(t):
                 for y in range(h):
@@ -50,7 +54,7 @@ def reference_positions(types, mask, grids, merge=2, seconds=None, tokens_per_se
                         out[0][b][p], out[1][b][p], out[2][b][p] = nxt + times[k], nxt + y, nxt + x
                         i += 1
             nxt = nxt + max(max(times), h - 1, w - 1) + 1
-            video += 1
+            image, video = image + is_image, video + (not is_image)
     return out
 
 
@@ -150,6 +154,52 @@ def test_qwen3_vl_own_positions_equal_the_release_rule_on_its_t1_groups():
     assert own[:, real].tolist() == torch.tensor(release)[:, real].tolist()
 
 
+def test_image_blocks_follow_the_release_rule(hf_models):
+    # rows: an image, a video, an image (left-padded), in one batch: each kind takes its own grids in row order; an image
+    # is a t = 1 block at the start position, the text after it starts at its largest position + 1
+    image_grids, video_grids, seconds = [(1, 8, 12), (1, 10, 6)], [(4, 8, 8)], [1.5]
+    rows = [[0] * 7 + [1] * 24 + [0] * 9, [0] * 5 + [2] * 64 + [0] * 4, [0] * 3 + [1] * 15 + [0] * 2]
+    P = max(map(len, rows))
+    types = torch.tensor([[0] * (P - len(r)) + r for r in rows])                       # (3, P)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])             # (3, P)
+    for family, tps, secs in (("qwen2_vl", 1, None), ("qwen2_5_vl", 2, seconds)):
+        expected = reference_positions(types.tolist(), mask.tolist(), video_grids, seconds=secs, tokens_per_second=tps,
+                                       image_grids=image_grids)
+        ours = model_lib.release_positions(types, mask, torch.tensor(video_grids), 2, torch.tensor(secs) if secs else None,
+                                           tokens_per_second=tps, image_grid_thw=torch.tensor(image_grids))
+        assert ours.tolist() == expected
+        batch = {"input_ids": torch.zeros_like(types), "mm_token_type_ids": types, "attention_mask": mask,
+                 "image_grid_thw": torch.tensor(image_grids), "video_grid_thw": torch.tensor(video_grids),
+                 "second_per_grid_ts": torch.tensor(seconds)}
+        assert model_lib.prompt_positions(hf_models[family], batch)[0].tolist() == expected  # as every pass takes them
+        # on a t = 1 block "largest + 1" is transformers 5.23's "start + max(h, w) / 2": the image rows agree with it
+        images = torch.tensor([0, 2])
+        theirs = hf_models[family].model.get_rope_index(torch.zeros_like(types[images]), types[images],
+                                                        image_grid_thw=torch.tensor(image_grids), attention_mask=mask[images])[0]
+        real = mask[images].bool()
+        assert theirs[:, real].tolist() == ours[:, images][:, real].tolist()
+    assert [ours[a, 0, P - len(rows[0]) + 7 + 24] for a in range(3)] == [7 + 6] * 3  # 7 text, then 6 merged columns
+    assert ours[0, 0, P - len(rows[0]) + 7:P - len(rows[0]) + 31].unique().tolist() == [7]  # no time in an image
+
+
+def test_an_image_only_batch_needs_no_video_entries(hf_models):
+    # a batch of image rows only (no video_grid_thw, an empty second_per_grid_ts): every family's position function
+    tokenizer = tiny.build_tiny_tokenizer()
+    grid = torch.tensor([[1, 4, 6]])
+    ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, "What is it?", data_type="image"), grid,
+                                    data_type="image")
+    assert int((types == 1).sum()) == 6 and not (types == 2).any()
+    item = {"input_ids": ids, "mm_token_type_ids": types, "image_grid_thw": grid, "pixel_values": torch.zeros(24, 1176),
+            "problem": "", "solution": "", "video": "x.png", "index": 0, "data_type": "image"}
+    batch = data.collate([item], tokenizer.pad_token_id)
+    assert "video_grid_thw" not in batch and batch["second_per_grid_ts"].shape == (0,)
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        positions, _ = model_lib.prompt_positions(hf_models[family], batch)
+        expected = reference_positions(batch["mm_token_type_ids"].tolist(), batch["attention_mask"].tolist(), [],
+                                       image_grids=grid.tolist())
+        assert positions.tolist() == expected
+
+
 def qwen_folder(name, tmp_path):
     """A model folder without weights: the genuine small files plus the shared BPE files (../shared/qwen/README.md)."""
     if not (SHARED / "qwen" / name).is_dir():
@@ -174,6 +224,38 @@ def test_show_puts_text_after_the_video_by_the_release_rule(video, text_start, t
     (seconds,) = shown["second_per_grid_ts"]  # what every pass gets: 2 frames / the sample fps
     t = shown["grid_thw"][0]
     assert text_start == positions[0][last_video - shown["video_tokens"] + 1] + int((t - 1) * np.float32(seconds) * 2) + 1
+
+
+def test_show_image_is_the_official_image_processor_and_chat_template(tmp_path):
+    # data.py --show IMAGE with the genuine Qwen2.5-VL-7B files: grid, pixels, ids of transformers' own processor (its
+    # chat template, Qwen2VLImageProcessor on the reader's RGB image), positions by the release rule
+    import json
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    folder = qwen_folder("Qwen2.5-VL-7B-Instruct", tmp_path / "qwen2.5-vl-7b")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"  # RGBA, 300x170 (HxW): over white, resized to 308x168 (4 * 28 * 28 <= area <= 256 * 28 * 28)
+    Image.fromarray(rng.integers(0, 256, (300, 170, 4), dtype=np.uint8), "RGBA").save(path)
+    shown, pixels = data.show_video(path, folder, "What is it?", data.video_settings_from_pretrained(folder),
+                                    data_type="image")
+    reader = vision.read_image(path, 4 * 28 * 28, 256 * 28 * 28)
+    # the processor (AutoProcessor needs torchvision for its video half): its image processor, its chat template
+    # (chat_template.json), its text rule (each <|image_pad|> becomes grid product / merge^2 of them), then the tokenizer
+    theirs = Qwen2VLImageProcessorPil.from_pretrained(folder)(images=[Image.fromarray(reader)], return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = json.loads((Path(folder) / "chat_template.json").read_text())["chat_template"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+                                          data.format_question("What is it?")}]}], chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(theirs["image_grid_thw"].prod()) // 4))
+    assert shown["grid_thw"] == theirs["image_grid_thw"][0].tolist() == [1, 22, 12]  # 308x168
+    assert shown["input_ids"] == tokenizer(text)["input_ids"] and shown["image_tokens"] == 66
+    torch.testing.assert_close(pixels, theirs["pixel_values"].float(), rtol=0, atol=1e-5)
+    image = [i for i, t in enumerate(shown["input_ids"]) if t == 151655]               # <|image_pad|>
+    positions = torch.tensor(shown["position_ids"])
+    assert positions[0, image].unique().tolist() == [image[0]]  # t = 1, no time
+    assert positions[:, image[-1] + 1].tolist() == [image[0] + 10 + 1] * 3  # text after: start + largest (22 / 2 - 1) + 1
 
 
 def test_qwen2_vl_many_small_frames_on_the_genuine_prompt(hf_models, tmp_path):

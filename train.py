@@ -68,6 +68,10 @@ class Config:
     max_frames: int = field(default=16, metadata={"group": "data and video", "help": "most frames per video"})
     min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, the seed's; 128*32*32 for Qwen3-VL)"})
     max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
+    video_max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "the reader's VIDEO_MAX_PIXELS in that rule; 0: 128 merged patches (128*28*28, Video-R1's training); its 32-frame evaluation: 200704 (256*28*28)"})
+    video_time: str = field(default="true", metadata={"group": "data and video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps) or video-r1 (1.0, as Video-R1's later trainer trained; data.VIDEO_TIMES)"})
+    image_min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "image rows: lower bound on image area; 0: 4 merged patches (Video-R1's 4*28*28)"})
+    image_max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "image rows: upper bound on image area; 0: 256 merged patches (Video-R1's 256*28*28)"})
     max_prompt_length: int = field(default=4096, metadata={"group": "data and video", "help": "longer prompts (video tokens included) are skipped, never truncated"})
     num_workers: int = field(default=2, metadata={"group": "data and video", "help": "DataLoader workers decoding videos"})
     prompt_template: str = field(default="default", metadata={"group": "data and video", "help": "default (per type; numerical: the seed's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
@@ -166,9 +170,10 @@ def validate_config(cfg):
         raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
     if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
-    if cfg.min_pixels < 0 or cfg.max_pixels < 0:
-        raise ConfigError(f"--min_pixels {cfg.min_pixels} / --max_pixels {cfg.max_pixels}: min 0 (128 merged patches) or a "
-                          f"bound, max 0 (the seed's reader's cap) or a cap")
+    if min(cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.image_min_pixels, cfg.image_max_pixels) < 0 or \
+            cfg.video_time not in data.VIDEO_TIMES or 0 < cfg.image_max_pixels < cfg.image_min_pixels:
+        raise ConfigError(f"--min_pixels {cfg.min_pixels} --max_pixels {cfg.max_pixels} --video_max_pixels --image_min_pixels "
+                          f"--image_max_pixels: 0 (the default rule) or a bound, image min <= max; --video_time {cfg.video_time!r}: one of {data.VIDEO_TIMES}")
     if cfg.prompt_template not in data.PROMPT_TEMPLATE_NAMES:
         raise ConfigError(f"--prompt_template {cfg.prompt_template!r}: choose one of {data.PROMPT_TEMPLATE_NAMES}")
     if cfg.loss_type not in LOSSES:
@@ -215,7 +220,8 @@ def validate_config(cfg):
     if cfg.lora_rank < 0:
         raise ConfigError(f"--lora_rank {cfg.lora_rank}: 0 (off) or a positive rank")
     if os.path.isdir(name):
-        model.model_family(name)  # another family (a text-only Qwen2, LLaVA): one line now, not after a load
+        if model.model_family(name) != "qwen2_5_vl" and cfg.video_time != "true":  # another family: one line, before a load
+            raise ConfigError(f"--video_time {cfg.video_time}: only Qwen2.5-VL places video in time by second_per_grid_ts")
         if cfg.lora_rank:
             model.check_lora_targets(name, cfg.lora_target_modules)  # on a meta-device skeleton: no weights read
     else:
@@ -436,8 +442,7 @@ def setup(cfg):
     model_dir = model.resolve_model_dir(cfg.model_name_or_path)
     model.model_family(model_dir)  # a downloaded hub id of another family: the same one-line error
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    settings = data.video_settings_from_pretrained(model_dir, fps=cfg.fps, min_frames=cfg.min_frames,
-                                                   max_frames=cfg.max_frames, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    settings = data.video_settings_from_pretrained(model_dir, **{k: getattr(cfg, k) for k in data.SETTING_FLAGS})
     try:
         examples = data.load_examples(cfg.data, video_root=cfg.video_root or None, verbose=rank == 0)
     except ValueError as e:  # no usable row: a data problem, reported like a wrong flag
@@ -507,10 +512,11 @@ def setup(cfg):
 
 def rollout(run, batch):
     """G completions per prompt with the policy's current weights; T-GRPO: the shuffled videos ride in the same
-    rollout, B more prompts (same length) with G~ completions each. Returns (B*G, C) and (B*G~, C) or None."""
+    rollout, V more prompts (the video rows', same length) with G~ completions each. Returns (B*G, C) and (V*G~, C) or None."""
     cfg, B, G = run.cfg, len(batch["solution"]), run.cfg.num_generations
     run.policy.eval()  # gradient checkpointing switches the KV cache off in train mode
-    rollout_batch, counts = (data.shuffled_copy(batch), [G] * B + [run.G_shuffled] * B) if cfg.temporal_contrast else (batch, G)
+    videos = sum(kind == "video" for kind in batch["data_type"])  # T-GRPO: only video rows get a shuffled copy
+    rollout_batch, counts = (data.shuffled_copy(batch), [G] * B + [run.G_shuffled] * videos) if cfg.temporal_contrast else (batch, G)
     with model.gathered_params(run.engine):
         completion_ids = model.sample_completions(
             run.policy, rollout_batch, num_generations=counts, max_new_tokens=cfg.max_completion_length,
@@ -538,8 +544,10 @@ def sample(run, batch):
     completions = model.decode_completions(run.tokenizer, completion_ids, mask)
     if run.cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
         mask = mask * (~truncated)[:, None].int()
-    shuffled = None if shuffled_ids is None else model.decode_completions(
-        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
+    shuffled = None if shuffled_ids is None else iter(model.decode_completions(
+        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids)))  # (V*G~) texts
+    if shuffled is not None:  # B*G~, prompt by prompt: an image row's are "" (no shuffled rollout, no temporal bonus)
+        shuffled = [next(shuffled) if kind == "video" else "" for kind in batch["data_type"] for _ in range(run.G_shuffled)]
     return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
 
 
