@@ -16,7 +16,8 @@ fi
 source .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! command -v nvidia-smi > /dev/null; then  # no GPU: PyPI's Linux torch wheel is the multi-GB CUDA build
-  pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  # short timeouts: where that index is unreachable (an offline mirror, CI) pip takes the wheel its own config finds
+  pip install -q --timeout 15 --retries 1 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
 pip install -q -r requirements.txt
 if command -v nvidia-smi > /dev/null; then
