@@ -91,8 +91,8 @@ import data
 import runtime
 import tiny
 import train
-from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_shape, decode_state,
-                   position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax,
+from decode import decode_shape, decode_state
+from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, position_inputs, prefill, prompt_positions, rollout_decode, sample_completions, selective_log_softmax,
                    special_token_ids, use_packed_attention, video_features, vision_attention)
 
 
@@ -291,8 +291,8 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2, decode_c
     input embedding as autograd forms it, whole, before ZeRO shards it: one at a time when untied; tied (2B), autograd
     holds the LM head's part until the embedding's arrives and adds the two into a third (check_memory measures it).
     The compiled rollout (the default on GPU) keeps `decode_caches` static KV caches alive between steps, one per decode
-    shape (model.static_cache: 1 when every batch has one shape, at most model.COMPILED_SHAPES_MAX), each of this step's
-    shape padded: rows to 2^k, width to 256 x 2^k (model.decode_shape); 0 for --compile_rollout off."""
+    shape (decode.static_cache: 1 when every batch has one shape, at most decode.COMPILED_SHAPES_MAX), each of this step's
+    shape padded: rows to 2^k, width to 256 x 2^k (decode.decode_shape); 0 for --compile_rollout off."""
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
@@ -656,7 +656,7 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
         result[f"ops_per_token_{decode}"] = ops - ops_short
         result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
         result[f"graph_replays_per_token_{decode}"] = launches - launches_short if device.type == "cuda" else None
-    if "compiled" in decodes:  # what the compiled decode keeps: static caches, shapes, CUDA graphs (bounded, model.py)
+    if "compiled" in decodes:  # what the compiled decode keeps: static caches, shapes, CUDA graphs (bounded, decode.py)
         from torch._dynamo.utils import counters
         result.update(decode_state(device), cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     ids = sample_completions(model, batch, max_new_tokens=C, greedy=True, **kw)                   # (B*G, C)

@@ -129,7 +129,7 @@ def test_memory_estimate_counts_what_trains():
     # the whole (vocabulary x width) weight gradients: three at once when tied (2B), one when untied (7B), none with LoRA
     V, d = model.config.text_config.vocab_size, model.config.text_config.hidden_size
     assert full["LM head / embedding weight gradient, whole"] * 2**30 == 3 * V * d * 2 and lora["LM head / embedding weight gradient, whole"] == 0
-    # the kept static cache of the compiled rollout: 8 rows, 1,691 positions padded to 2,048 (model.decode_shape), K and V
+    # the kept static cache of the compiled rollout: 8 rows, 1,691 positions padded to 2,048 (decode.decode_shape), K and V
     kv = model.config.text_config.num_key_value_heads * model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     assert full["static KV caches kept (compiled rollout)"] * 2**30 == 2 * 2 * kv * 2 * 8 * 2048
     assert bench.memory_per_gpu(model, lora_rank=0, decode_caches=3, **kw)["static KV caches kept (compiled rollout)"] == \

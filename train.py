@@ -47,6 +47,7 @@ import torch
 
 import checkpoint
 import data
+import decode
 import model
 import rewards
 import runtime
@@ -775,7 +776,7 @@ def train(cfg):
         import plot
         plot.plot_run(cfg.output_dir)
     if model.rollout_decode(cfg.compile_rollout, run.device) == "compiled":  # gpu_check.sh reads the shapes and graphs
-        print0(f"compiled rollout: {model.decode_state(run.device)}")
+        print0(f"compiled rollout: {decode.decode_state(run.device)}")
     print0(f"done: {cfg.output_dir}/final")
     return cfg.output_dir
 
