@@ -102,6 +102,14 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def completion_mask(completion_ids, eos_token_ids):
+    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
+    T = completion_ids.size(1)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
+
+
 def decode_completions(tokenizer, completion_ids, mask):
     """Text of each completion up to and including its first EOS (special tokens dropped). (N, C), (N, C) -> N strings"""
     # cut at the mask rather than multiply by it: id 0 is an ordinary token in most vocabularies

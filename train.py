@@ -51,6 +51,7 @@ import decode
 import model
 import rewards
 import runtime
+import tiny
 from runtime import ConfigError, eta, print0
 
 
@@ -138,20 +139,12 @@ class Config:
     local_rank: int = field(default=-1, metadata={"group": "run and checkpoints", "help": "set by the deepspeed launcher; ignore"})
 
 
-# --tiny: every default that makes the whole loop run offline on 2 CPU cores in about a minute. The tiny model is
-# warm-started on the answer format (tiny.py), so the demo has a reward signal: format and accuracy move in 60 steps.
-TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.jsonl", output_dir="runs/tiny",
-            max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
-            max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
-            log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
-
-
 def parse_config(argv=None):
     loss_help = "; ".join(f"{name}: {loss.help}" for name, loss in LOSSES.items())  # the table is the one list
     parser = runtime.dataclass_parser(Config, __doc__, loss_type=dict(type=str, default=Config.loss_type, help=loss_help))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
-        parser.set_defaults(**dict(TINY, model_name_or_path=f"data/tiny-{args.tiny_model}"))
+        parser.set_defaults(**dict(tiny.TRAIN_PRESET, model_name_or_path=f"data/tiny-{args.tiny_model}"))
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -200,12 +193,11 @@ def validate_config(cfg):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
     runtime.build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
     # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
-    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
+    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(tiny.TRAIN_PRESET["data"])
     if not generated and not os.path.isfile(cfg.data):
         raise ConfigError(f"--data {cfg.data}: no such file (the layouts: docs/data.md)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
         raise ConfigError(f"--video_root {cfg.video_root}: no such folder")
-    import tiny
     if cfg.tiny_model not in tiny.TINY_MODELS:
         raise ConfigError(f"--tiny_model {cfg.tiny_model!r}: choose one of {', '.join(tiny.TINY_MODELS)}")
     name = cfg.model_name_or_path
@@ -252,19 +244,11 @@ def sequence_mean_kl(logps, ref_logps, mask):
     return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean().item()
 
 
-def completion_mask(completion_ids, eos_token_ids):
-    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
-    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
-    T = completion_ids.size(1)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
-    return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
-
-
 def split_rollout(completion_ids, num_normal, eos_token_ids):
     """T-GRPO's rollout rows: the first num_normal (those of the loss) cut to their longest completion (the shuffled
     rows may have run longer), contiguous for the packed pass; and the rest. (N, C) -> (num_normal, C'), (N - num_normal, C)"""
     normal, shuffled = completion_ids[:num_normal], completion_ids[num_normal:]
-    return normal[:, :completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
+    return normal[:, :model.completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
 
 
 # The loss's knobs, built once from the Config's "loss" fields: a new knob is one flag, grpo_loss's callers never change
@@ -418,7 +402,6 @@ def setup(cfg):
     # --- data
     if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
         if rank == 0:
-            import tiny
             family = model.check_model_path(cfg.model_name_or_path, tiny=True)  # None: a folder given, used as it is
             if family:
                 tiny.save_tiny_model(cfg.model_name_or_path, family=family)
@@ -541,14 +524,14 @@ Sampled = collections.namedtuple("Sampled", "completion_ids mask lengths truncat
 def sample(run, batch):
     """The rollout of a batch, with its masks and texts (Sampled)."""
     completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
-    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
+    mask = model.completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
     truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
     lengths = mask.sum(1).float()                                                         # (B*G,)
     completions = model.decode_completions(run.tokenizer, completion_ids, mask)
     if run.cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
         mask = mask * (~truncated)[:, None].int()
     shuffled = None if shuffled_ids is None else model.decode_completions(
-        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids))
+        run.tokenizer, shuffled_ids, model.completion_mask(shuffled_ids, run.eos_token_ids))
     return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
 
 
