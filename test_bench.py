@@ -43,6 +43,20 @@ def test_smoke_run_times_every_phase_of_both_ways():
     assert "decode_ms_per_token_eager" not in result  # --decode off
 
 
+def test_ours_times_train_py_own_step_functions(monkeypatch):
+    # no copy of the step in bench.py: ours' phases are train.rollout, train.reference_logps and train.policy_update
+    # (its engine's step timed apart as the optimizer phase), each called once per step, warm-up included
+    import train
+    calls = []
+    for name in ("rollout", "reference_logps", "policy_update"):
+        monkeypatch.setattr(train, name, lambda *a, _f=getattr(train, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    result = bench.main(["--shape", "tiny", "--frames", "4", "--num_generations", "2", "--completion_tokens", "3",
+                         "--repeats", "1", "--device", "cpu", "--only", "ours", "--decode", "off", "--threads", "1"])
+    assert calls == ["rollout", "reference_logps", "policy_update"] * 2, calls
+    assert set(PHASES) <= set(result["ours"]) and all(result["ours"][p]["time_s"] > 0 for p in PHASES)
+    assert not torch.distributed.is_initialized()  # the one-process group bench opened for the step is closed again
+
+
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
