@@ -799,30 +799,130 @@ def print_sweep(rows):
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
+def memory_table(args):
+    """--memory: the per-GPU estimate, full and LoRA, from the shapes on the meta device (nothing allocated)."""
+    model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
+    P = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
+                    model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
+    kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
+    full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
+    print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
+          f"+ completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
+    for key in full:
+        print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
+              f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
+    total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
+    print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
+    print(f"| policy pass peak (of its three terms) | {policy_pass_peak(model, full):,.2f} | {policy_pass_peak(model, lora):,.2f} |")
+    result = {"full": full, "lora": lora}
+    if args.check_memory:
+        result["check"] = check_memory(args)
+        print(f"measured on CPU, bf16, {args.layers} layers, one process: GiB | estimate | measured")
+        for key, (estimate, measured) in result["check"].items():
+            print(f"| {key} | {estimate:.3f} | {measured:.3f} |")
+    return result
+
+
+def build(args, device, dtype, attn):
+    """The tokenizer and the model, refused early where its weights cannot fit (7b in fp32 on a 24 GB machine), and
+    the seconds the build took."""
+    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
+                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}[args.shape]
+    need, free = approx_params * (torch.finfo(dtype).bits // 8), available_memory_bytes(device)
+    assert args.layers or need < 0.9 * free, (f"--shape {args.shape} needs {need / 2**30:.0f} GiB "
+                                              f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
+    torch.manual_seed(args.seed)
+    tokenizer = tiny.build_tiny_tokenizer()
+    t0 = time.perf_counter()
+    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
+    if args.gradient_checkpointing == "on":
+        checkpoint_activations(model)  # = train.py's
+    return tokenizer, model, time.perf_counter() - t0
+
+
+def make_optimizer(args, model, device, counts, bytes_per):
+    """torch AdamW where gradients + two AdamW states, each the parameters' size, fit beside the activations
+    (--optimizer auto); else None, said on stderr."""
+    need, free = 3 * counts["total"] * bytes_per, available_memory_bytes(device)
+    if not (args.optimizer == "on" or (args.optimizer == "auto" and need < 0.6 * free)):
+        print(f"optimizer phase skipped (--optimizer {args.optimizer}): gradients + AdamW states need {need / 2**30:.1f} GiB, "
+              f"{free / 2**30:.1f} GiB free after the model. The real run shards them with ZeRO-3 over 4 GPUs.", file=sys.stderr)
+        return None
+    if args.shape != "tiny" and device.type == "cpu":
+        print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+
+
+def describe(args, model, device, dtype, attn, counts, optimizer, build_s):
+    """What was measured, for the JSON and the header line (printed)."""
+    peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
+                                if device.type == "cuda" else 0.0)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
+             "vision_attn": attn, "policy_pass": args.policy_pass, "temporal_contrast": args.temporal_contrast,
+             "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": optimizer is not None,
+             "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
+             "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
+             "rollout_decode": rollout_decode(args.compile_rollout, device), "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
+    print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
+          f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
+          f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if optimizer else 'off'} "
+          f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
+    return setup
+
+
+def sweep(args, model, optimizer, tokenizer, device, kw):
+    """--sweep: the step over frames (4, 8, 16, 32) and over G (4, 8, 16), ours by default; printed as one table."""
+    grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
+    rows = []
+    for frames, G in dict.fromkeys(grid):  # the default point appears in both lines once
+        rows.append(measure(model, optimizer, tokenizer, args, device, frames=frames, G=G, **kw))
+        print(f"  measured frames={frames} G={G}", file=sys.stderr, flush=True)
+    print(f"{args.prompts} prompt(s) | {args.completion_tokens} completion tokens | median of {args.repeats} | seconds per phase")
+    print_sweep(rows)
+    return {"sweep": rows}
+
+
+def one_step(args, model, optimizer, tokenizer, device, kw):
+    """One step at the flags' shape, both ways (or --only), with T-GRPO's and dynamic sampling's added costs; printed."""
+    row = measure(model, optimizer, tokenizer, args, device, frames=args.frames, G=args.num_generations, **kw)
+    print(f"{args.prompts} prompt(s) x G={args.num_generations} | video {args.frames} frames, grid {tuple(row['video_grid'])} "
+          f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
+          f"| median of {args.repeats} after 1 warm-up")
+    print_table(row, "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB")
+    if args.temporal_contrast:
+        added, total = row["tgrpo_added_s"], row["ours"]["total"]["time_s"]
+        # only the rollout runs other code; the other phases' differences are timing noise
+        print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
+              f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
+              f"measured total difference {added['total']:+.3f}s")
+    if args.dynamic_sampling:
+        extra, total = row["dynamic_extra_rollout_s"] + row["dynamic_join_s"], row["ours"]["total"]["time_s"]
+        print(f"dynamic sampling adds {extra:.3f}s per extra rollout ({100 * extra / total:+.1f}% of ours' step: rollout "
+              f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
+              f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
+    return row
+
+
+def decode_report(args, model, tokenizer, device, step_kw):
+    """The rollout's decode alone (measure_decode), printed; BENCH_PROFILE=1 also prints each path's profile."""
+    batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
+                        model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)
+    torch.manual_seed(args.seed)
+    decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
+                                    repeats=args.repeats, decodes=args.decodes, **step_kw)
+    print_decode(decode)
+    if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for docs/performance.md's profile
+        for name, table in tables.items():
+            print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
+    return decode
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
     if args.memory:  # the table only: shapes on the meta device, nothing allocated
-        model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
-        P = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
-                        model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
-        kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
-        full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
-        print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
-              f"+ completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
-        for key in full:
-            print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
-                  f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
-        total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
-        print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
-        print(f"| policy pass peak (of its three terms) | {policy_pass_peak(model, full):,.2f} | {policy_pass_peak(model, lora):,.2f} |")
-        result = {"full": full, "lora": lora}
-        if args.check_memory:
-            result["check"] = check_memory(args)
-            print(f"measured on CPU, bf16, {args.layers} layers, one process: GiB | estimate | measured")
-            for key, (estimate, measured) in result["check"].items():
-                print(f"| {key} | {estimate:.3f} | {measured:.3f} |")
-        return result
+        return memory_table(args)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
     device = torch.device(args.device)
@@ -830,93 +930,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py: bf16 on GPU; fp32 on CPU
     attn = vision_attention(args.attn_implementation, device)  # the vision tower's; the language model's is sdpa
-
-    # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
-    bytes_per = torch.finfo(dtype).bits // 8
-    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
-                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}[args.shape]
-    free = available_memory_bytes(device)
-    assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
-                                                    f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
-    torch.manual_seed(args.seed)
-    tokenizer = tiny.build_tiny_tokenizer()
-    t0 = time.perf_counter()
-    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
-    build_s = time.perf_counter() - t0
-    if args.gradient_checkpointing == "on":
-        checkpoint_activations(model)  # = train.py's
+    tokenizer, model, build_s = build(args, device, dtype, attn)
     counts = parameter_counts(model)
-
-    # optimizer: gradients + two AdamW states, each the parameters' size, must fit beside the activations
-    need = 3 * counts["total"] * bytes_per
-    free = available_memory_bytes(device)
-    use_optimizer = args.optimizer == "on" or (args.optimizer == "auto" and need < 0.6 * free)
-    if not use_optimizer:
-        print(f"optimizer phase skipped (--optimizer {args.optimizer}): gradients + AdamW states need {need / 2**30:.1f} GiB, "
-              f"{free / 2**30:.1f} GiB free after the model. The real run shards them with ZeRO-3 over 4 GPUs.", file=sys.stderr)
-    elif args.shape != "tiny" and device.type == "cpu":
-        print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0) if use_optimizer else None
+    optimizer = make_optimizer(args, model, device, counts, torch.finfo(dtype).bits // 8)
+    setup = describe(args, model, device, dtype, attn, counts, optimizer, build_s)
 
     eos, vision = special_token_ids(tokenizer)
     step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
                "policy_pass": args.policy_pass, "compile_rollout": args.compile_rollout}
-    peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
-                                if device.type == "cuda" else 0.0)
-    peak_flops = peak * 1e12 or None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
-             "vision_attn": attn, "policy_pass": args.policy_pass, "temporal_contrast": args.temporal_contrast,
-             "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
-             "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
-             "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
-             "rollout_decode": rollout_decode(args.compile_rollout, device), "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
-    print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
-          f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
-          f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
-          f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
-    mem_label = "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB"
-
-    kw = dict(step_kw=step_kw, counts=counts, peak_flops=peak_flops)
+    kw = dict(step_kw=step_kw, counts=counts, peak_flops=(setup["peak_tflops"] or 0) * 1e12 or None)
     if args.sweep:
-        grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
-        grid = list(dict.fromkeys(grid))  # the default point appears in both lines once
-        rows = []
-        for frames, G in grid:
-            rows.append(measure(model, optimizer, tokenizer, args, device, frames=frames, G=G, **kw))
-            print(f"  measured frames={frames} G={G}", file=sys.stderr, flush=True)
-        print(f"{args.prompts} prompt(s) | {args.completion_tokens} completion tokens | median of {args.repeats} | seconds per phase")
-        print_sweep(rows)
-        result = {**setup, "sweep": rows}
+        result = {**setup, **sweep(args, model, optimizer, tokenizer, device, kw)}
     else:
-        row = measure(model, optimizer, tokenizer, args, device, frames=args.frames, G=args.num_generations, **kw)
-        print(f"{args.prompts} prompt(s) x G={args.num_generations} | video {args.frames} frames, grid {tuple(row['video_grid'])} "
-              f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
-              f"| median of {args.repeats} after 1 warm-up")
-        print_table(row, mem_label)
-        if args.temporal_contrast:
-            added, total = row["tgrpo_added_s"], row["ours"]["total"]["time_s"]
-            # only the rollout runs other code; the other phases' differences are timing noise
-            print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
-                  f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
-                  f"measured total difference {added['total']:+.3f}s")
-        if args.dynamic_sampling:
-            extra, total = row["dynamic_extra_rollout_s"] + row["dynamic_join_s"], row["ours"]["total"]["time_s"]
-            print(f"dynamic sampling adds {extra:.3f}s per extra rollout ({100 * extra / total:+.1f}% of ours' step: rollout "
-                  f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
-                  f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
-        result = {**setup, **row}
+        result = {**setup, **one_step(args, model, optimizer, tokenizer, device, kw)}
         if args.decodes:
-            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
-                                model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)
-            torch.manual_seed(args.seed)
-            decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
-                                            repeats=args.repeats, decodes=args.decodes, **step_kw)
-            print_decode(decode)
-            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for docs/performance.md's profile
-                for name, table in tables.items():
-                    print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
-            result.update(decode)
+            result.update(decode_report(args, model, tokenizer, device, step_kw))
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']:.1f}s")
     print("BENCH_JSON " + json.dumps(result))
