@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import faulthandler
 import functools
-import json
 import math
 import os
 import random
@@ -380,9 +379,6 @@ class Run:
 
 def setup(cfg):
     """Distributed init, data, models, resume: everything before the first step."""
-    import deepspeed
-    from transformers import AutoTokenizer
-
     rank, world, device = runtime.init_distributed()
     # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
@@ -399,8 +395,43 @@ def setup(cfg):
     accuracy_name = rewards.reward_of_kind(reward_names, "accuracy") or "accuracy"  # T-GRPO, length bonus, all_correct
     B_max = cfg.prompts_per_device
 
-    # --- data
-    if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
+    model_dir, tokenizer, examples, dataset = setup_data(cfg, rank)
+    steps_per_epoch = len(dataset) // (world * B_max)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
+    engine, ref_engine, scheduler = setup_models(cfg, model_dir, device, updates=total_steps * cfg.num_iterations)
+    eos_token_ids, suppress = model.special_token_ids(tokenizer, engine.module.config.text_config.vocab_size)
+
+    # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
+    start_step, position, rng = 0, (0, 0), None
+    if cfg.resume_from:
+        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
+        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
+    checkpoint.start_run(cfg, rank, start_step, {**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
+                                                 "steps_per_epoch": steps_per_epoch, "model_dir": model_dir,
+                                                 "accuracy_reward": accuracy_name})
+    logger = checkpoint.MetricsLogger(cfg, rank, resumed=start_step > 0)
+    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
+           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+    batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
+        data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
+    if rng is not None:
+        checkpoint.set_rng_state(rng)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
+               scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
+               reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
+               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
+               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
+               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, logger=logger, start_step=start_step,
+               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def setup_data(cfg, rank):
+    """The model folder, its tokenizer, the data file's examples and their dataset (--tiny: the tiny model and the
+    synthetic data made first, on rank 0, while the others wait)."""
+    from transformers import AutoTokenizer
+    if cfg.tiny:  # the embedded default: made on first use
         if rank == 0:
             family = model.check_model_path(cfg.model_name_or_path, tiny=True)  # None: a folder given, used as it is
             if family:
@@ -420,12 +451,13 @@ def setup(cfg):
     dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
                                       shuffled_frames=cfg.temporal_contrast, shuffle_seed=cfg.seed,
                                       prompt_template=cfg.prompt_template)
-    steps_per_epoch = len(dataset) // (world * B_max)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
+    return model_dir, tokenizer, examples, dataset
 
-    # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
+
+def setup_models(cfg, model_dir, device, updates):
+    """The policy in a DeepSpeed engine with its optimizer and LR schedule over `updates`; the frozen reference sharded
+    the same way (None with LoRA, whose reference is the policy with its adapters off, or with beta 0)."""
+    import deepspeed
     ds_config = runtime.build_ds_config(cfg)
     model.partition_at_load(ds_config)  # ZeRO-3: weights partitioned as they load, no whole copy per rank
     policy_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
@@ -433,8 +465,6 @@ def setup(cfg):
         model.checkpoint_activations(policy_model)
     if cfg.lora_rank:  # only the adapters train; the reference is the policy with them off: no second model
         policy_model = model.add_lora(policy_model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
-    updates = total_steps * cfg.num_iterations
-
     lr_lambda = functools.partial(runtime.lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy_model, model_parameters=model.weight_decay_groups(policy_model, cfg.weight_decay), config=ds_config,
@@ -445,39 +475,7 @@ def setup(cfg):
         ref_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
         ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
-    eos_token_ids, suppress = model.special_token_ids(tokenizer, engine.module.config.text_config.vocab_size)
-
-    # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
-    start_step, position, rng = 0, (0, 0), None
-    if cfg.resume_from:
-        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
-        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if cfg.overwrite_output_dir:  # the old run goes before the new one writes: nothing of it is left to resume
-        checkpoint.clear_run(cfg.output_dir, rank)
-    if rank == 0:
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            if start_step:  # rows a killed run logged after its checkpoint are logged again
-                checkpoint.truncate_jsonl(os.path.join(cfg.output_dir, name), start_step)
-            else:
-                open(os.path.join(cfg.output_dir, name), "w").close()
-        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
-                       "steps_per_epoch": steps_per_epoch, "model_dir": model_dir, "accuracy_reward": accuracy_name}, f, indent=2)
-    logger = checkpoint.MetricsLogger(cfg, rank, resumed=start_step > 0)
-    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
-           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
-    batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
-        data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-    return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
-               scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
-               reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
-               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
-               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
-               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, logger=logger, start_step=start_step,
-               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return engine, ref_engine, scheduler
 
 
 def next_batch(run):
