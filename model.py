@@ -271,8 +271,9 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
     temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
-    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache), "static" (decode_step
-    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens.
+    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache, eager_decoder), "static"
+    (decode.py's decode_step on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on
+    GPU): the same tokens.
     The token choice (penalty, suppression, filters, sampling) stays eager in all three, so seeded rollouts draw the
     same random numbers.
     """
