@@ -29,18 +29,23 @@ costs and the balance of attention against matrix products stay those of the rea
 seed's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
 grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
 
-A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens):
-  rollout          ours: sample_completions (video encoded and prompt prefilled once, KV cache repeated G times)
+A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens).
+Ours is train.py's own step functions on a train.Run of this process (step_run: train.py's defaults at this shape, a
+PlainEngine in DeepSpeed's place, a one-process gloo group for the step's all-reduces); bench.py has no copy of it.
+  rollout          ours: train.rollout -> sample_completions (video encoded and prompt prefilled once, KV cache
+                   repeated G times; top_k 50, as train.py's and generate's default)
                    seed: G separate HF `generate` calls, each encoding the video and prefilling the prompt again
-  ref_logps        ours: completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
+  ref_logps        ours: train.reference_logps -> completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
                    completions on its repeated KV cache, logits only at the completion positions)
                    seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
                    every position row by row, then the completion slice (`baseline_logps`)
-  policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: completion_logps
+  policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: train.policy_update
+                   less its engine's step -> completion_logps
                    (each prompt packed with its G completions into one row, packed_attention); with --policy_pass
                    per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
                    Seed: baseline_logps.
-  optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients
+  optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients (ours: the engine's step
+                   inside train.policy_update, timed apart)
 With --temporal_contrast a third way, "tgrpo", is ours with T-GRPO's rollout (train.py --temporal_contrast): the B
 prompts on their shuffled videos join the rollout, G // 2 completions each, one more vision pass per prompt; the
 other phases are ours (shuffled completions never enter the loss). Scoring them (decode + accuracy) is not timed.
@@ -77,7 +82,9 @@ eager,static: those paths only), and what the compiled path keeps: decode_caches
 compiled or eager), cuda_graphs, cudagraph_skips. BENCH_PROFILE=1 prints each path's profiler table. --compile_rollout sets the path of ours' rollout phase in the step table, as train.py's flag.
 The last line, `BENCH_JSON {...}`, holds every number.
 """
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,18 +93,20 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from unittest import mock
 
 import numpy as np
 import torch
 
 import data
+import model as model_lib
 import runtime
 import tiny
 import train
-from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, decode_shape, decode_state,
-                   has_linear_attention, hf_model, lora_targets, position_inputs, prefill, prompt_positions, rollout_decode,
-                   sample_completions, selective_log_softmax, special_token_ids, use_packed_attention, vision_features,
-                   vision_attention)
+from decode import decode_shape, decode_state
+from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, has_linear_attention, hf_model,
+                   lora_targets, position_inputs, prefill, prompt_positions, rollout_decode, sample_completions,
+                   selective_log_softmax, special_token_ids, use_packed_attention, vision_features, vision_attention)
 
 
 @dataclass
@@ -328,8 +337,8 @@ def memory_per_gpu(model, *, world, lora_rank, B, G, P, C, bytes_per=2, decode_c
     input embedding as autograd forms it, whole, before ZeRO shards it: one at a time when untied; tied (2B), autograd
     holds the LM head's part until the embedding's arrives and adds the two into a third (check_memory measures it).
     The compiled rollout (the default on GPU) keeps `decode_caches` static KV caches alive between steps, one per decode
-    shape (model.static_cache: 1 when every batch has one shape, at most model.COMPILED_SHAPES_MAX), each of this step's
-    shape padded: rows to 2^k, width to 256 x 2^k (model.decode_shape); 0 for --compile_rollout off."""
+    shape (decode.static_cache: 1 when every batch has one shape, at most decode.COMPILED_SHAPES_MAX), each of this step's
+    shape padded: rows to 2^k, width to 256 x 2^k (decode.decode_shape); 0 for --compile_rollout off."""
     text = model.config.text_config
     N = sum(p.numel() for p in model.parameters())
     d, inter, layers, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
@@ -527,9 +536,11 @@ def baseline_logps(model, batch, completion_ids, *, num_generations):
     return logps[:, -C:]                                                                             # (B*G, C)
 
 
-def per_completion_logps(model, batch, completion_ids, *, num_generations, temperature):
-    """completion_logps as it was before packing (--policy_pass per_completion): video encoded once and logits
-    only at completion positions, but the prompt run again for each completion, B*G*(P+C) positions. (B*G, C)"""
+def per_completion_logps(model, batch, completion_ids, *, num_generations, temperature, entropy=False):
+    """completion_logps as it was before packing (--policy_pass per_completion, in place of it in train.policy_update):
+    video encoded once and logits only at completion positions, but the prompt run again for each completion,
+    B*G*(P+C) positions. (B*G, C)"""
+    assert not entropy, "per_completion_logps: log-probs only (train.py's default --top_entropy_quantile 1.0)"
     G, C = num_generations, completion_ids.size(1)
     positions, next_pos = prompt_positions(model, batch)                        # (3, B, P), (B,)
     completion_pos = next_pos[:, None] + torch.arange(C, device=next_pos.device)      # (B, C)
@@ -567,61 +578,132 @@ def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else max_rss_gib()
-    return out, (seconds, mem)
+    return out, (seconds, peak_gib(device))
 
 
-def grpo_step(way, model, optimizer, batch, *, G, C, eos, never, pad_token_id, policy_pass="packed", decode="eager"):
-    """One GRPO step as train.py's loop takes it. Returns {phase: (seconds, GiB)}; the optimizer phase only with one."""
-    device = batch["input_ids"].device
-    B, result = batch["input_ids"].size(0), {}
-    if way in ("ours", "tgrpo"):
-        rollout = lambda: sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0,
-                                                   eos_token_ids=eos, suppress_token_ids=never, pad_token_id=pad_token_id,
-                                                   decode=decode)
-        if way == "tgrpo":  # train.py --temporal_contrast: shuffled videos in the same rollout; their rows only scored
-            rollout = lambda: sample_completions(model, data.shuffled_copy(batch), num_generations=[G] * B + [G // 2] * B,
-                                                 max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
-                                                 suppress_token_ids=never, pad_token_id=pad_token_id, decode=decode)[:B * G]
-        policy_logps = completion_logps if policy_pass == "packed" else per_completion_logps
-        logps_of = lambda ids: policy_logps(model, batch, ids, num_generations=G, temperature=1.0)
-        ref_logps_of = lambda ids: completion_logps_shared_prompt(model, batch, ids, num_generations=G, temperature=1.0)
-    else:
-        rollout = lambda: baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
-                                           suppress_token_ids=never, pad_token_id=pad_token_id)
-        logps_of = ref_logps_of = lambda ids: baseline_logps(model, batch, ids, num_generations=G)
+def peak_gib(device):
+    """GiB allocated at the peak since the last reset on CUDA; the process's max RSS so far on CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else max_rss_gib()
 
-    model.eval()  # as train.py: eval for generation, so gradient checkpointing does not switch the KV cache off
-    completion_ids, result["rollout"] = timed(rollout, device)                         # (B*G, C)
-    assert completion_ids.shape == (B * G, C), f"{way}: completions {tuple(completion_ids.shape)}, expected {(B * G, C)}"
-    mask = train.completion_mask(completion_ids, eos)                                  # (B*G, C): all ones, EOS never sampled
-    advantages = torch.randn(B * G, device=device)                                     # rewards do not change the cost
 
-    with torch.no_grad():  # in eval mode still, as train.py's reference pass
-        ref_logps, result["ref_logps"] = timed(lambda: ref_logps_of(completion_ids), device)  # (B*G, C)
+# ----------------------------------------------------------------------------------------------------------------
+# one step, phase by phase: ours is train.py's own step functions, on a train.Run of this one process
 
-    def policy_pass():
-        logps = logps_of(completion_ids)                                               # (B*G, C)
-        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, train.LossSettings(max_completion_length=C))
+class PlainEngine:
+    """What train.py's step calls on its DeepSpeed engine, for one process without ZeRO: backward; step = clip the
+    gradient norm at 20 (train.py's max_grad_norm, applied by DeepSpeed there), torch AdamW, zero the gradients, timed
+    apart (the optimizer phase); the grad norm. It also stands in for the reference's engine: the reference pass runs
+    on the policy's weights (docstring, 2)."""
+
+    def __init__(self, model, optimizer, device):
+        self.module, self.optimizer, self.device = model, optimizer, device
+        self.grad_norm, self.last_step = None, None
+
+    def zero_optimization_stage(self):
+        return 0  # model.gathered_params: nothing to gather
+
+    def backward(self, loss):
         loss.backward()
-    model.train()
-    _, result["policy_fwd_bwd"] = timed(policy_pass, device)
 
-    def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)  # train.py's max_grad_norm, applied by DeepSpeed there
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if optimizer is not None:
-        _, result["optimizer"] = timed(optimizer_step, device)
-    else:
-        model.zero_grad(set_to_none=True)
+    def update(self):
+        if self.optimizer is None:  # --optimizer off: the gradients go, no update
+            self.module.zero_grad(set_to_none=True)
+            return
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), 20.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self):
+        before = peak_gib(self.device)  # the policy pass's peak, before timed() resets it for the update's own
+        _, (seconds, mem) = timed(self.update, self.device)
+        self.last_step = seconds, mem, before
+
+    def get_global_grad_norm(self):
+        return self.grad_norm
+
+
+def step_run(model, optimizer, tokenizer, batch, *, G, C, eos, never, compile_rollout, tgrpo, **_):
+    """A train.Run with what train.rollout, reference_logps and policy_update read: train.py's defaults at this
+    shape (so its sampling: top_k 50, as the baseline's generate), EOS never sampled (docstring, 1), T-GRPO's rollout for
+    way "tgrpo" (G // 2 completions per shuffled video). What only setup, scoring or the loop read is left out."""
+    cfg = train.Config(num_generations=G, max_completion_length=C, prompts_per_device=batch["input_ids"].size(0),
+                       compile_rollout=compile_rollout, temporal_contrast=tgrpo)
+    engine = PlainEngine(model, optimizer, batch["input_ids"].device)
+    return train.Run(cfg=cfg, rank=0, world=1, device=engine.device, tokenizer=tokenizer, engine=engine, ref_engine=engine,
+                     scheduler=None, model_dir=None, reward_names=[], reward_funcs=[], reward_weights=[],
+                     accuracy_reward=None, G_shuffled=G // 2, length_window=None, eos_token_ids=eos, suppress=never,
+                     batches=None, logger=None, start_step=0, total_steps=0, steps_per_epoch=0)
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """train.py's step all-reduces (a non-finite loss on any rank skips the update on all): a group of this process
+    alone (gloo: CPU and CUDA tensors), unless one is up; closed after."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def ours_step(run, batch, policy_pass="packed"):
+    """One GRPO step by train.py's own functions: train.rollout, train.reference_logps, train.policy_update (its
+    engine's step timed apart: the optimizer phase, only with an optimizer). Returns {phase: (seconds, GiB)}.
+    --policy_pass per_completion: the policy pass as it was before packing (per_completion_logps) in its place."""
+    B, G, C, device, result = len(batch["solution"]), run.cfg.num_generations, run.cfg.max_completion_length, run.device, {}
+    (completion_ids, _), result["rollout"] = timed(lambda: train.rollout(run, batch), device)  # (B*G, C)
+    assert completion_ids.shape == (B * G, C), f"completions {tuple(completion_ids.shape)}, expected {(B * G, C)}"
+    mask = model_lib.completion_mask(completion_ids, run.eos_token_ids)             # (B*G, C): all ones, EOS never sampled
+    advantages = torch.randn(B * G, device=device)                                     # rewards do not change the cost
+    ref_logps, result["ref_logps"] = timed(lambda: train.reference_logps(run, batch, completion_ids), device)  # (B*G, C)
+    unpacked = mock.patch.object(model_lib, "completion_logps", per_completion_logps) if policy_pass == "per_completion" \
+        else contextlib.nullcontext()
+    with unpacked:
+        _, (seconds, _) = timed(lambda: train.policy_update(run, batch, completion_ids, advantages, mask, ref_logps), device)
+    step_s, step_mem, pass_mem = run.engine.last_step
+    result["policy_fwd_bwd"] = (seconds - step_s, pass_mem)
+    if run.engine.optimizer is not None:
+        result["optimizer"] = (step_s, step_mem)
     return result
 
 
-def bench(way, model, optimizer, batch, *, G, C, repeats, step_kw):
+def baseline_step(run, batch):
+    """The same step the seed's way (the comparison, not a copy: its rollout and log-prob passes are baseline_rollout
+    and baseline_logps), on the same Run: train.grpo_loss, backward, then the engine's update. {phase: (seconds, GiB)}"""
+    model, device, G, C = run.policy, run.device, run.cfg.num_generations, run.cfg.max_completion_length
+    B, result = len(batch["solution"]), {}
+    model.eval()  # as train.py: eval for generation, so gradient checkpointing does not switch the KV cache off
+    completion_ids, result["rollout"] = timed(lambda: baseline_rollout(
+        model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=run.eos_token_ids,
+        suppress_token_ids=run.suppress, pad_token_id=run.tokenizer.pad_token_id), device)  # (B*G, C)
+    assert completion_ids.shape == (B * G, C), f"baseline: completions {tuple(completion_ids.shape)}, expected {(B * G, C)}"
+    mask = model_lib.completion_mask(completion_ids, run.eos_token_ids)             # (B*G, C)
+    advantages = torch.randn(B * G, device=device)
+    with torch.no_grad():  # in eval mode still, as train.py's reference pass
+        ref_logps, result["ref_logps"] = timed(lambda: baseline_logps(model, batch, completion_ids, num_generations=G), device)
+
+    def policy_pass():
+        logps = baseline_logps(model, batch, completion_ids, num_generations=G)       # (B*G, C)
+        loss, _ = train.grpo_loss(logps, None, ref_logps, advantages, mask, run.loss_settings)
+        loss.backward()
+    model.train()
+    _, result["policy_fwd_bwd"] = timed(policy_pass, device)
+    _, update = timed(run.engine.update, device)
+    if run.engine.optimizer is not None:
+        result["optimizer"] = update
+    return result
+
+
+def bench(way, model, optimizer, tokenizer, batch, *, G, C, repeats, step_kw):
     """One warm-up step, then `repeats` timed ones: {phase: {"time_s": median, "mem_gib": max}} plus "total"."""
-    grpo_step(way, model, optimizer, batch, G=G, C=C, **step_kw)
-    steps = [grpo_step(way, model, optimizer, batch, G=G, C=C, **step_kw) for _ in range(repeats)]
+    run = step_run(model, optimizer, tokenizer, batch, G=G, C=C, tgrpo=way == "tgrpo", **step_kw)
+    step = baseline_step if way == "baseline" else functools.partial(ours_step, policy_pass=step_kw["policy_pass"])
+    with one_process_group():
+        step(run, batch)
+        steps = [step(run, batch) for _ in range(repeats)]
     phases = {p: {"time_s": statistics.median(s[p][0] for s in steps), "mem_gib": max(s[p][1] for s in steps)} for p in steps[0]}
     phases["total"] = {"time_s": statistics.median(sum(t for t, _ in s.values()) for s in steps),
                        "mem_gib": max(m for s in steps for _, m in s.values())}
@@ -647,7 +729,7 @@ def measure(model, optimizer, tokenizer, args, device, *, frames, G, step_kw, co
         ways = list(dict.fromkeys(["ours", "tgrpo", *ways]))
     for way in ways:
         torch.manual_seed(args.seed)
-        phases = bench(way, model, optimizer, batch, G=G, C=C, repeats=args.repeats, step_kw=step_kw)
+        phases = bench(way, model, optimizer, tokenizer, batch, G=G, C=C, repeats=args.repeats, step_kw=step_kw)
         phases["rollout"]["tokens_per_s"] = B * G * C / phases["rollout"]["time_s"]
         for p, f in flops.items():
             phases[p]["tokens_per_s"] = B * G * (P + C) / phases[p]["time_s"]
@@ -712,7 +794,7 @@ def measure_decode(model, batch, *, G, C, eos, never, pad_token_id, device, repe
         result[f"ops_per_token_{decode}"] = ops - ops_short
         result[f"kernels_per_token_{decode}"] = kernels - kernels_short if device.type == "cuda" else None
         result[f"graph_replays_per_token_{decode}"] = launches - launches_short if device.type == "cuda" else None
-    if "compiled" in decodes:  # what the compiled decode keeps: static caches, shapes, CUDA graphs (bounded, model.py)
+    if "compiled" in decodes:  # what the compiled decode keeps: static caches, shapes, CUDA graphs (bounded, decode.py)
         from torch._dynamo.utils import counters
         result.update(decode_state(device), cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     ids = sample_completions(model, batch, max_new_tokens=C, greedy=True, **kw)                   # (B*G, C)
@@ -773,32 +855,136 @@ def print_sweep(rows):
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
+def memory_table(args):
+    """--memory: the per-GPU estimate, full and LoRA, from the shapes on the meta device (nothing allocated)."""
+    model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
+    P_video = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
+                          model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
+    P_image = image_prompt_tokens(tiny.build_tiny_tokenizer(), model.config.model_type, args.image_max_pixels)
+    P = max(P_video, P_image)  # a run's rows are videos or images: the longer prompt decides the peak
+    kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
+    full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
+    print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
+          f"(video row {P_video}, image row {P_image}) + completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
+    for key in full:
+        print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
+              f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
+    total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
+    print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
+    print(f"| policy pass peak (of its three terms) | {policy_pass_peak(model, full):,.2f} | {policy_pass_peak(model, lora):,.2f} |")
+    result = {"full": full, "lora": lora}
+    if args.check_memory:
+        result["check"] = check_memory(args)
+        print(f"measured on CPU, bf16, {args.layers} layers, one process: GiB | estimate | measured")
+        for key, (estimate, measured) in result["check"].items():
+            print(f"| {key} | {estimate:.3f} | {measured:.3f} |")
+    return result
+
+
+def build(args, device, dtype, attn):
+    """The tokenizer and the model, refused early where its weights cannot fit (7b in fp32 on a 24 GB machine), and
+    the seconds the build took."""
+    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
+                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9, "qwen3.5-2b": 2.3e9}[args.shape]
+    need, free = approx_params * (torch.finfo(dtype).bits // 8), available_memory_bytes(device)
+    assert args.layers or need < 0.9 * free, (f"--shape {args.shape} needs {need / 2**30:.0f} GiB "
+                                              f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
+    torch.manual_seed(args.seed)
+    tokenizer = tiny.build_tiny_tokenizer()
+    t0 = time.perf_counter()
+    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
+    if args.gradient_checkpointing == "on":
+        checkpoint_activations(model)  # = train.py's
+    return tokenizer, model, time.perf_counter() - t0
+
+
+def make_optimizer(args, model, device, counts, bytes_per):
+    """torch AdamW where gradients + two AdamW states, each the parameters' size, fit beside the activations
+    (--optimizer auto); else None, said on stderr."""
+    need, free = 3 * counts["total"] * bytes_per, available_memory_bytes(device)
+    if not (args.optimizer == "on" or (args.optimizer == "auto" and need < 0.6 * free)):
+        print(f"optimizer phase skipped (--optimizer {args.optimizer}): gradients + AdamW states need {need / 2**30:.1f} GiB, "
+              f"{free / 2**30:.1f} GiB free after the model. The real run shards them with ZeRO-3 over 4 GPUs.", file=sys.stderr)
+        return None
+    if args.shape != "tiny" and device.type == "cpu":
+        print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+
+
+def describe(args, model, device, dtype, attn, counts, optimizer, build_s):
+    """What was measured, for the JSON and the header line (printed)."""
+    peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
+                                if device.type == "cuda" else 0.0)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
+             "vision_attn": attn, "policy_pass": args.policy_pass, "temporal_contrast": args.temporal_contrast,
+             "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": optimizer is not None,
+             "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
+             "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
+             "rollout_decode": rollout_decode(args.compile_rollout, device), "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
+    print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
+          f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
+          f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if optimizer else 'off'} "
+          f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
+    return setup
+
+
+def sweep(args, model, optimizer, tokenizer, device, kw):
+    """--sweep: the step over frames (4, 8, 16, 32) and over G (4, 8, 16), ours by default; printed as one table."""
+    grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
+    rows = []
+    for frames, G in dict.fromkeys(grid):  # the default point appears in both lines once
+        rows.append(measure(model, optimizer, tokenizer, args, device, frames=frames, G=G, **kw))
+        print(f"  measured frames={frames} G={G}", file=sys.stderr, flush=True)
+    print(f"{args.prompts} prompt(s) | {args.completion_tokens} completion tokens | median of {args.repeats} | seconds per phase")
+    print_sweep(rows)
+    return {"sweep": rows}
+
+
+def one_step(args, model, optimizer, tokenizer, device, kw):
+    """One step at the flags' shape, both ways (or --only), with T-GRPO's and dynamic sampling's added costs; printed."""
+    row = measure(model, optimizer, tokenizer, args, device, frames=args.frames, G=args.num_generations, **kw)
+    print(f"{args.prompts} prompt(s) x G={args.num_generations} | video {args.frames} frames, grid {tuple(row['video_grid'])} "
+          f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
+          f"| median of {args.repeats} after 1 warm-up")
+    print_table(row, "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB")
+    if args.temporal_contrast:
+        added, total = row["tgrpo_added_s"], row["ours"]["total"]["time_s"]
+        # only the rollout runs other code; the other phases' differences are timing noise
+        print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
+              f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
+              f"measured total difference {added['total']:+.3f}s")
+    if args.dynamic_sampling:
+        extra, total = row["dynamic_extra_rollout_s"] + row["dynamic_join_s"], row["ours"]["total"]["time_s"]
+        print(f"dynamic sampling adds {extra:.3f}s per extra rollout ({100 * extra / total:+.1f}% of ours' step: rollout "
+              f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
+              f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
+    return row
+
+
+def decode_report(args, model, tokenizer, device, step_kw):
+    """The rollout's decode alone (measure_decode), printed; BENCH_PROFILE=1 also prints each path's profile."""
+    if has_linear_attention(model) and set(args.decodes) - {"eager"}:  # sample_completions would decode them eagerly
+        print(f"--decode: {model.config.model_type} decodes eagerly (model.sample_completions); static and compiled not "
+              f"measured", file=sys.stderr)
+        args.decodes = tuple(d for d in args.decodes if d == "eager")
+    batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
+                        model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)
+    torch.manual_seed(args.seed)
+    decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
+                                    repeats=args.repeats, decodes=args.decodes, **step_kw)
+    print_decode(decode)
+    if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for docs/performance.md's profile
+        for name, table in tables.items():
+            print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
+    return decode
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
     if args.memory:  # the table only: shapes on the meta device, nothing allocated
-        model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
-        P_video = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
-                              model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
-        P_image = image_prompt_tokens(tiny.build_tiny_tokenizer(), model.config.model_type, args.image_max_pixels)
-        P = max(P_video, P_image)  # a run's rows are videos or images: the longer prompt decides the peak
-        kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)
-        full, lora = memory_per_gpu(model, lora_rank=0, **kw), memory_per_gpu(model, lora_rank=args.lora_rank, **kw)
-        print(f"{args.shape}, {args.memory} GPUs, ZeRO-3 bf16, B={args.prompts} G={args.num_generations} prompt {P} "
-              f"(video row {P_video}, image row {P_image}) + completion {args.completion_tokens} tokens: GiB per GPU | full | LoRA r={args.lora_rank}")
-        for key in full:
-            print(f"| {key} | {full[key]:,.2f} | {lora[key]:,.2f} |" if key != "trainable parameters" else
-                  f"| {key} | {full[key] / 1e9:.2f}B | {lora[key] / 1e6:.1f}M |")
-        total = lambda m: sum(v for k, v in m.items() if k != "trainable parameters")
-        print(f"| total | {total(full):,.1f} | {total(lora):,.1f} |")
-        print(f"| policy pass peak (of its three terms) | {policy_pass_peak(model, full):,.2f} | {policy_pass_peak(model, lora):,.2f} |")
-        result = {"full": full, "lora": lora}
-        if args.check_memory:
-            result["check"] = check_memory(args)
-            print(f"measured on CPU, bf16, {args.layers} layers, one process: GiB | estimate | measured")
-            for key, (estimate, measured) in result["check"].items():
-                print(f"| {key} | {estimate:.3f} | {measured:.3f} |")
-        return result
+        return memory_table(args)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generate's notes on sampling flags would interleave with the table
     device = torch.device(args.device)
@@ -806,97 +992,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py: bf16 on GPU; fp32 on CPU
     attn = vision_attention(args.attn_implementation, device)  # the vision tower's; the language model's is sdpa
-
-    # model: refuse early what cannot fit (7b in fp32 on a 24 GB machine)
-    bytes_per = torch.finfo(dtype).bits // 8
-    approx_params = {"tiny": 1e6, "2b": 2.21e9, "7b": 8.29e9, "2.5-3b": 3.75e9, "2.5-7b": 8.29e9,
-                     "qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9, "qwen3.5-2b": 2.3e9}[args.shape]
-    free = available_memory_bytes(device)
-    assert args.layers or approx_params * bytes_per < 0.9 * free, (f"--shape {args.shape} needs {approx_params * bytes_per / 2**30:.0f} GiB "
-                                                    f"for its {dtype} weights alone; {free / 2**30:.0f} GiB available")
-    torch.manual_seed(args.seed)
-    tokenizer = tiny.build_tiny_tokenizer()
-    t0 = time.perf_counter()
-    model = build_model(args.shape, tokenizer, device, dtype, attn, args.layers, tiny.TINY_MODELS[args.tiny_model])
-    build_s = time.perf_counter() - t0
-    if args.gradient_checkpointing == "on":
-        checkpoint_activations(model)  # = train.py's
+    tokenizer, model, build_s = build(args, device, dtype, attn)
     counts = parameter_counts(model)
-
-    # optimizer: gradients + two AdamW states, each the parameters' size, must fit beside the activations
-    need = 3 * counts["total"] * bytes_per
-    free = available_memory_bytes(device)
-    use_optimizer = args.optimizer == "on" or (args.optimizer == "auto" and need < 0.6 * free)
-    if not use_optimizer:
-        print(f"optimizer phase skipped (--optimizer {args.optimizer}): gradients + AdamW states need {need / 2**30:.1f} GiB, "
-              f"{free / 2**30:.1f} GiB free after the model. The real run shards them with ZeRO-3 over 4 GPUs.", file=sys.stderr)
-    elif args.shape != "tiny" and device.type == "cpu":
-        print(f"warning: AdamW on CPU for {args.shape} needs ~{need / 2**30:.0f} GiB more", file=sys.stderr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0) if use_optimizer else None
+    optimizer = make_optimizer(args, model, device, counts, torch.finfo(dtype).bits // 8)
+    setup = describe(args, model, device, dtype, attn, counts, optimizer, build_s)
 
     eos, vision = special_token_ids(tokenizer)
     step_kw = {"eos": eos, "never": vision + eos, "pad_token_id": tokenizer.pad_token_id,  # EOS never sampled: fixed lengths
-               "policy_pass": args.policy_pass, "decode": rollout_decode(args.compile_rollout, device)}
-    peak = args.peak_tflops or (next((t for name, t in PEAK_TFLOPS if name in torch.cuda.get_device_name(device)), 0.0)
-                                if device.type == "cuda" else 0.0)
-    peak_flops = peak * 1e12 or None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    setup = {"shape": args.shape, "layers": args.layers or None, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
-             "vision_attn": attn, "policy_pass": args.policy_pass, "temporal_contrast": args.temporal_contrast,
-             "gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": use_optimizer,
-             "params": counts, "prompts": args.prompts, "completion_tokens": args.completion_tokens,
-             "repeats": args.repeats, "peak_tflops": peak or None, "build_s": round(build_s, 1),
-             "rollout_decode": step_kw["decode"], "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU timings from a busy machine are not comparable
-    print(f"{type(model).__name__.removesuffix('ForConditionalGeneration')} {args.shape}{f' ({args.layers} layers)' if args.layers else ''}: {counts['total'] / 1e6:,.1f}M params "
-          f"(vision {(counts['vision'] + counts['merger']) / 1e6:,.1f}M) | {device_name} {setup['dtype']} | vision {attn}, "
-          f"language packed_sdpa | policy pass {args.policy_pass} | grad ckpt {args.gradient_checkpointing} | optimizer {'on' if use_optimizer else 'off'} "
-          f"| peak {fmt(peak or None, '.0f')} TFLOP/s | built in {build_s:.1f}s | load {setup['load_avg_1m']}")
-    mem_label = "peak_mem_GiB" if device.type == "cuda" else "max_rss_GiB"
-
-    kw = dict(step_kw=step_kw, counts=counts, peak_flops=peak_flops)
+               "policy_pass": args.policy_pass, "compile_rollout": args.compile_rollout}
+    kw = dict(step_kw=step_kw, counts=counts, peak_flops=(setup["peak_tflops"] or 0) * 1e12 or None)
     if args.sweep:
-        grid = [(f, args.num_generations) for f in (4, 8, 16, 32)] + [(args.frames, g) for g in (4, 8, 16)]
-        grid = list(dict.fromkeys(grid))  # the default point appears in both lines once
-        rows = []
-        for frames, G in grid:
-            rows.append(measure(model, optimizer, tokenizer, args, device, frames=frames, G=G, **kw))
-            print(f"  measured frames={frames} G={G}", file=sys.stderr, flush=True)
-        print(f"{args.prompts} prompt(s) | {args.completion_tokens} completion tokens | median of {args.repeats} | seconds per phase")
-        print_sweep(rows)
-        result = {**setup, "sweep": rows}
+        result = {**setup, **sweep(args, model, optimizer, tokenizer, device, kw)}
     else:
-        row = measure(model, optimizer, tokenizer, args, device, frames=args.frames, G=args.num_generations, **kw)
-        print(f"{args.prompts} prompt(s) x G={args.num_generations} | video {args.frames} frames, grid {tuple(row['video_grid'])} "
-              f"-> {row['video_tokens']} tokens | prompt {row['prompt_tokens']} + completion {args.completion_tokens} tokens "
-              f"| median of {args.repeats} after 1 warm-up")
-        print_table(row, mem_label)
-        if args.temporal_contrast:
-            added, total = row["tgrpo_added_s"], row["ours"]["total"]["time_s"]
-            # only the rollout runs other code; the other phases' differences are timing noise
-            print(f"T-GRPO adds {added['rollout']:.3f}s per step in the rollout ({100 * added['rollout'] / total:+.1f}% of "
-                  f"ours' step; {args.prompts} shuffled video(s) x {args.num_generations // 2} completions); "
-                  f"measured total difference {added['total']:+.3f}s")
-        if args.dynamic_sampling:
-            extra, total = row["dynamic_extra_rollout_s"] + row["dynamic_join_s"], row["ours"]["total"]["time_s"]
-            print(f"dynamic sampling adds {extra:.3f}s per extra rollout ({100 * extra / total:+.1f}% of ours' step: rollout "
-                  f"{row['dynamic_extra_rollout_s']:.3f}s, joining the groups {1000 * row['dynamic_join_s']:.1f} ms); "
-                  f"--max_resample 4 bounds a step at {1 + 4 * extra / total:.1f}x")
-        result = {**setup, **row}
-        if has_linear_attention(model) and set(args.decodes) - {"eager"}:  # sample_completions would decode them eagerly
-            print(f"--decode: {model.config.model_type} decodes eagerly (model.sample_completions); static and compiled not "
-                  f"measured", file=sys.stderr)
-            args.decodes = tuple(d for d in args.decodes if d == "eager")
+        result = {**setup, **one_step(args, model, optimizer, tokenizer, device, kw)}
         if args.decodes:
-            batch = build_batch(tokenizer, frames=args.frames, prompts=args.prompts, device=device, seed=args.seed,
-                                model_type=model.config.model_type)  # the family's patches (Qwen3-VL: 16 px, timestamps)
-            torch.manual_seed(args.seed)
-            decode, tables = measure_decode(model, batch, G=args.num_generations, C=args.decode_tokens, device=device,
-                                            repeats=args.repeats, decodes=args.decodes, **step_kw)
-            print_decode(decode)
-            if os.environ.get("BENCH_PROFILE"):  # the profiler's top ops per path, for docs/performance.md's profile
-                for name, table in tables.items():
-                    print(f"profile, {name} rollout of {args.decode_tokens} tokens:\n{table}")
-            result.update(decode)
+            result.update(decode_report(args, model, tokenizer, device, step_kw))
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']:.1f}s")
     print("BENCH_JSON " + json.dumps(result))

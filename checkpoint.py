@@ -246,6 +246,23 @@ def clear_run(output_dir, rank):
     torch.distributed.barrier()
 
 
+def start_run(cfg, rank, start_step, run_config):
+    """The run's folder before its first step: an --overwrite_output_dir run's old files gone; metrics.jsonl and
+    samples.jsonl cut back to the resumed step (rows a killed run logged after its checkpoint are logged again) or
+    started empty; run_config.json = run_config (the flags and what was derived from them)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.overwrite_output_dir:  # the old run goes before the new one writes: nothing of it is left to resume
+        clear_run(cfg.output_dir, rank)
+    if rank == 0:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if start_step:
+                truncate_jsonl(os.path.join(cfg.output_dir, name), start_step)
+            else:
+                open(os.path.join(cfg.output_dir, name), "w").close()
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
+            json.dump(run_config, f, indent=2)
+
+
 def load(engine, checkpoint_dir, rank):
     """Restore the engine (weights, optimizer, scheduler); return (step, this rank's position, its RNG states)."""
     state_dir = os.path.join(checkpoint_dir, STATE)

@@ -66,8 +66,9 @@ import torch
 import data
 import rewards
 import runtime
-import train
-from model import (COMPILE_ROLLOUT, ModelError, check_model_path, decode_completions, generation_repetition_penalty, load_model, model_family,
+import tiny
+from data import VideoSettings
+from model import (COMPILE_ROLLOUT, ModelError, check_model_path, completion_mask, decode_completions, generation_repetition_penalty, load_model, model_family,
                    resolve_model_dir, rollout_decode, sample_completions, special_token_ids)
 
 
@@ -77,33 +78,33 @@ class Config:
     data: str = field(default="", metadata={"group": "models and data", "help": "test JSONL (or JSON list) of video_filename/problem/solution; --protocol video-r1: one or more eval_*.json files or folders of them"})
     video_root: str = field(default="", metadata={"group": "models and data", "help": "folder that relative video paths start from ('': the data file's folder)"})
     output: str = field(default="", metadata={"group": "models and data", "help": "results JSON (one model) or folder (several); '': results/<model>-<data>.json"})
-    tiny: bool = field(default=False, metadata={"group": "models and data", "help": "offline demo: tiny model + synthetic test split, train.TINY's video settings"})
-    tiny_model: str = field(default=train.Config.tiny_model, metadata={"group": "models and data", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>, as train.py --tiny_model)"})
+    tiny: bool = field(default=False, metadata={"group": "models and data", "help": "offline demo: tiny model + synthetic test split, tiny.TRAIN_PRESET's video settings"})
+    tiny_model: str = field(default="qwen2-vl", metadata={"group": "models and data", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>, as train.py --tiny_model)"})
     batch_size: int = field(default=8, metadata={"group": "generation and scoring", "help": "prompts per generation batch (per rank)"})
-    max_new_tokens: int = field(default=512, metadata={"group": "generation and scoring", "help": "most new tokens per completion (--tiny: train.TINY's max_completion_length)"})
+    max_new_tokens: int = field(default=512, metadata={"group": "generation and scoring", "help": "most new tokens per completion (--tiny: tiny.TRAIN_PRESET's max_completion_length)"})
     limit: int = field(default=0, metadata={"group": "models and data", "help": "evaluate only the first N rows of the data file (0: all); --protocol video-r1: not fewer than its output holds"})
-    num_workers: int = field(default=train.Config.num_workers, metadata={"group": "video", "help": "DataLoader workers decoding videos"})
-    # video: the same flags and defaults as train.Config, so eval sees what training saw
-    fps: float = field(default=train.Config.fps, metadata={"group": "video", "help": "frames sampled per second of video"})
-    min_frames: int = field(default=train.Config.min_frames, metadata={"group": "video", "help": "fewest frames per video"})
-    max_frames: int = field(default=train.Config.max_frames, metadata={"group": "video", "help": "most frames per video"})
-    min_pixels: int = field(default=train.Config.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
-    max_pixels: int = field(default=train.Config.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
-    video_max_pixels: int = field(default=train.Config.video_max_pixels, metadata={"group": "video", "help": "the reader's VIDEO_MAX_PIXELS; 0: 128 merged patches; Video-R1's 32-frame evaluation: 200704 (256*28*28, docs/video-r1-recipe.md)"})
-    video_time: str = field(default=train.Config.video_time, metadata={"group": "video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps, as Video-R1's eval script) or video-r1 (1.0, as its trainer)"})
-    image_min_pixels: int = field(default=train.Config.image_min_pixels, metadata={"group": "video", "help": "image rows: lower bound on image area; 0: 4 merged patches"})
-    image_max_pixels: int = field(default=train.Config.image_max_pixels, metadata={"group": "video", "help": "image rows: upper bound on image area; 0: 256 merged patches"})
-    max_prompt_length: int = field(default=train.Config.max_prompt_length, metadata={"group": "video", "help": "longer prompts are skipped, never truncated"})
-    compile_rollout: str = field(default=train.Config.compile_rollout, metadata={"group": "generation and scoring", "help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
+    num_workers: int = field(default=2, metadata={"group": "video", "help": "DataLoader workers decoding videos"})
+    # video: the same flags and defaults as train.Config (test_shared_flags_default_as_in_training), so eval sees what training saw
+    fps: float = field(default=VideoSettings.fps, metadata={"group": "video", "help": "frames sampled per second of video"})
+    min_frames: int = field(default=VideoSettings.min_frames, metadata={"group": "video", "help": "fewest frames per video"})
+    max_frames: int = field(default=VideoSettings.max_frames, metadata={"group": "video", "help": "most frames per video"})
+    min_pixels: int = field(default=VideoSettings.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
+    max_pixels: int = field(default=VideoSettings.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
+    video_max_pixels: int = field(default=VideoSettings.video_max_pixels, metadata={"group": "video", "help": "the reader's VIDEO_MAX_PIXELS; 0: 128 merged patches; Video-R1's 32-frame evaluation: 200704 (256*28*28, docs/video-r1-recipe.md)"})
+    video_time: str = field(default=VideoSettings.video_time, metadata={"group": "video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps, as Video-R1's eval script) or video-r1 (1.0, as its trainer)"})
+    image_min_pixels: int = field(default=VideoSettings.image_min_pixels, metadata={"group": "video", "help": "image rows: lower bound on image area; 0: 4 merged patches"})
+    image_max_pixels: int = field(default=VideoSettings.image_max_pixels, metadata={"group": "video", "help": "image rows: upper bound on image area; 0: 256 merged patches"})
+    max_prompt_length: int = field(default=4096, metadata={"group": "video", "help": "longer prompts are skipped, never truncated"})
+    compile_rollout: str = field(default="auto", metadata={"group": "generation and scoring", "help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
     protocol: str = field(default="train", metadata={"group": "generation and scoring", "help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
     prompt_template: str = field(default="default", metadata={"group": "generation and scoring", "help": "--protocol train: the question's words, data.PROMPT_TEMPLATE_NAMES (video-r1: its trainer's); --protocol video-r1 always asks in its eval script's"})
 
 
-# --tiny: the tiny model and the test split next to train.TINY's train split, with train.TINY's video settings
-TINY = dict(model=[train.TINY["model_name_or_path"]],
-            data=os.path.join(os.path.dirname(train.TINY["data"]), "test.jsonl"),
-            max_new_tokens=train.TINY["max_completion_length"], num_workers=train.TINY["num_workers"],
-            **{k: train.TINY[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels") if k in train.TINY})
+# --tiny: the tiny model and the test split next to train.py --tiny's train split (tiny.TRAIN_PRESET), with its video settings
+TINY = dict(model=[tiny.TRAIN_PRESET["model_name_or_path"]],
+            data=os.path.join(os.path.dirname(tiny.TRAIN_PRESET["data"]), "test.jsonl"),
+            max_new_tokens=tiny.TRAIN_PRESET["max_completion_length"], num_workers=tiny.TRAIN_PRESET["num_workers"],
+            **{k: tiny.TRAIN_PRESET[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels") if k in tiny.TRAIN_PRESET})
 
 
 # --protocol seed, from the seed's src/eval/test_qwen2vl_video_counting.py: its QUESTION_TEMPLATE (below; training's
@@ -409,7 +410,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                         model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                         eos_token_ids=eos_token_ids, suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
                         greedy=True, repetition_penalty=penalty, decode=rollout_decode(cfg.compile_rollout, device)).cpu()  # (B, C)
-                    mask = train.completion_mask(completion_ids, eos_token_ids)              # (B, C)
+                    mask = completion_mask(completion_ids, eos_token_ids)              # (B, C)
                     outputs = decode_completions(tokenizer, completion_ids, mask)
                     for b, out in enumerate(outputs):
                         row = mine[batch["index"][b]]
@@ -478,7 +479,6 @@ def make_tiny_inputs(cfg, rank=0, world=1):
     error, never a fresh random model or data set."""
     families = [check_model_path(m, flag="--model", tiny=cfg.tiny) for m in cfg.model]
     if cfg.tiny and rank == 0:
-        import tiny
         for m, family in zip(cfg.model, families):
             if family:
                 tiny.save_tiny_model(m, family=family)
@@ -734,7 +734,7 @@ def evaluate_video_r1(cfg, plan, ctx):
                     model, inputs, num_generations=1, max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos_token_ids,
                     suppress_token_ids=suppress, pad_token_id=tokenizer.pad_token_id,
                     decode=rollout_decode(cfg.compile_rollout, device), **VIDEO_R1_SAMPLING).cpu()   # (B, C)
-                mask = train.completion_mask(completion_ids, eos_token_ids)                             # (B, C)
+                mask = completion_mask(completion_ids, eos_token_ids)                             # (B, C)
                 for i, text in zip(batch["index"], decode_completions(tokenizer, completion_ids, mask)):
                     outputs[i] = (text, None)
             results += [video_r1_row(raw[i], *outputs[i]) for i in rows]

@@ -6,11 +6,12 @@ differences), the special tokens, the vision pass, the rollout, the log-prob pas
     load_model(dir)                        -> the policy, the language model on packed_attention
     add_lora(model, ...)                   -> the policy with LoRA adapters (peft); reference(...) = adapters off
     sample_completions(model, batch, ...)  -> G completions per prompt: vision once, prompt prefilled once; the decode
-                                              loop eager, on a static KV cache, or that step compiled (decode=)
+                                              loop eager here, or on decode.py's static KV cache (decode=)
     completion_logps(model, batch, ids)    -> per-token log-probs with grad (policy pass: prompt + G completions packed)
     completion_logps_shared_prompt(...)    -> the same without grad (reference: on the prompt's KV cache)
 
-train.py keeps the config, the rewards-to-loss math and the loop; this file knows nothing of GRPO.
+train.py keeps the config, the rewards-to-loss math and the loop; this file knows nothing of GRPO. The rollout's fast
+decode (static cache, torch.compile, CUDA graphs) is decode.py's.
 """
 import contextlib
 import functools
@@ -18,7 +19,6 @@ import itertools
 import json
 import os
 import re
-import warnings
 
 import torch
 
@@ -100,6 +100,14 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         drop[:, -1] = False      # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
     return logits
+
+
+def completion_mask(completion_ids, eos_token_ids):
+    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
+    T = completion_ids.size(1)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
 
 
 def decode_completions(tokenizer, completion_ids, mask):
@@ -266,125 +274,6 @@ def generation_repetition_penalty(model_dir):
         return float(json.load(f).get("repetition_penalty") or 1.0)
 
 
-COMPILED_SHAPES_MAX = 6  # distinct (rows, width) decode shapes compiled; dynamo's recompile limit is 8 (an error under fullgraph);
-                         # also the static caches kept alive across rollouts, one per compiled shape: stable addresses, so
-                         # each shape's CUDA graph replays, never re-records (bench.memory_per_gpu counts them)
-CUDA_GRAPHS_MAX = 16     # recorded CUDA graphs (each token checks them in turn) before all are released and recompiled
-_decode_caches = {}      # (rows, width) -> StaticCache, most recently used last
-_decode_shapes = {}      # (rows, width) -> "compiled" | "eager": which step decodes it
-
-
-def decode_shape(rows, width, bucket=256):
-    """The static cache's (rows, width) for `rows` completions and `width` = prompt + max_new_tokens positions: rows
-    padded up to a power of 2, width up to 256 x 2^k. Every distinct shape is one more compiled graph (and CUDA graph):
-    this keeps them few when prompt lengths, batch remainders or per-prompt counts vary."""
-    return 1 << (rows - 1).bit_length(), bucket << (-(-width // bucket) - 1).bit_length()
-
-
-def static_cache(model, cache, max_new_tokens):
-    """The prefill's DynamicCache (N rows, P positions) copied into a transformers StaticCache of decode_shape(N,
-    P + max_new_tokens), rows past N zero: every decode step then reads and writes tensors of the same shapes at the same
-    addresses (what torch.compile needs to capture the step whole, and CUDA graphs to replay it). One cache per shape
-    stays alive, up to COMPILED_SHAPES_MAX, and is zeroed and reused by the next rollout of its shape, so a CUDA graph
-    recorded on it replays in every later rollout (a new cache would be a new address: a new recording, kept). Past
-    that bound the least recently used cache of a shape that is not compiled goes first (an eager shape's, or this
-    rollout's own when it will decode eagerly), so the compiled shapes' caches are never dropped."""
-    from transformers import StaticCache
-    (N, H, P, _), layers = cache.layers[0].keys.shape, cache.layers
-    key = decode_shape(N, P + max_new_tokens)
-    static = _decode_caches.pop(key, None)
-    if static is None or len(static.layers) != len(layers) or any(  # another model: other layers, heads or dtype
-            s.keys.shape[1] != p.keys.shape[1] or s.keys.dtype != p.keys.dtype or s.keys.device != p.keys.device
-            for s, p in zip(static.layers, layers)):
-        static = StaticCache(config=model.config, max_cache_len=key[1])
-        for layer, prefilled in zip(static.layers, layers):
-            layer.lazy_initialization(prefilled.keys.new_empty(key[0], H, 1, prefilled.keys.size(-1)),
-                                      prefilled.values.new_empty(key[0], H, 1, prefilled.values.size(-1)))  # (R, H, L, d)
-    _decode_caches[key] = static
-    while len(_decode_caches) > COMPILED_SHAPES_MAX:
-        uncompiled = [k for k in _decode_caches if _decode_shapes.get(k) != "compiled"]
-        _decode_caches.pop(uncompiled[0] if uncompiled else next(iter(_decode_caches)))
-    for layer, prefilled in zip(static.layers, layers):
-        layer.keys.zero_()
-        layer.values.zero_()
-        layer.keys[:N, :, :P].copy_(prefilled.keys)
-        layer.values[:N, :, :P].copy_(prefilled.values)
-        layer.cumulative_length.fill_(P)  # a tensor: the write position advances on the device, no recompile
-    return static
-
-
-def release_decode_caches():
-    """Drop the kept static caches, the compiled decode step and its CUDA graphs (torch._dynamo.reset: the next compiled
-    rollout compiles again)."""
-    _decode_caches.clear()
-    _decode_shapes.clear()
-    compiled_decode_step.cache_clear()
-    torch._dynamo.reset()
-
-
-def cuda_graph_count(device):
-    """CUDA graphs cudagraph trees hold on `device` (recorded and kept until released), or None off CUDA."""
-    if torch.device(device).type != "cuda":
-        return None
-    from torch._inductor.cudagraph_trees import get_manager
-    manager = get_manager(torch.device(device).index or 0, create_if_none_exists=False)
-    nodes, count = list(manager.get_roots()) if manager is not None else [], 0
-    while nodes:
-        node = nodes.pop()
-        count += 1
-        nodes += [child for children in node.children.values() for child in children]
-    return count
-
-
-def decode_state(device):
-    """What the compiled decode holds, for bench.py and the GPU tests."""
-    return {"decode_caches": [f"{r}x{w}" for r, w in _decode_caches], "cuda_graphs": cuda_graph_count(device),
-            "decode_shapes": {f"{r}x{w}": how for (r, w), how in sorted(_decode_shapes.items())}}  # rows x width
-
-
-def decode_step(model, token, position, attention_mask, cache):
-    """One new token per row on the static cache: the language model and the LM head only (a text token needs no
-    vision), positions plain text positions (next_pos + t, the same in all three M-RoPE axes). Fixed shapes from token
-    to token and no Python branch on tensor values, so torch.compile captures it whole (fullgraph). The mask is the
-    cache's full (N, L) width: the unwritten tail is hidden by the causal mask at the cache's write position.
-    (N,), (N,), (N, L) -> (N, V) fp32"""
-    net = hf_model(model)  # under LoRA the adapters sit inside its Linear layers
-    out = net.model.language_model(input_ids=token[:, None], attention_mask=attention_mask, past_key_values=cache,
-                                   position_ids=position.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
-    return net.lm_head(out.last_hidden_state[:, -1]).float()
-
-
-@functools.cache
-def compiled_decode_step(mode):
-    """decode_step under torch.compile, built once per mode ("reduce-overhead": CUDA graphs, on GPU; "default" on CPU).
-    The weights are graph inputs, read at each call (dynamo inlines nn.Modules and lifts parameters): an in-place
-    update, or ZeRO-3's gather that swaps p.data, is seen by the next step, never a copy taken at compile time."""
-    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
-
-
-def pick_decode_step(shape, device, eager_because=None):
-    """The compiled decode step for a static cache of `shape` (rows, width), while at most COMPILED_SHAPES_MAX shapes
-    are compiled; past that, or once dynamo refuses (`eager_because`), decode_step uncompiled: never an error, one
-    warning. On CUDA, past CUDA_GRAPHS_MAX recorded graphs (new weight addresses, as ZeRO-3's gather may make, record
-    again) everything is released and compiled anew."""
-    graphs = cuda_graph_count(device)  # None off CUDA
-    if graphs is not None and graphs > CUDA_GRAPHS_MAX:
-        warnings.warn(f"{graphs} CUDA graphs recorded for the decode step (> CUDA_GRAPHS_MAX "
-                      f"{CUDA_GRAPHS_MAX}): released, the step compiles again")
-        release_decode_caches()
-    compiled = [k for k, v in _decode_shapes.items() if v == "compiled"]
-    if eager_because is None and shape not in _decode_shapes and len(compiled) >= COMPILED_SHAPES_MAX:
-        eager_because = f"{len(compiled)} decode shapes are compiled already (COMPILED_SHAPES_MAX)"
-    if eager_because is not None:
-        if "eager" not in _decode_shapes.values():
-            warnings.warn(f"compiled rollout: decode shape {shape} (rows, cache width) runs eagerly from now on: {eager_because}")
-        _decode_shapes[shape] = "eager"
-    _decode_shapes.setdefault(shape, "compiled")
-    if _decode_shapes[shape] == "eager":
-        return decode_step
-    return compiled_decode_step("reduce-overhead" if torch.device(device).type == "cuda" else "default")
-
-
 COMPILE_ROLLOUT = ("auto", "on", "off")
 
 
@@ -395,6 +284,19 @@ def rollout_decode(compile_rollout, device):
         raise ModelError(f"--compile_rollout {compile_rollout!r}: choose one of {COMPILE_ROLLOUT}")
     on = compile_rollout == "on" or (compile_rollout == "auto" and torch.device(device).type == "cuda")
     return "compiled" if on else "eager"
+
+
+def eager_decoder(model, cache, attention_mask, next_pos):
+    """The reference decode: one full model forward per token on the prefill's growing DynamicCache. Returns
+    next_logits(token, t): the logits after each row's token t. (B*G, P) mask, (B*G,) positions -> (B*G,), t -> (B*G, V)"""
+    def next_logits(token, t):
+        nonlocal attention_mask
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)  # (B*G, P+t+1)
+        step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()                                              # (B*G, V)
+    return next_logits
 
 
 @torch.no_grad()
@@ -409,8 +311,9 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
     temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
-    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache), "static" (decode_step
-    on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on GPU): the same tokens.
+    decode: "eager" (the reference: one full model forward per token on a growing DynamicCache, eager_decoder), "static"
+    (decode.py's decode_step on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on
+    GPU): the same tokens.
     The token choice (penalty, suppression, filters, sampling) stays eager in all three, so seeded rollouts draw the
     same random numbers.
     """
@@ -420,13 +323,12 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         warnings.warn(f"rollout: decode {decode!r} runs eagerly for {model.config.model_type}: the static cache is built "
                       f"for KV layers only, not Gated DeltaNet's conv and recurrent states (docs/models.md)")
         decode = "eager"
-    N = logits.size(0)
-    if decode != "eager":
-        cache = static_cache(model, cache, max_new_tokens)
-        R, L = cache.layers[0].keys.shape[0], cache.layers[0].max_cache_len  # rows padded to R: zero cache, never sampled
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, L - attention_mask.size(1), 0, R - N), value=1)  # (R, L)
-        next_pos = torch.nn.functional.pad(next_pos, (0, R - N))                    # (R,)
-        step = decode_step if decode == "static" else pick_decode_step((R, L), logits.device)
+    if decode == "eager":
+        next_logits = eager_decoder(model, cache, attention_mask, next_pos)
+    else:  # the fast path, decode.py: a static KV cache, its step compiled or not
+        import decode as fast_decode
+        next_logits = fast_decode.static_decoder(model, cache, attention_mask, next_pos, max_new_tokens=max_new_tokens,
+                                                 pad_token_id=pad_token_id, compiled=decode == "compiled")
     logits = logits.float()
     never = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=logits.device)  # once, not every token
     eos = torch.as_tensor(list(eos_token_ids), device=logits.device)
@@ -450,20 +352,7 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
         done |= torch.isin(token, eos)
         if done.all() or t == max_new_tokens - 1:  # a host sync per token (docs/performance.md, The rollout's decode)
             break
-        if decode != "eager":
-            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's logits are used up, reuse their memory
-            args = (model, torch.nn.functional.pad(token, (0, R - N), value=pad_token_id), next_pos + t, attention_mask, cache)
-            try:
-                logits = step(*args)[:N]                                              # (B*G, V)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: the cache is untouched
-                step = pick_decode_step((R, L), token.device, eager_because="dynamo's recompile limit was hit")
-                logits = step(*args)[:N]
-            continue
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
-        step_pos = (next_pos + t).view(1, -1, 1).expand(3, -1, 1)                     # (3, B*G, 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_pos,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits = next_logits(token, t)                                                # (B*G, V) fp32
     return torch.stack(tokens, dim=1)                                                 # (B*G, C)
 
 

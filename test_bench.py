@@ -43,6 +43,20 @@ def test_smoke_run_times_every_phase_of_both_ways():
     assert "decode_ms_per_token_eager" not in result  # --decode off
 
 
+def test_ours_times_train_py_own_step_functions(monkeypatch):
+    # no copy of the step in bench.py: ours' phases are train.rollout, train.reference_logps and train.policy_update
+    # (its engine's step timed apart as the optimizer phase), each called once per step, warm-up included
+    import train
+    calls = []
+    for name in ("rollout", "reference_logps", "policy_update"):
+        monkeypatch.setattr(train, name, lambda *a, _f=getattr(train, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    result = bench.main(["--shape", "tiny", "--frames", "4", "--num_generations", "2", "--completion_tokens", "3",
+                         "--repeats", "1", "--device", "cpu", "--only", "ours", "--decode", "off", "--threads", "1"])
+    assert calls == ["rollout", "reference_logps", "policy_update"] * 2, calls
+    assert set(PHASES) <= set(result["ours"]) and all(result["ours"][p]["time_s"] > 0 for p in PHASES)
+    assert not torch.distributed.is_initialized()  # the one-process group bench opened for the step is closed again
+
+
 @pytest.fixture(scope="module")
 def tiny_setup():
     tokenizer = tiny.build_tiny_tokenizer()
@@ -129,7 +143,7 @@ def test_memory_estimate_counts_what_trains():
     # the whole (vocabulary x width) weight gradients: three at once when tied (2B), one when untied (7B), none with LoRA
     V, d = model.config.text_config.vocab_size, model.config.text_config.hidden_size
     assert full["LM head / embedding weight gradient, whole"] * 2**30 == 3 * V * d * 2 and lora["LM head / embedding weight gradient, whole"] == 0
-    # the kept static cache of the compiled rollout: 8 rows, 1,691 positions padded to 2,048 (model.decode_shape), K and V
+    # the kept static cache of the compiled rollout: 8 rows, 1,691 positions padded to 2,048 (decode.decode_shape), K and V
     kv = model.config.text_config.num_key_value_heads * model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     assert full["static KV caches kept (compiled rollout)"] * 2**30 == 2 * 2 * kv * 2 * 8 * 2048
     assert bench.memory_per_gpu(model, lora_rank=0, decode_caches=3, **kw)["static KV caches kept (compiled rollout)"] == \

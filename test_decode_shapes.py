@@ -1,5 +1,5 @@
 """
-The compiled rollout's shapes, caches and attention (model.decode_shape, static_cache, pick_decode_step,
+The compiled rollout's shapes, caches and attention (decode.decode_shape, static_cache, pick_decode_step,
 packed_attention's single-token path), and the collective timeout the compile stalls need. CPU, the tiny Qwen2-VL;
 each compiled case starts with dynamo's caches empty.
 """
@@ -10,9 +10,10 @@ import warnings
 import pytest
 import torch
 
-import model as model_lib
+import decode as decode_lib
 import runtime
-from model import decode_shape, decode_step, packed_attention, prefill, sample_completions, static_cache
+from decode import decode_shape, decode_step, static_cache
+from model import packed_attention, prefill, sample_completions
 from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
 
 one_family = pytest.mark.parametrize("tiny_setup", ["qwen2_vl"], indirect=True)  # the decode is the same in all three
@@ -21,9 +22,9 @@ one_family = pytest.mark.parametrize("tiny_setup", ["qwen2_vl"], indirect=True) 
 @pytest.fixture
 def fresh_decode():
     """dynamo's caches, the kept static caches and the decode shapes empty before and after."""
-    model_lib.release_decode_caches()
+    decode_lib.release_decode_caches()
     yield
-    model_lib.release_decode_caches()
+    decode_lib.release_decode_caches()
 
 
 def kwargs(tokenizer, eos, suppress, **kw):
@@ -48,13 +49,13 @@ def test_more_decode_shapes_than_the_recompile_limit(tiny_setup, fresh_decode, m
         for G in (1, 2, 3):
             kw = kwargs(tokenizer, eos, suppress, num_generations=G)
             assert torch.equal(sample_completions(model, batch, decode="compiled", **kw), sample_completions(model, batch, **kw))
-    assert [v for _, v in sorted(model_lib._decode_shapes.items())] == ["compiled", "eager", "eager"]
+    assert [v for _, v in sorted(decode_lib.STATE.shapes.items())] == ["compiled", "eager", "eager"]
     assert len([w for w in caught if "runs eagerly" in str(w.message)]) == 1, [str(w.message) for w in caught]
     # past COMPILED_SHAPES_MAX a new shape (16 rows) is not compiled at all: no compile time, dynamo's limit not reached
-    monkeypatch.setattr(model_lib, "COMPILED_SHAPES_MAX", 1)
+    monkeypatch.setattr(decode_lib, "COMPILED_SHAPES_MAX", 1)
     graphs, kw = counters["stats"]["unique_graphs"], kwargs(tokenizer, eos, suppress, num_generations=5)
     assert torch.equal(sample_completions(model, batch, decode="compiled", **kw), sample_completions(model, batch, **kw))
-    assert model_lib._decode_shapes[(16, 256)] == "eager" and counters["stats"]["unique_graphs"] == graphs
+    assert decode_lib.STATE.shapes[(16, 256)] == "eager" and counters["stats"]["unique_graphs"] == graphs
 
 
 @one_family
@@ -74,13 +75,13 @@ def test_static_caches_and_graphs_stay_bounded_over_rollouts(tiny_setup, fresh_d
         ids = sample_completions(model, b, decode="compiled", **kw)
         torch.manual_seed(1)
         assert torch.equal(ids, sample_completions(model, b, **kw))
-        assert len(model_lib._decode_caches) == 1
-        addresses.add(next(iter(model_lib._decode_caches.values())).layers[0].keys.data_ptr())
+        assert len(decode_lib.STATE.caches) == 1
+        addresses.add(next(iter(decode_lib.STATE.caches.values())).layers[0].keys.data_ptr())
     assert len(addresses) == 1 and counters["stats"]["unique_graphs"] == graphs + 1
     for G in (1, 2, 3, 5, 9, 1, 2, 3, 5, 9):  # more shapes than are compiled: at most COMPILED_SHAPES_MAX caches alive
         sample_completions(model, batch, decode="static", **kwargs(tokenizer, eos, suppress, num_generations=G))
-        assert len(model_lib._decode_caches) <= model_lib.COMPILED_SHAPES_MAX
-    assert model_lib.decode_state("cpu")["cuda_graphs"] is None
+        assert len(decode_lib.STATE.caches) <= decode_lib.COMPILED_SHAPES_MAX
+    assert decode_lib.decode_state("cpu")["cuda_graphs"] is None
 
 
 @one_family
@@ -99,8 +100,8 @@ def test_rotating_shapes_allocate_one_cache_each_and_never_reset(tiny_setup, fre
             allocations.append(kw["max_cache_len"])
 
     monkeypatch.setattr(transformers, "StaticCache", CountedStaticCache)
-    monkeypatch.setattr(model_lib, "cuda_graph_count", lambda device: len(allocations))
-    monkeypatch.setattr(model_lib, "compiled_decode_step", functools.cache(lambda mode: decode_step))
+    monkeypatch.setattr(decode_lib, "cuda_graph_count", lambda device: len(allocations))
+    monkeypatch.setattr(decode_lib, "compiled_decode_step", functools.cache(lambda mode: decode_step))
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     tokenizer, model, batch, eos, suppress = tiny_setup
     rows = set()
@@ -108,15 +109,15 @@ def test_rotating_shapes_allocate_one_cache_each_and_never_reset(tiny_setup, fre
         for G in (1, 2, 3):  # 2, 4 and 8 rows (6 padded to 8)
             kw = kwargs(tokenizer, eos, suppress, num_generations=G)
             assert torch.equal(sample_completions(model, batch, decode="compiled", **kw), sample_completions(model, batch, **kw))
-            rows.add(model_lib.decode_shape(2 * G, 0)[0])
+            rows.add(decode_lib.decode_shape(2 * G, 0)[0])
     assert len(allocations) == len(rows) == 3, f"{len(allocations)} static caches allocated for {len(rows)} shapes"
-    assert not resets and set(model_lib._decode_shapes.values()) == {"compiled"}, model_lib.decode_state("cpu")
+    assert not resets and set(decode_lib.STATE.shapes.values()) == {"compiled"}, decode_lib.decode_state("cpu")
 
 
 @pytest.mark.torch_api
 def test_private_torch_apis_the_fast_decode_uses():
     # the supported torch range is 2.11 (a GPU node's) to 2.13 (pinned); the fast decode leans on private names, read
-    # in 2.11's and 2.13's sources alike (docs/gpu.md): each one, as model.py and the GPU tests call it
+    # in 2.11's and 2.13's sources alike (docs/gpu.md): each one, as decode.py and the GPU tests call it
     import inspect
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -138,7 +139,7 @@ def test_memory_estimate_counts_the_kept_static_cache(tiny_setup, fresh_decode):
     (B, P), G, C = batch["input_ids"].shape, 3, 40
     static = static_cache(model, prefill(model, batch, G)[0], C)
     kept = sum(t.nbytes for layer in static.layers for t in (layer.keys, layer.values))
-    assert static.layers[0].keys.size(0) == 8 and model_lib._decode_caches
+    assert static.layers[0].keys.size(0) == 8 and decode_lib.STATE.caches
     terms = bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, bytes_per=4)
     assert terms["static KV caches kept (compiled rollout)"] * 2**30 == kept
     assert bench.memory_per_gpu(model, world=1, lora_rank=0, B=B, G=G, P=P, C=C, decode_caches=0)[

@@ -18,7 +18,7 @@ import plot
 import rewards
 import tiny
 import train
-from model import decode_completions
+from model import completion_mask, decode_completions
 
 REPO = Path(__file__).resolve().parent
 
@@ -46,11 +46,28 @@ def run_eval(cfg, output):
 
 def test_tiny_preset_uses_training_video_settings(setup):
     cfg = make_cfg(setup)
-    assert (cfg.max_frames, cfg.min_pixels, cfg.max_pixels) == (train.TINY["max_frames"], train.TINY["min_pixels"], train.TINY["max_pixels"])
+    assert (cfg.max_frames, cfg.min_pixels, cfg.max_pixels) == (tiny.TRAIN_PRESET["max_frames"], tiny.TRAIN_PRESET["min_pixels"], tiny.TRAIN_PRESET["max_pixels"])
     assert cfg.fps == train.Config.fps and cfg.max_new_tokens == 24  # explicit flags win over the preset
     plain = ev.parse_config(["--model", "m", "--data", "d.jsonl"])
     assert (plain.fps, plain.min_frames, plain.max_frames, plain.min_pixels, plain.max_pixels, plain.max_new_tokens) == \
         (train.Config.fps, train.Config.min_frames, train.Config.max_frames, train.Config.min_pixels, train.Config.max_pixels, 512)
+
+
+def test_eval_imports_no_trainer():
+    # what eval.py shares with train.py lives where both import it (model.py, tiny.py, data.py), not in the trainer
+    code = "import eval, sys; assert 'train' not in sys.modules, 'eval.py imports train.py'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_shared_flags_default_as_in_training():
+    # a flag both entry points have (video sampling, prompt length, workers, compiled decode) has one default
+    from dataclasses import fields
+    evals, trains = ({f.name: f.default for f in fields(c)} for c in (ev.Config, train.Config))
+    shared = sorted(set(evals) & set(trains) - {"data"})  # eval's --data is a test split, training's a train file
+    assert {"fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "max_prompt_length", "num_workers",
+            "compile_rollout"} <= set(shared)
+    assert {k: evals[k] for k in shared} == {k: trains[k] for k in shared}
 
 
 def test_score_is_the_training_reward(setup):
@@ -68,7 +85,7 @@ def test_score_is_the_training_reward(setup):
     # decoding stops at the first EOS, whatever follows it
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = torch.tensor([tok("<answer>3</answer>", add_special_tokens=False)["input_ids"] + [eos, 0, 5, 7]])
-    mask = train.completion_mask(ids, [eos])
+    mask = completion_mask(ids, [eos])
     assert decode_completions(tok, ids, mask) == ["<answer>3</answer>"]
 
 

@@ -19,9 +19,10 @@ import sys
 import pytest
 import torch
 
+import decode as decode_lib
 import model as model_lib
-from model import (compiled_decode_step, completion_logps, cuda_graph_count, decode_state, decode_step, flash_attn_error,
-                   prefill, release_decode_caches, sample_completions, use_packed_attention)
+from decode import compiled_decode_step, cuda_graph_count, decode_state, decode_step, release_decode_caches
+from model import completion_logps, flash_attn_error, prefill, sample_completions, use_packed_attention
 from test_grpo import family_inputs, release_rule, tiny_setup  # noqa: F401
 from test_rollout_compile import bf16_ulp, teacher_forced_logits, ulps_apart
 
@@ -166,7 +167,7 @@ def test_one_step_2b_shaped():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON "))[len("BENCH_JSON "):])
     assert result["graph_replays_per_token_compiled"] >= 1
-    assert result["cudagraph_skips"] == 0 and 1 <= result["cuda_graphs"] <= model_lib.CUDA_GRAPHS_MAX, result
+    assert result["cudagraph_skips"] == 0 and 1 <= result["cuda_graphs"] <= decode_lib.CUDA_GRAPHS_MAX, result
     assert result["decode_ms_per_token_compiled"] > 0 and result["ours"]["total"]["time_s"] > 0
 
 

@@ -28,7 +28,7 @@ import train
 from model import (VISION_TOKENS, ModelError, add_lora, completion_logps, completion_logps_shared_prompt, load_model,
                    lora_targets, packed_attention, packed_masks, reference, sample_completions, selective_log_softmax,
                    use_packed_attention, vision_attention)
-from model import apply_repetition_penalty, generation_repetition_penalty
+from model import apply_repetition_penalty, completion_mask, generation_repetition_penalty
 from test_positions import reference_positions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,7 +118,7 @@ def test_completion_mask_matches_naive():
     for row in ids.tolist():
         first = next((t for t, x in enumerate(row) if x in eos), len(row))
         expected.append([1 if t <= first else 0 for t in range(len(row))])
-    assert train.completion_mask(ids, eos).tolist() == expected
+    assert completion_mask(ids, eos).tolist() == expected
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])

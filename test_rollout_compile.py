@@ -11,7 +11,8 @@ import torch
 
 import eval as evaluate
 import train
-from model import ModelError, compiled_decode_step, decode_step, prefill, rollout_decode, sample_completions, static_cache
+from decode import compiled_decode_step, decode_step, static_cache
+from model import ModelError, prefill, rollout_decode, sample_completions
 from test_grpo import tiny_setup  # noqa: F401  (the fixture: tiny model, two left-padded prompts)
 
 

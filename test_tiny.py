@@ -10,8 +10,7 @@ import torch
 import data
 import rewards
 import tiny
-import train
-from model import decode_completions, sample_completions, special_token_ids
+from model import completion_mask, decode_completions, sample_completions, special_token_ids
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,10 +93,10 @@ def sample(model, tokenizer, G=8, seed=0):
     batch = data.collate(items, pad_token_id=tokenizer.pad_token_id)
     eos, suppress = special_token_ids(tokenizer)
     torch.manual_seed(seed)
-    ids = sample_completions(model, batch, num_generations=G, max_new_tokens=train.TINY["max_completion_length"],
+    ids = sample_completions(model, batch, num_generations=G, max_new_tokens=tiny.TRAIN_PRESET["max_completion_length"],
                                    temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
                                    pad_token_id=tokenizer.pad_token_id)
-    completions = decode_completions(tokenizer, ids, train.completion_mask(ids, eos))
+    completions = decode_completions(tokenizer, ids, completion_mask(ids, eos))
     return completions, [s for s in batch["solution"] for _ in range(G)]
 
 

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import faulthandler
 import functools
-import json
 import math
 import os
 import random
@@ -48,9 +47,11 @@ import torch
 
 import checkpoint
 import data
+import decode
 import model
 import rewards
 import runtime
+import tiny
 from runtime import ConfigError, eta, print0
 
 
@@ -143,20 +144,12 @@ class Config:
     local_rank: int = field(default=-1, metadata={"group": "run and checkpoints", "help": "set by the deepspeed launcher; ignore"})
 
 
-# --tiny: every default that makes the whole loop run offline on 2 CPU cores in about a minute. The tiny model is
-# warm-started on the answer format (tiny.py), so the demo has a reward signal: format and accuracy move in 60 steps.
-TINY = dict(model_name_or_path="data/tiny-qwen2-vl", data="data/synthetic/train.jsonl", output_dir="runs/tiny",
-            max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112, num_generations=8, prompts_per_device=4,
-            max_completion_length=48, learning_rate=2e-3, max_steps=60, bf16=False, save_steps=20,
-            log_samples_steps=10, num_workers=1, top_k=0)  # top_k 0: the README's demo numbers sample all 512 ids
-
-
 def parse_config(argv=None):
     loss_help = "; ".join(f"{name}: {loss.help}" for name, loss in LOSSES.items())  # the table is the one list
     parser = runtime.dataclass_parser(Config, __doc__, loss_type=dict(type=str, default=Config.loss_type, help=loss_help))
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
-        parser.set_defaults(**dict(TINY, model_name_or_path=f"data/tiny-{args.tiny_model}"))
+        parser.set_defaults(**dict(tiny.TRAIN_PRESET, model_name_or_path=f"data/tiny-{args.tiny_model}"))
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -208,12 +201,11 @@ def validate_config(cfg):
         raise ConfigError(f"--deepspeed {cfg.deepspeed}: no such file (the repository's ds_zero3.json holds the ZeRO-3 settings)")
     runtime.build_ds_config(cfg)  # a key that a flag owns (batch size, clipping, precision) is an error here, not after a model load
     # the synthetic set (train.jsonl, train_mc.jsonl, ...) is made on first use
-    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(TINY["data"])
+    generated = cfg.tiny and os.path.dirname(os.path.normpath(cfg.data)) == os.path.dirname(tiny.TRAIN_PRESET["data"])
     if not generated and not os.path.isfile(cfg.data):
         raise ConfigError(f"--data {cfg.data}: no such file (the layouts: docs/data.md)")
     if cfg.video_root and not os.path.isdir(cfg.video_root):
         raise ConfigError(f"--video_root {cfg.video_root}: no such folder")
-    import tiny
     if cfg.tiny_model not in tiny.TINY_MODELS:
         raise ConfigError(f"--tiny_model {cfg.tiny_model!r}: choose one of {', '.join(tiny.TINY_MODELS)}")
     name = cfg.model_name_or_path
@@ -261,19 +253,11 @@ def sequence_mean_kl(logps, ref_logps, mask):
     return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean().item()
 
 
-def completion_mask(completion_ids, eos_token_ids):
-    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) int"""
-    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))  # (N, T)
-    T = completion_ids.size(1)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
-    return (torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]).int()  # (N, T)
-
-
 def split_rollout(completion_ids, num_normal, eos_token_ids):
     """T-GRPO's rollout rows: the first num_normal (those of the loss) cut to their longest completion (the shuffled
     rows may have run longer), contiguous for the packed pass; and the rest. (N, C) -> (num_normal, C'), (N - num_normal, C)"""
     normal, shuffled = completion_ids[:num_normal], completion_ids[num_normal:]
-    return normal[:, :completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
+    return normal[:, :model.completion_mask(normal, eos_token_ids).sum(1).max()].contiguous(), shuffled
 
 
 # The loss's knobs, built once from the Config's "loss" fields: a new knob is one flag, grpo_loss's callers never change
@@ -410,9 +394,6 @@ class Run:
 
 def setup(cfg):
     """Distributed init, data, models, resume: everything before the first step."""
-    import deepspeed
-    from transformers import AutoTokenizer
-
     rank, world, device = runtime.init_distributed()
     # ZeRO-3 calls torch's deprecated reduce_scatter_tensor / all_gather_into_tensor: a two-line FutureWarning per step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
@@ -429,10 +410,45 @@ def setup(cfg):
     accuracy_name = rewards.reward_of_kind(reward_names, "accuracy") or "accuracy"  # T-GRPO, length bonus, all_correct
     B_max = cfg.prompts_per_device
 
-    # --- data
-    if cfg.tiny:  # the embedded default: made on first use, on rank 0, while the others wait
+    model_dir, tokenizer, examples, dataset = setup_data(cfg, rank)
+    steps_per_epoch = len(dataset) // (world * B_max)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
+    engine, ref_engine, scheduler = setup_models(cfg, model_dir, device, updates=total_steps * cfg.num_iterations)
+    eos_token_ids, suppress = model.special_token_ids(tokenizer, engine.module.config.text_config.vocab_size)
+
+    # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
+    start_step, position, rng = 0, (0, 0), None
+    if cfg.resume_from:
+        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
+        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
+    checkpoint.start_run(cfg, rank, start_step, {**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
+                                                 "steps_per_epoch": steps_per_epoch, "model_dir": model_dir,
+                                                 "accuracy_reward": accuracy_name})
+    logger = checkpoint.MetricsLogger(cfg, rank, resumed=start_step > 0)
+    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
+           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+    batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
+        data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
+    if rng is not None:
+        checkpoint.set_rng_state(rng)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
+               scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
+               reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
+               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
+               G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
+               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress,
+               batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger,
+               start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def setup_data(cfg, rank):
+    """The model folder, its tokenizer, the data file's examples and their dataset (--tiny: the tiny model and the
+    synthetic data made first, on rank 0, while the others wait)."""
+    from transformers import AutoTokenizer
+    if cfg.tiny:  # the embedded default: made on first use
         if rank == 0:
-            import tiny
             family = model.check_model_path(cfg.model_name_or_path, tiny=True)  # None: a folder given, used as it is
             if family:
                 tiny.save_tiny_model(cfg.model_name_or_path, family=family)
@@ -450,12 +466,13 @@ def setup(cfg):
     dataset = data.VideoPromptDataset(examples, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
                                       shuffled_frames=cfg.temporal_contrast, shuffle_seed=cfg.seed,
                                       prompt_template=cfg.prompt_template)
-    steps_per_epoch = len(dataset) // (world * B_max)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{cfg.data}: {len(dataset)} usable examples, fewer than one step of {world} ranks x {B_max} prompts")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs * steps_per_epoch
+    return model_dir, tokenizer, examples, dataset
 
-    # --- models: the policy in a DeepSpeed engine with its optimizer; the frozen reference sharded the same way
+
+def setup_models(cfg, model_dir, device, updates):
+    """The policy in a DeepSpeed engine with its optimizer and LR schedule over `updates`; the frozen reference sharded
+    the same way (None with LoRA, whose reference is the policy with its adapters off, or with beta 0)."""
+    import deepspeed
     ds_config = runtime.build_ds_config(cfg)
     model.partition_at_load(ds_config)  # ZeRO-3: weights partitioned as they load, no whole copy per rank
     policy_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
@@ -463,8 +480,6 @@ def setup(cfg):
         model.checkpoint_activations(policy_model)
     if cfg.lora_rank:  # only the adapters train; the reference is the policy with them off: no second model
         policy_model = model.add_lora(policy_model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
-    updates = total_steps * cfg.num_iterations
-
     lr_lambda = functools.partial(runtime.lr_factor, warmup_steps=cfg.warmup_steps, total_updates=updates, scheduler=cfg.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy_model, model_parameters=model.weight_decay_groups(policy_model, cfg.weight_decay), config=ds_config,
@@ -475,39 +490,7 @@ def setup(cfg):
         ref_model = model.load_model(model_dir, bf16=cfg.bf16, attn_implementation=cfg.attn_implementation, device=device)
         ref_model.eval().requires_grad_(False)
         ref_engine = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_config.items() if k != "gradient_clipping"})[0]
-    eos_token_ids, suppress = model.special_token_ids(tokenizer, engine.module.config.text_config.vocab_size)
-
-    # --- resume: weights, optimizer and schedule from the engine checkpoint; data position and RNG per rank
-    start_step, position, rng = 0, (0, 0), None
-    if cfg.resume_from:
-        start_step, position, rng = checkpoint.load(engine, resume_dir, rank)
-        print0(f"resumed from {resume_dir}: step {start_step}, epoch {position[0]}, batch {position[1]}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if cfg.overwrite_output_dir:  # the old run goes before the new one writes: nothing of it is left to resume
-        checkpoint.clear_run(cfg.output_dir, rank)
-    if rank == 0:
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            if start_step:  # rows a killed run logged after its checkpoint are logged again
-                checkpoint.truncate_jsonl(os.path.join(cfg.output_dir, name), start_step)
-            else:
-                open(os.path.join(cfg.output_dir, name), "w").close()
-        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "world_size": world, "total_steps": total_steps,
-                       "steps_per_epoch": steps_per_epoch, "model_dir": model_dir, "accuracy_reward": accuracy_name}, f, indent=2)
-    logger = checkpoint.MetricsLogger(cfg, rank, resumed=start_step > 0)
-    print0(f"{len(examples)} examples, {world} ranks x {B_max} prompts x {cfg.num_generations} completions, "
-           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
-    batches = data.batches_from(dataset, position, dict(num_workers=cfg.num_workers, collate_fn=functools.partial(
-        data.collate, pad_token_id=tokenizer.pad_token_id)), seed=cfg.seed, rank=rank, world=world, batch_size=B_max)
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-    return Run(cfg=cfg, rank=rank, world=world, device=device, tokenizer=tokenizer, engine=engine, ref_engine=ref_engine,
-               scheduler=scheduler, model_dir=model_dir, reward_names=reward_names,
-               reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
-               accuracy_reward=rewards.REWARD_FUNCS[accuracy_name], G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
-               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress,
-               batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger, start_step=start_step,
-               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return engine, ref_engine, scheduler
 
 
 def rollout(run, batch):
@@ -538,14 +521,14 @@ Sampled = collections.namedtuple("Sampled", "completion_ids mask lengths truncat
 def sample(run, batch):
     """The rollout of a batch, with its masks and texts (Sampled)."""
     completion_ids, shuffled_ids = rollout(run, batch)                                    # (B*G, C), (B*G~, C) or None
-    mask = completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
+    mask = model.completion_mask(completion_ids, run.eos_token_ids)                             # (B*G, C)
     truncated = ~torch.isin(completion_ids, torch.tensor(run.eos_token_ids, device=run.device)).any(1)  # (B*G,)
     lengths = mask.sum(1).float()                                                         # (B*G,)
     completions = model.decode_completions(run.tokenizer, completion_ids, mask)
     if run.cfg.mask_truncated_completions:  # still scored (they stay in the group statistics), but no loss
         mask = mask * (~truncated)[:, None].int()
     shuffled = None if shuffled_ids is None else iter(model.decode_completions(
-        run.tokenizer, shuffled_ids, completion_mask(shuffled_ids, run.eos_token_ids)))  # (V*G~) texts
+        run.tokenizer, shuffled_ids, model.completion_mask(shuffled_ids, run.eos_token_ids)))  # (V*G~) texts
     if shuffled is not None:  # B*G~, prompt by prompt: an image row's are "" (no shuffled rollout, no temporal bonus)
         shuffled = [next(shuffled) if kind == "video" else "" for kind in batch["data_type"] for _ in range(run.G_shuffled)]
     return Sampled(completion_ids, mask, lengths, truncated, completions, shuffled)
@@ -790,7 +773,7 @@ def train(cfg):
         import plot
         plot.plot_run(cfg.output_dir)
     if model.rollout_decode(cfg.compile_rollout, run.device) == "compiled":  # gpu_check.sh reads the shapes and graphs
-        print0(f"compiled rollout: {model.decode_state(run.device)}")
+        print0(f"compiled rollout: {decode.decode_state(run.device)}")
     print0(f"done: {cfg.output_dir}/final")
     return cfg.output_dir
 
