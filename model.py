@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 
 import torch
 
