@@ -890,6 +890,22 @@ def test_zero3_load_is_partitioned_and_equal(tiny_data):
     assert "partitioned all True" in run([sys.executable, "-c", PARTITION_SCRIPT, model_dir, port]).stdout
 
 
+INITIALIZE_SCRIPT = """
+import sys, torch, deepspeed, runtime
+runtime.init_distributed()
+net = torch.nn.Linear(4, 4)
+deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters()),
+                     config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+print("compiler imported", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_deepspeed_initialize_on_cpu_compiles_nothing():
+    # under ZeRO, deepspeed.initialize imports DeepSpeed's Muon optimizer, whose import torch.compiles its kernels:
+    # ~1.4 CPU s a rank on CPU, where nothing else compiles (every training subprocess of the suite paid it)
+    assert "compiler imported False" in run([sys.executable, "-c", INITIALIZE_SCRIPT]).stdout
+
+
 # rank 0's groups all have reward variance, rank 1's none: under --dynamic_sampling rank 1 keeps asking for more
 RANK_SPLIT_SCRIPT = """
 import os, sys
