@@ -1044,9 +1044,9 @@ train.main(sys.argv[1:])
 SEED_METRICS = ("thinking_length", "empty_thinking_ratio", "answer_entropy", "answer_mode_share")
 
 
-def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys):
+def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys, warm_tiny_model):
     import eval as ev
-    model_dir = tiny.save_tiny_model(str(tmp_path / "model"))  # warm-started: it writes thoughts and answers
+    model_dir = warm_tiny_model(tmp_path / "model")  # warm-started: it writes thoughts and answers
     data.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)
     out, steps = tmp_path / "mc", 3
     proc = run([sys.executable, "-c", MC_SCRIPT, "--tiny", "--model_name_or_path", model_dir,
