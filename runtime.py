@@ -9,6 +9,8 @@ import importlib
 import json
 import math
 import os
+import sys
+import types
 
 import torch
 
@@ -110,6 +112,7 @@ def init_distributed(use_deepspeed=True):
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         if device.type == "cpu":
             skip_cpu_allreduce_build()
+            skip_muon_import()
         deepspeed.init_distributed(dist_backend=backend, timeout=DIST_TIMEOUT)
     elif world > 1:
         torch.distributed.init_process_group(backend, timeout=DIST_TIMEOUT)
@@ -124,6 +127,17 @@ def skip_cpu_allreduce_build():
     where the op cannot be built."""
     # not `deepspeed.comm.torch`: that attribute is torch itself (deepspeed.comm star-imports it)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def skip_muon_import():
+    """Under ZeRO, deepspeed.initialize imports DeepSpeed's Muon optimizer (to check the optimizer, and in stage 3 to
+    ask whether it is one), and that import torch.compiles Muon's kernels: ~1.4 CPU s a rank, on CPU where nothing
+    else compiles. train.py's optimizer is AdamW, so a class that nothing is an instance of stands in for Muon's."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name not in sys.modules:
+        stand_in = types.ModuleType(name)
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[name] = stand_in
 
 
 # train.py's collectives over the ranks' loss inputs

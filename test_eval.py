@@ -16,7 +16,6 @@ import data
 import eval as ev
 import plot
 import rewards
-import tiny
 import train
 from model import completion_mask, decode_completions
 
@@ -24,9 +23,9 @@ REPO = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, warm_tiny_model):
     root = tmp_path_factory.mktemp("eval")
-    model_dir = tiny.save_tiny_model(str(root / "tiny-qwen2-vl"))
+    model_dir = warm_tiny_model(root / "tiny-qwen2-vl")
     _, test_path = data.make_synthetic_dataset(root / "synthetic", n_train=2, n_test=6, seed=0)
     return {"root": root, "model": model_dir, "data": str(test_path)}
 

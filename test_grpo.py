@@ -1190,6 +1190,22 @@ def test_zero3_load_is_partitioned_and_equal(tiny_data):
     assert "partitioned all True" in run([sys.executable, "-c", PARTITION_SCRIPT, model_dir, port]).stdout
 
 
+INITIALIZE_SCRIPT = """
+import sys, torch, deepspeed, runtime
+runtime.init_distributed()
+net = torch.nn.Linear(4, 4)
+deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters()),
+                     config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+print("compiler imported", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_deepspeed_initialize_on_cpu_compiles_nothing():
+    # under ZeRO, deepspeed.initialize imports DeepSpeed's Muon optimizer, whose import torch.compiles its kernels:
+    # ~1.4 CPU s a rank on CPU, where nothing else compiles (every training subprocess of the suite paid it)
+    assert "compiler imported False" in run([sys.executable, "-c", INITIALIZE_SCRIPT]).stdout
+
+
 # rank 0's groups all have reward variance, rank 1's none: under --dynamic_sampling rank 1 keeps asking for more
 RANK_SPLIT_SCRIPT = """
 import os, sys
@@ -1427,9 +1443,9 @@ train.main(sys.argv[1:])
 SEED_METRICS = ("thinking_length", "empty_thinking_ratio", "answer_entropy", "answer_mode_share")
 
 
-def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys):
+def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys, warm_tiny_model):
     import eval as ev
-    model_dir = tiny.save_tiny_model(str(tmp_path / "model"))  # warm-started: it writes thoughts and answers
+    model_dir = warm_tiny_model(tmp_path / "model")  # warm-started: it writes thoughts and answers
     data.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)
     out, steps = tmp_path / "mc", 3
     proc = run([sys.executable, "-c", MC_SCRIPT, "--tiny", "--model_name_or_path", model_dir,

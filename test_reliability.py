@@ -161,9 +161,20 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and (out / "final").exists()
 
 
-def test_sigterm_in_the_last_step_writes_final(setup):
-    out = setup[0] / "term_last"
-    proc = run(args(setup, out, "--save_steps", "0", "--max_steps", "2"), env=dict(ENV, TERM_AT="2"))
+@pytest.fixture(scope="module")
+def last_step_run(setup):
+    """One run serves two tests: SIGTERM lands in its last step, and a stale DeepSpeed build lock lies in its
+    TORCH_EXTENSIONS_DIR (the two do not meet: the lock would hang the start, the signal comes at the end)."""
+    out, extensions = setup[0] / "term_last", setup[0] / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
+    proc = run(args(setup, out, "--save_steps", "0", "--max_steps", "2"),
+               env=dict(ENV, TERM_AT="2", TORCH_EXTENSIONS_DIR=str(extensions)))
+    return out, proc, extensions
+
+
+def test_sigterm_in_the_last_step_writes_final(last_step_run):
+    out, proc, _ = last_step_run
     assert (out / "final" / "config.json").exists() and f"done: {out}/final" in proc.stdout, proc.stdout[-2000:]
     assert "SIGTERM: saved" not in proc.stdout and not list(out.glob("checkpoint-*"))
     assert [r["step"] for r in metrics(out)] == [1, 2]
@@ -188,26 +199,28 @@ def test_a_save_keeps_itself_and_drops_the_abandoned_runs_newer_checkpoints(tmp_
     assert not (tmp_path / "checkpoint-2" / "training_state").exists()  # rotated: only the model files stay
 
 
-def test_a_stale_extension_lock_does_not_hang_a_run(setup, tmp_path):
+def test_a_stale_extension_lock_does_not_hang_a_run(last_step_run):
     # a run killed while DeepSpeed JIT-built its CPU all-reduce op left torch's lock file: a later run that built the
     # op would wait on it forever (FileBaton has no timeout). The op is not built (runtime.skip_cpu_allreduce_build).
-    extensions = tmp_path / "torch_extensions"
-    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
-    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
-    out = tmp_path / "run"
-    proc = subprocess.run(args(setup, out, "--max_steps", "1", "--save_steps", "0"), cwd=HERE, capture_output=True,
-                          text=True, timeout=150, env=dict(ENV, TORCH_EXTENSIONS_DIR=str(extensions)))
+    out, proc, extensions = last_step_run  # the run exited 0 within run()'s timeout
     assert proc.returncode == 0 and (out / "final").exists(), proc.stderr[-2000:]
     assert os.listdir(extensions / "deepspeed_shm_comm") == ["lock"]  # nothing was built there
 
 
-def test_an_existing_run_is_not_overwritten(setup):
+def test_an_existing_run_is_not_overwritten(setup, capsys, monkeypatch):
+    # in-process (refused in validate_config, before anything distributed or any model), SCRIPT's reward registered
+    import rewards
+    import train
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "short", lambda completions, solutions=None: [0.0 for _ in completions])
     out = setup[0] / "existing"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    proc = run(args(setup, out), expect=2)
-    assert "holds a run already" in proc.stderr and "--overwrite_output_dir" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:  # any other exception (a traceback) fails here
+        train.main(args(setup, out)[3:])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:"), err
+    assert "holds a run already" in err and "--overwrite_output_dir" in err
+    assert "Traceback" not in err
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
 
 
