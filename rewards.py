@@ -3,9 +3,10 @@
 Every reward function has the signature `fn(completions, solutions, **kwargs) -> list[float]`
 and returns one float per completion. Add a reward by writing one function and
 adding it to REWARD_FUNCS; the trainer looks names up there (`--rewards accuracy,format`).
-The trainer passes the rows' extra columns, one value per completion, as keyword arguments:
-problem_type=[...] and options=[...]. call_reward passes a function only the ones its signature
-names (all of them to a **kwargs), so a plain `fn(completions, solutions)` keeps working.
+The trainer passes the rows' columns, one value per completion, as keyword arguments: every column
+of the data file (problem_type=[...], options=[...], data_source=[...], ...). call_reward passes a function only
+the ones its signature names (all of them to a **kwargs), so a plain `fn(completions, solutions)` keeps working.
+A group-level bonus (T-GRPO's, the length bonus) is a SHAPERS entry, turned on by its flag.
 
 Rules
 -----

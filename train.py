@@ -169,7 +169,7 @@ def validate_config(cfg):
     unknown = [n for n in cfg.rewards.split(",") if n.strip() not in rewards.REWARD_FUNCS]
     if unknown:
         raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
-    if rewards.accuracy_reward_name(cfg.rewards.split(","), cfg.accuracy_reward) not in rewards.REWARD_FUNCS:
+    if rewards.accuracy_reward_name([n.strip() for n in cfg.rewards.split(",")], cfg.accuracy_reward) not in rewards.REWARD_FUNCS:
         raise ConfigError(f"--accuracy_reward {cfg.accuracy_reward!r}: choose one of {sorted(rewards.REWARD_FUNCS)}")
     if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
