@@ -155,7 +155,7 @@ class SkipSummary:
 def load_examples(path, video_root=None, skipped=None, verbose=True):
     """
     Read rows (JSONL, or a JSON list) into [{"video": abs path, "data_type", "problem", "solution", "problem_type",
-    "options", "index"}], index being the row's line (JSONL) or record (JSON list) number, "video" the row's file (a
+    "options", "index", and every other column of the row}] (the rewards get them by name), index being the row's line (JSONL) or record (JSON list) number, "video" the row's file (a
     video, or an image when data_type is "image"). Two layouts: DVD-counting (video_filename, problem, solution) and
     Video-R1-260k (path, data_type "video" or "image", problem_type, problem, options, solution). problem_type defaults
     to "numerical"; "multiple choice" needs a non-empty list of options. A row with an unknown problem_type or
@@ -201,7 +201,7 @@ def load_examples(path, video_root=None, skipped=None, verbose=True):
             if skipped is not None:
                 skipped.append({"index": i, "video": video, "reason": err})
             continue
-        examples.append({"video": video, "data_type": row.get("data_type", "video"), "problem": row["problem"], "solution": row["solution"],
+        examples.append({**row, "video": video, "data_type": row.get("data_type", "video"),  # every column the row has
                          "problem_type": row.get("problem_type", "numerical"), "options": row.get("options") or [],
                          "index": i})
     if not examples:  # the caller reports it in one line
@@ -537,6 +537,7 @@ class VideoPromptDataset(torch.utils.data.Dataset):
         meta = {"video": ex["video"], "problem": ex["problem"], "solution": ex["solution"], "index": i,
                 "problem_type": ex.get("problem_type", "numerical"), "options": ex.get("options") or [],
                 "data_type": ex.get("data_type", "video")}
+        meta["columns"] = {**ex, **{k: meta[k] for k in ("video", "problem_type", "options", "data_type")}}  # the rewards'
         if meta["data_type"] == "image":
             return self.image_item(ex, meta)
         try:
@@ -595,8 +596,9 @@ def collate(items, pad_token_id):
     """Left-pad the good items into a batch (generation appends on the right); error items go to batch["skipped"]."""
     good = [it for it in items if "error" not in it]
     batch = {key: [it[key] for it in good] for key in ("problem", "solution", "video", "index")}
-    for key in ("problem_type", "options"):  # extra columns the rewards get as keyword arguments
-        batch[key] = [it.get(key, "numerical" if key == "problem_type" else []) for it in good]
+    # every column of the rows, one list per name (None where a row lacks it): the rewards take what they name
+    names = dict.fromkeys(name for it in good for name in it.get("columns", {}))
+    batch["columns"] = {name: [it.get("columns", {}).get(name) for it in good] for name in names}
     batch["data_type"] = [it.get("data_type", "video") for it in good]
     batch["skipped"] = [it for it in items if "error" in it]
     if not good:
@@ -639,7 +641,8 @@ def uncollate(batch):
     items, seen = [], {"image": 0, "video": 0}
     for b in range(len(batch["solution"])):
         keep, kind = batch["attention_mask"][b].bool(), batch["data_type"][b]
-        item = {k: batch[k][b] for k in ("problem", "solution", "video", "index", "problem_type", "options", "data_type")}
+        item = {k: batch[k][b] for k in ("problem", "solution", "video", "index", "data_type")}
+        item["columns"] = {name: values[b] for name, values in batch["columns"].items() if values[b] is not None}
         item.update({k: batch[k][b][keep] for k in ("input_ids", "mm_token_type_ids")})
         mine = ("pixel_values", "image_grid_thw") if kind == "image" else (
             "pixel_values_videos", "pixel_values_videos_shuffled", "video_grid_thw", "second_per_grid_ts")

@@ -192,9 +192,9 @@ def key(record):
 # ----------------------------------------------------------------------------------------------------------------
 # scoring: the training rewards, on greedy completions
 
-def score(output, solution, completion_length, tokenizer, protocol="train", problem_type="numerical", options=None):
-    """One completion's fields: correct/format are exactly the training rewards being 1.0 (accuracy by the row's
-    problem_type); with protocol "seed", answer and correct are the seed eval script's (its number parser on both
+def score(output, solution, completion_length, tokenizer, protocol="train", columns=None):
+    """One completion's fields: correct/format are exactly the training rewards being 1.0 (accuracy given the row's
+    columns by name, as training's compute_rewards gives them: problem_type, options); with protocol "seed", answer and correct are the seed eval script's (its number parser on both
     sides, an int compare)."""
     thought = rewards.thinking_text(output)
     if protocol == "seed":
@@ -202,7 +202,8 @@ def score(output, solution, completion_length, tokenizer, protocol="train", prob
         correct = answer is not None and answer == seed_number(solution)
     else:
         answer = rewards.extract_answer(output)
-        correct = rewards.accuracy_reward([output], [solution], problem_type=[problem_type], options=[options])[0] == 1.0
+        correct = rewards.compute_rewards([rewards.accuracy_reward], [1.0], [output], [solution], 1,
+                                          **{k: [v] for k, v in (columns or {}).items()})[1][0].item() == 1.0
     return {"output": output, "answer": answer, "correct": correct,
             "format": rewards.format_reward([output])[0] == 1.0,
             "completion_length": int(completion_length),
@@ -394,8 +395,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             model = load_model(model_dir, bf16=torch.cuda.is_available(), device=device).to(device).eval()
             # EOS and suppressed tokens exactly as train.setup() builds them (model.special_token_ids)
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
-            dataset = data.VideoPromptDataset([{k: r[k] for k in ("video", "data_type", "problem", "solution", "problem_type",
-                                                                   "options")} for r in mine], tokenizer, settings, max_prompt_length=cfg.max_prompt_length,
+            dataset = data.VideoPromptDataset(mine, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,  # every column
                                               template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None,
                                               prompt_template=cfg.prompt_template if cfg.protocol == "train" else "default")
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
@@ -417,7 +417,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
                         records.append({"index": row["index"], "video": row["video"], "problem": row["problem"],
                                         "problem_type": row["problem_type"], "solution": row["solution"],
                                         **score(out, row["solution"], mask[b].sum(), tokenizer, cfg.protocol,
-                                                row["problem_type"], row["options"])})
+                                                {k: v[b] for k, v in batch["columns"].items()})})
                 records = [r for r in records if key(r) not in done]  # rows of a re-run half-done batch are kept as first written
                 write(records)
                 bar.update(len(records))

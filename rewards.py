@@ -3,9 +3,10 @@
 Every reward function has the signature `fn(completions, solutions, **kwargs) -> list[float]`
 and returns one float per completion. Add a reward by writing one function and
 adding it to REWARD_FUNCS; the trainer looks names up there (`--rewards accuracy,format`).
-The trainer passes the rows' extra columns, one value per completion, as keyword arguments:
-problem_type=[...] and options=[...]. call_reward passes a function only the ones its signature
-names (all of them to a **kwargs), so a plain `fn(completions, solutions)` keeps working.
+The trainer passes the rows' columns, one value per completion, as keyword arguments: every column
+of the data file (problem_type=[...], options=[...], data_source=[...], ...). call_reward passes a function only
+the ones its signature names (all of them to a **kwargs), so a plain `fn(completions, solutions)` keeps working.
+A group-level bonus (T-GRPO's, the length bonus) is a SHAPERS entry, turned on by its flag.
 
 Rules
 -----
@@ -296,10 +297,10 @@ def thinking_stats(completions, count_tokens):
     return sum(lengths) / max(len(lengths), 1), empty / max(len(lengths), 1)
 
 
-def findings_metrics(completions, group_size, count_tokens, problem_type=None, options=None):
+def findings_metrics(completions, group_size, count_tokens, problem_type=None, options=None, **other_columns):
     """The per-step measures of the seed's findings, for B*G completions ordered prompt by prompt: thinking_length,
     empty_thinking_ratio (thinking_stats), answer_entropy and answer_mode_share (answer_diversity of answer_key).
-    problem_type and options are per prompt (B,), as in a batch; count_tokens(text) -> int."""
+    problem_type and options are per prompt (B,), as in a batch's columns (the others are not read); count_tokens(text) -> int."""
     n_prompts = len(completions) // group_size
     problem_type = problem_type if problem_type is not None else ["numerical"] * n_prompts
     options = options if options is not None else [None] * n_prompts
@@ -380,6 +381,9 @@ def length_bonus(accuracy, lengths, group_size, *, window=(320, 512), bonus=0.2)
     return bonus * (correct & in_window & several).to(accuracy.dtype).view(-1)  # (B*G,)
 
 
+length_rule = length_bonus  # for length_shaper, whose setting length_bonus (the flag) hides the function's name
+
+
 def signal_groups(accuracy, group_size):
     """(all_correct, all_wrong): the fraction of groups whose accuracies are all 1 / all 0. Such a group has equal
     accuracies, so it teaches nothing about correctness (zero advantage unless another reward varies). (B*G,) -> floats"""
@@ -389,41 +393,89 @@ def signal_groups(accuracy, group_size):
 
 def compute_rewards(reward_funcs, reward_weights, completions, solutions, group_size, **columns):
     """Score B*G completions, ordered prompt by prompt, against their own prompt's solution (B solutions).
-    columns: other per-prompt lists (problem_type=[...], options=[...]), given per completion to the rewards
-    that take them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
+    columns: the rows' columns, one per-prompt list each (problem_type=[...], options=[...], data_source=[...]), given
+    per completion to the rewards that name them. Returns (per-reward scores (R, B*G), weighted total (B*G,))."""
     assert len(completions) == len(solutions) * group_size, f"{len(completions)} completions for {len(solutions)} prompts x {group_size}"
     per_prompt = [s for s in solutions for _ in range(group_size)]  # completion i belongs to prompt i // G
-    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
+    columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()
+               if k not in ("completions", "solutions")}  # those two are the rewards' own arguments
     per_reward = torch.tensor([call_reward(fn, completions, per_prompt, **columns) for fn in reward_funcs],
                               dtype=torch.float32)  # (R, B*G)
     return per_reward, (torch.tensor(reward_weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
 
 
+# Group-level bonuses, applied by score() in table order to the runs whose `flag` (a train.Config field) is on. A shaper
+# names what it reads, by keyword: accuracy (B*G,) (the run's accuracy reward), lengths (B*G,) (tokens, EOS included),
+# shuffled_accuracy (B*G~,) (T-GRPO's rollout, None without one), has_video (B,), group_size, shuffled_group_size, and
+# any Config field (its settings). It returns (bonus (B*G,), rows (B*G,)): the bonus added to the total reward, and
+# which rows it counts as given, logged as `<name>_rewards` (the share of rows). A new bonus: a function, an entry.
+Shaper = collections.namedtuple("Shaper", "fn flag help")
+
+
+def temporal_shaper(accuracy, shuffled_accuracy, has_video, group_size, shuffled_group_size, temporal_alpha, temporal_mu):
+    bonus, given = temporal_bonus(accuracy, shuffled_accuracy, has_video, group_size, shuffled_group_size,
+                                  alpha=temporal_alpha, mu=temporal_mu)               # (B*G,), (B,)
+    return bonus, given.float().repeat_interleave(group_size)                         # (B*G,), (B*G,): per prompt
+
+
+def length_shaper(accuracy, lengths, group_size, length_window, length_bonus):
+    window = tuple(int(n) for n in length_window.split(","))
+    bonus = length_rule(accuracy, lengths, group_size, window=window, bonus=length_bonus)  # (B*G,)
+    return bonus, (bonus > 0).float()                                                 # (B*G,), (B*G,)
+
+
+SHAPERS = {
+    "temporal": Shaper(temporal_shaper, "temporal_contrast", "T-GRPO: +temporal_alpha to correct completions of a video "
+                       "prompt whose accuracy p >= temporal_mu * the shuffled video's (temporal_bonus)"),
+    "length": Shaper(length_shaper, "length_reward", "+length_bonus to correct completions with a length in "
+                     "length_window, in groups with more than one correct (length_bonus)"),
+}
+
+
+def apply_shapers(shapers, reward, inputs, settings):
+    """reward (B*G,) plus each shaper's bonus, in order. inputs: {name: value} a shaper may read; settings: the Config.
+    Returns (reward (B*G,), {"<name>_rewards": rows (B*G,)})."""
+    given = {}
+    for name, shaper in shapers.items():
+        names = inspect.signature(shaper.fn).parameters
+        bonus, given[f"{name}_rewards"] = shaper.fn(**{k: inputs[k] if k in inputs else getattr(settings, k) for k in names})
+        reward = reward + bonus                                                       # (B*G,)
+    return reward, given
+
+
+def accuracy_reward_name(names, chosen=""):
+    """The run's accuracy reward (what the shapers and all_correct/all_wrong read): --accuracy_reward when given, else
+    the first of --rewards' names containing "accuracy", else "accuracy"."""
+    return chosen or reward_of_kind(names, "accuracy") or "accuracy"
+
+
 # a rollout's scores, row by row (B*G,): per reward (R, B*G), the weighted total with the bonuses, the run's accuracy
-# reward, and which rows got T-GRPO's and the length bonus ({name: (B*G,)}); rows can be picked from several rollouts
+# reward, and which rows got each shaper's bonus ({"<name>_rewards": (B*G,)}); rows can be picked from several rollouts
 Scores = collections.namedtuple("Scores", "per_reward reward accuracy bonuses")
+
+
+def pick_groups(rollouts, groups, G):
+    """The Scores of chosen groups of several rollouts (--dynamic_sampling): rollouts [Scores], groups [(rollout r, group
+    b)] -> Scores of len(groups) * G rows, group by group in that order."""
+    pick = lambda get: torch.cat([get(rollouts[r])[..., b * G:(b + 1) * G] for r, b in groups], dim=-1)  # (..., B*G)
+    return Scores(pick(lambda s: s.per_reward), pick(lambda s: s.reward), pick(lambda s: s.accuracy),
+                  {k: pick(lambda s, k=k: s.bonuses[k]) for k in rollouts[0].bonuses})
 
 
 def score(run, batch, completions, shuffled, lengths):
     """train.py's rewards of B*G completions, completion i answering prompt i // G (Scores), each reward scored once.
-    run: train.Run (cfg, reward_funcs, reward_weights, accuracy_reward, length_window, G_shuffled).
+    run: train.Run (cfg, reward_funcs, reward_weights, accuracy_reward, G_shuffled); batch["columns"]: the rows'.
     shuffled: T-GRPO's B*G~ completions on the shuffled videos, or None; lengths (B*G,): tokens, EOS included."""
-    cfg, G = run.cfg, run.cfg.num_generations
-    columns = dict(problem_type=batch["problem_type"], options=batch["options"])  # per prompt; a reward takes what it names
+    cfg, G, columns = run.cfg, run.cfg.num_generations, batch["columns"]  # per prompt; a reward takes what it names
     per_reward, reward = compute_rewards(run.reward_funcs, run.reward_weights, completions, batch["solution"], G, **columns)  # (R, B*G), (B*G,)
-    accuracy = (per_reward[run.reward_funcs.index(run.accuracy_reward)] if run.accuracy_reward in run.reward_funcs else
-                compute_rewards([run.accuracy_reward], [1.0], completions, batch["solution"], G, **columns)[1])  # (B*G,)
-    bonuses = {}
-    if shuffled is not None:  # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
-        shuffled_accuracy = compute_rewards([run.accuracy_reward], [1.0], shuffled, batch["solution"], run.G_shuffled,
-                                            **columns)[1]                                   # (B*G~,)
-        has_video = torch.tensor([kind == "video" for kind in batch["data_type"]])            # (B,): T-GRPO only on videos
-        bonus, given = temporal_bonus(accuracy, shuffled_accuracy, has_video, G, run.G_shuffled,
-                                      alpha=cfg.temporal_alpha, mu=cfg.temporal_mu)          # (B*G,), (B,)
-        reward, bonuses["temporal_rewards"] = reward + bonus, given.float().repeat_interleave(G)  # (B*G,)
-    if cfg.length_reward:
-        bonus = length_bonus(accuracy, lengths, G, window=run.length_window, bonus=cfg.length_bonus)  # (B*G,)
-        reward, bonuses["length_rewards"] = reward + bonus, (bonus > 0).float()
+    score_accuracy = lambda texts, n: compute_rewards([run.accuracy_reward], [1.0], texts, batch["solution"], n, **columns)[1]
+    accuracy = (per_reward[run.reward_funcs.index(run.accuracy_reward)] if run.accuracy_reward in run.reward_funcs
+                else score_accuracy(completions, G))                                           # (B*G,): scored once
+    inputs = dict(accuracy=accuracy, lengths=lengths, group_size=G, shuffled_group_size=run.G_shuffled,
+                  shuffled_accuracy=None if shuffled is None else score_accuracy(shuffled, run.G_shuffled),  # (B*G~,)
+                  has_video=torch.tensor([kind == "video" for kind in batch["data_type"]]))  # (B,): T-GRPO only on videos
+    # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
+    reward, bonuses = apply_shapers({n: s for n, s in SHAPERS.items() if getattr(cfg, s.flag)}, reward, inputs, cfg)
     return Scores(per_reward, reward, accuracy, bonuses)
 
 
@@ -434,8 +486,8 @@ def score_metrics(scores, G):
 
 
 def reward_of_kind(names, kind):
-    """The first of a run's reward names that contains `kind` ("accuracy", "format"), else None. The run's accuracy
-    reward (T-GRPO, the length bonus, all_correct/all_wrong) is reward_of_kind(names, "accuracy") or "accuracy":
+    """The first of a run's reward names that contains `kind` ("accuracy", "format"), else None. Without
+    --accuracy_reward the run's accuracy reward is reward_of_kind(names, "accuracy") or "accuracy" (accuracy_reward_name):
     --rewards seed_accuracy,seed_format reads seed_accuracy, a user's my_accuracy reads that."""
     return next((n for n in names if kind in n), None)
 

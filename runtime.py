@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import types
+import zlib
 
 import torch
 
@@ -177,10 +178,29 @@ def raise_together(error, device):
         raise RuntimeError(f"rank {torch.distributed.get_rank()}: stopping with another rank that failed (its error is above)")
 
 
+def same_names(names, device):
+    """Every rank holds the same names in the same order, else every rank raises naming the difference. One all-reduce
+    of a checksum (the min and max over ranks); the names themselves are gathered only when they differ."""
+    names = tuple(names)
+    crc = zlib.crc32("\n".join(names).encode())
+    x = torch.tensor([crc, -crc], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MIN)
+    if x[0] == -x[1]:
+        return
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, names)
+    common = set.intersection(*map(set, every))
+    alone = [f"rank {r} has {sorted(set(n) - common)}" for r, n in enumerate(every) if set(n) - common]
+    raise RuntimeError("the metrics differ across ranks, so their all-reduce would not line up: "
+                       + ("; ".join(alone) + " that not every rank has" if alone else "the same names in another order"))
+
+
 def rank_means(metrics, weights, counts, device):
     """The step's metrics over all ranks in one all-reduce: each a mean over ranks or, where `weights` gives this rank's
     weight (its real tokens, its real rows), over those, so that a rank with none (an emptied mask) adds nothing rather
-    than a 0 (NaN when no rank has any). counts (numbers) are summed. -> ({name: mean}, [sums])"""
+    than a 0 (NaN when no rank has any). counts (numbers) are summed. Every rank must hold the same metric names (in
+    the same order; same_names checks it). -> ({name: mean}, [sums])"""
+    same_names(metrics, device)  # the all-reduce adds the values by position
     w = [weights.get(k, 1.0) for k in metrics]
     summed = torch.tensor([*(v * x if x else 0.0 for v, x in zip(metrics.values(), w)), *w, *counts],
                           dtype=torch.float64, device=device)

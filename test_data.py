@@ -58,11 +58,11 @@ def test_load_examples_jsonl_skips_and_reports_bad_rows(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     skipped = []
     ex = data.load_examples(path, skipped=skipped)
-    assert ex == [
-        {"video": str(tmp_path / "dvd" / "a.mp4"), "data_type": "video", "problem": "How many?",
+    assert ex == [  # the row's own columns (video_filename too: the rewards may name any) and the normalised ones
+        {"video": str(tmp_path / "dvd" / "a.mp4"), "data_type": "video", "problem": "How many?", "video_filename": "./dvd/a.mp4",
          "solution": "<answer>3</answer>", "problem_type": "numerical", "options": [], "index": 1},
         {"video": str(tmp_path / "dvd" / "b.mp4"), "data_type": "video", "problem": "Q2", "solution": "<answer>0</answer>",
-         "problem_type": "numerical", "options": [], "index": 7},
+         "video_filename": "dvd/b.mp4", "problem_type": "numerical", "options": [], "index": 7},
     ]
     assert [(s["index"], s["video"]) for s in skipped] == [(3, None), (4, None), (5, str(tmp_path / "dvd" / "zz.mp4")), (6, None)]
     assert "invalid JSON" in skipped[0]["reason"] and "not found" in skipped[2]["reason"]
@@ -526,9 +526,9 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
     assert batch["solution"] == [examples[0]["solution"], examples[2]["solution"]]
     assert [s["index"] for s in batch["skipped"]] == [1] and "corrupt.mp4" in batch["skipped"][0]["error"]
     empty = data.collate([items[1]], pad_token_id=pad_id)
-    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "problem_type": [], "options": [],
+    assert empty == {"problem": [], "solution": [], "video": [], "index": [], "columns": {},
                      "data_type": [], "skipped": [items[1]]}
-    assert batch["problem_type"] == ["numerical"] * 2 and batch["options"] == [[], []]
+    assert batch["columns"]["problem_type"] == ["numerical"] * 2 and batch["columns"]["options"] == [[], []]
 
 
 def test_uncollate_inverts_collate_and_recombines_batches(synthetic, tokenizer):
@@ -551,6 +551,37 @@ def test_uncollate_inverts_collate_and_recombines_batches(synthetic, tokenizer):
     mixed = data.collate([data.uncollate(second)[0], data.uncollate(first)[0]], pad_id)
     same(mixed, data.collate([items[2], items[0]], pad_id))
     assert "pixel_values_videos_shuffled" in mixed and mixed["input_ids"].shape[1] < first["input_ids"].shape[1]
+
+
+def test_a_reward_naming_a_new_column_gets_it_per_completion(synthetic, tokenizer, tmp_path):
+    # a column no code knows (data_source) reaches a reward that names it: load_examples keeps it, collate carries it
+    # (uncollate gives it back for --dynamic_sampling), compute_rewards hands it out per completion (issue 32)
+    import types
+    import rewards
+    import train
+    _, train_path, _ = synthetic
+    examples = data.load_examples(train_path)[:3]
+    path = tmp_path / "sources.jsonl"
+    path.write_text("".join(json.dumps({"video_filename": e["video"], "problem": e["problem"], "solution": e["solution"],
+                                        "data_source": f"source {i}"}) + "\n" for i, e in enumerate(examples)))
+    loaded = data.load_examples(path)
+    assert [e["data_source"] for e in loaded] == ["source 0", "source 1", "source 2"]
+    ds = data.VideoPromptDataset(loaded, tokenizer, data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56))
+    batch = data.collate([ds[0], ds[2]], tokenizer.pad_token_id)
+    assert batch["columns"]["data_source"] == ["source 0", "source 2"]
+    again = data.collate(data.uncollate(batch), tokenizer.pad_token_id)
+    assert again["columns"] == batch["columns"]
+    seen = []
+
+    def from_source_0(completions, solutions, data_source):
+        seen.extend(data_source)
+        return [float(s == "source 0") for s in data_source]
+
+    run = types.SimpleNamespace(cfg=train.Config(num_generations=2), reward_funcs=[from_source_0, rewards.format_reward],
+                                reward_weights=[1.0, 0.0], accuracy_reward=from_source_0, G_shuffled=1)
+    scores = rewards.score(run, again, ["a"] * 4, None, torch.tensor([3.0] * 4))
+    assert seen == ["source 0", "source 0", "source 2", "source 2"]  # one value per completion, scored once
+    assert scores.reward.tolist() == [1.0, 1.0, 0.0, 0.0] and scores.accuracy.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_overlong_prompt_is_skipped_not_truncated(synthetic, tokenizer):

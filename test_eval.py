@@ -88,6 +88,17 @@ def test_score_is_the_training_reward(setup):
     assert decode_completions(tok, ids, mask) == ["<answer>3</answer>"]
 
 
+def test_score_gives_the_accuracy_reward_the_rows_columns():
+    # eval scores as training does: the row's columns by name (problem_type, options; the others ignored), so "B. blue"
+    # is option B of a multiple-choice row, and a wrong number for a numerical one
+    tok = tiny.build_tiny_tokenizer()
+    out = "<think>x</think><answer>B. blue</answer>"
+    mc = {"problem_type": "multiple choice", "options": ["A. red", "B. blue"], "data_source": "LLaVA-Video-178K/x"}
+    assert ev.score(out, "<answer>B</answer>", 1, tok, columns=mc)["correct"] is True
+    assert ev.score(out, "<answer>B</answer>", 1, tok, columns={"problem_type": "numerical"})["correct"] is False
+    assert ev.score(out, "<answer>B</answer>", 1, tok)["correct"] is False  # no columns: numerical, as training's default
+
+
 def test_eval_json_is_consistent(setup, tmp_path):
     out = tmp_path / "res.json"
     summary = run_eval(make_cfg(setup), out)

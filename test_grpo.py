@@ -488,6 +488,39 @@ def _ranks_agree(rank, port, out):
     torch.distributed.destroy_process_group()
 
 
+def _rank_adds_a_metric(rank, port, out):
+    import datetime
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    cases = {"added": {"loss": 1.0, "reward": 0.5, **({"rewards/extra": 0.25} if rank == 1 else {})},  # rank 1: one more
+             "reordered": {"reward": 0.5, "loss": 1.0} if rank == 0 else {"loss": 1.0, "reward": 0.5},
+             "same": {"loss": 1.0, "reward": float(rank)}}
+    result = {}
+    for name, metrics in cases.items():
+        try:
+            result[name] = runtime.rank_means(metrics, {}, [1.0], torch.device("cpu"))[0]
+        except RuntimeError as e:
+            result[name] = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_metrics_that_differ_across_ranks_raise_on_every_rank_naming_the_key(tmp_path):
+    # the metrics all-reduce adds values by position: a key on one rank only would shift every later metric. Every rank
+    # raises, naming it (no hang, no silent misalignment); the same names in another order raise too
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_adds_a_metric, args=(port, str(tmp_path / "out")), nprocs=2)
+    r0, r1 = (json.load(open(tmp_path / f"out.{r}")) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["added"] == ("the metrics differ across ranks, so their all-reduce would not line up: rank 1 has "
+                              "['rewards/extra'] that not every rank has"), r
+        assert "the same names in another order" in r["reordered"], r
+        assert r["same"] == {"loss": 1.0, "reward": 0.5}, r
+
+
 def test_a_rank_that_fails_to_draw_makes_all_raise_and_metrics_weigh_real_tokens(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1358,10 +1391,11 @@ def test_score_reads_the_runs_accuracy_reward_and_its_bonus_decides_the_sign():
     names = ["my_accuracy", "format"]
     assert rewards.reward_of_kind(names, "accuracy") == "my_accuracy" and rewards.reward_of_kind(names, "format") == "format"
     assert rewards.reward_of_kind(["format"], "accuracy") is None
-    cfg = train.Config(num_generations=4, length_reward=True, length_bonus=0.2)
+    cfg = train.Config(num_generations=4, length_reward=True, length_bonus=0.2, length_window="3,5")
     run = types.SimpleNamespace(cfg=cfg, reward_funcs=[my_accuracy, rewards.format_reward], reward_weights=[0.0, 0.0],
-                                accuracy_reward=my_accuracy, length_window=(3, 5), G_shuffled=2)
-    batch = {"problem_type": ["numerical"], "options": [None], "solution": ["<answer>3</answer>"], "video": ["v.mp4"]}
+                                accuracy_reward=my_accuracy, G_shuffled=2)
+    batch = {"columns": {"problem_type": ["numerical"], "options": [None]}, "solution": ["<answer>3</answer>"],
+             "video": ["v.mp4"], "data_type": ["video"]}
     lengths = torch.tensor([4.0, 9.0, 3.0, 1.0])
     scores = rewards.score(run, batch, ["a", "b", "c", "d"], None, lengths)
     reward, extra = scores.reward, rewards.score_metrics(scores, 4)
@@ -1370,18 +1404,51 @@ def test_score_reads_the_runs_accuracy_reward_and_its_bonus_decides_the_sign():
     assert (advantages > 0).tolist() == [True, False, True, False]
 
 
+def test_a_new_shaper_in_the_table_is_applied_by_score_and_reads_the_chosen_accuracy(monkeypatch):
+    # a group-level bonus is one function and one SHAPERS entry (with its flag): score() applies it after the
+    # built-in ones, in table order, adds its bonus and logs <name>_rewards; --accuracy_reward picks what it reads
+    import types
+    import rewards
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "first_half", lambda completions, solutions: [1.0, 1.0, 0.0, 0.0])
+
+    def toy(accuracy, lengths, toy_bonus):  # names what it reads: the run's accuracy, lengths, its own setting
+        bonus = toy_bonus * accuracy * (lengths < 5)                                   # (B*G,)
+        return bonus, (bonus > 0).float()
+
+    monkeypatch.setitem(rewards.SHAPERS, "toy", rewards.Shaper(toy, "toy_on", "a test bonus"))
+    names = ["accuracy", "first_half"]
+    assert rewards.accuracy_reward_name(names) == "accuracy"  # today's rule: the first name containing "accuracy"
+    assert rewards.accuracy_reward_name(["format"]) == "accuracy"
+    chosen = rewards.accuracy_reward_name(names, "first_half")  # --accuracy_reward first_half
+    cfg = types.SimpleNamespace(**vars(train.Config(num_generations=4, length_reward=True, length_window="3,5")),
+                                toy_on=True, toy_bonus=0.5)
+    run = types.SimpleNamespace(cfg=cfg, reward_funcs=[rewards.REWARD_FUNCS[n] for n in names], reward_weights=[0.0, 0.0],
+                                accuracy_reward=rewards.REWARD_FUNCS[chosen], G_shuffled=2)
+    batch = {"columns": {}, "solution": ["<answer>3</answer>"], "data_type": ["video"]}
+    lengths = torch.tensor([4.0, 9.0, 3.0, 1.0])
+    scores = rewards.score(run, batch, ["a", "b", "c", "d"], None, lengths)
+    # first_half: rows 0, 1 correct (rewards.accuracy_reward would score all 0); length bonus (3..5 tokens): row 0
+    assert scores.accuracy.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert scores.reward.tolist() == pytest.approx([0.2 + 0.5, 0.0, 0.0, 0.0])
+    assert list(scores.bonuses) == ["length_rewards", "toy_rewards"]
+    assert scores.bonuses["toy_rewards"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    cfg.toy_on = False  # its flag off: not applied
+    assert rewards.score(run, batch, ["a", "b", "c", "d"], None, lengths).reward.tolist() == pytest.approx([0.2, 0, 0, 0])
+
+
 def test_temporal_bonus_goes_to_video_rows_only_and_the_length_bonus_to_all():
     # T-GRPO as Video-R1 (`if self.temporal and video_inputs`): an image row has no shuffled rollout ("" texts) and no
     # temporal bonus; the length bonus is every row's
     import types
     import rewards
     always = lambda completions, solutions: [1.0 for _ in completions]  # noqa: E731
-    cfg = train.Config(num_generations=2, temporal_contrast=True, length_reward=True, length_bonus=0.2, temporal_alpha=0.3)
-    run = types.SimpleNamespace(cfg=cfg, reward_funcs=[always], reward_weights=[0.0], accuracy_reward=always,
-                                length_window=(3, 5), G_shuffled=1)
-    batch = {"problem_type": ["numerical"] * 2, "options": [None] * 2, "solution": ["<answer>3</answer>"] * 2,
+    cfg = train.Config(num_generations=2, temporal_contrast=True, length_reward=True, length_bonus=0.2, temporal_alpha=0.3,
+                       length_window="3,5")
+    run = types.SimpleNamespace(cfg=cfg, reward_funcs=[always], reward_weights=[0.0], accuracy_reward=always, G_shuffled=1)
+    batch = {"columns": {"problem_type": ["numerical"] * 2, "options": [None] * 2}, "solution": ["<answer>3</answer>"] * 2,
              "video": ["v.mp4", "i.png"], "data_type": ["video", "image"]}
-    _, reward, extra = train.score(run, batch, ["a"] * 4, ["x", ""], torch.tensor([4.0, 9.0, 4.0, 9.0]))
+    scores = rewards.score(run, batch, ["a"] * 4, ["x", ""], torch.tensor([4.0, 9.0, 4.0, 9.0]))
+    reward, extra = scores.reward, rewards.score_metrics(scores, 2)
     assert reward.tolist() == pytest.approx([0.3 + 0.2, 0.3, 0.2, 0.0]) and extra["temporal_rewards"] == 0.5
 
 
@@ -1415,6 +1482,7 @@ def test_weight_decay_groups_follow_the_hf_trainer():
     (["--video_time", "seconds"], "--video_time 'seconds': one of ('true', 'video-r1')"),
     (["--image_min_pixels", "5000", "--image_max_pixels", "4000"], "image min <= max"),
     (["--video_max_pixels", "-1"], "0 (the default rule) or a bound"),
+    (["--accuracy_reward", "acc"], "--accuracy_reward 'acc': choose one of"),
 ])
 def test_new_flags_are_validated(flags, message, tmp_path):
     cfg = train.parse_config(["--tiny", "--output_dir", str(tmp_path), *flags])

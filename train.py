@@ -21,7 +21,7 @@ Where this departs from the Video-R1 trainer (a copy of TRL's GRPOTrainer of ear
 test: docs/video-r1.md. In short: one batched rollout per prompt (prefilled once), the video encoded and the prompt run
 once per pass, a reference that sees the video, the release rule's M-RoPE positions in every pass, fp32 log-softmax at
 completion positions only, prompts skipped rather than truncated, each completion scored by its own row's type, and
-T-GRPO, the length bonus and all_correct/all_wrong reading the run's accuracy reward (rewards.reward_of_kind).
+T-GRPO, the length bonus and all_correct/all_wrong reading the run's accuracy reward (--accuracy_reward).
 The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
 eval.py --protocol seed. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
@@ -85,6 +85,7 @@ class Config:
     top_p: float = field(default=1.0, metadata={"group": "rollout and rewards", "help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
     compile_rollout: str = field(default="auto", metadata={"group": "rollout and rewards", "help": "auto|on|off: decode on a static KV cache with a torch.compile'd step (CUDA graphs); auto: on for CUDA"})
     rewards: str = field(default="accuracy,format", metadata={"group": "rollout and rewards", "help": "comma-separated names from rewards.REWARD_FUNCS"})
+    accuracy_reward: str = field(default="", metadata={"group": "rollout and rewards", "help": "the REWARD_FUNCS name the bonuses (rewards.SHAPERS), all_correct/all_wrong and --dynamic_sampling read ('': the first --rewards name containing 'accuracy', else accuracy)"})
     reward_weights: str = field(default="", metadata={"group": "rollout and rewards", "help": "comma-separated weights, one per reward ('': all 1)"})
     scale_rewards: str = field(default="group", metadata={"group": "rollout and rewards", "help": "'group': (r - mean) / (std + 1e-4); 'none': r - mean (Dr. GRPO)"})
     beta: float = field(default=0.04, metadata={"group": "loss", "help": "KL coefficient; 0 skips the reference model"})
@@ -161,6 +162,8 @@ def validate_config(cfg):
     unknown = [n for n in cfg.rewards.split(",") if n.strip() not in rewards.REWARD_FUNCS]
     if unknown:
         raise ConfigError(f"--rewards: unknown {unknown}; known: {sorted(rewards.REWARD_FUNCS)} (add one in rewards.py)")
+    if rewards.accuracy_reward_name([n.strip() for n in cfg.rewards.split(",")], cfg.accuracy_reward) not in rewards.REWARD_FUNCS:
+        raise ConfigError(f"--accuracy_reward {cfg.accuracy_reward!r}: choose one of {sorted(rewards.REWARD_FUNCS)}")
     if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise ConfigError(f"--reward_weights {cfg.reward_weights!r} needs one weight per reward in --rewards {cfg.rewards!r}")
     if min(cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.image_min_pixels, cfg.image_max_pixels) < 0 or \
@@ -371,9 +374,8 @@ class Run:
     reward_names: list
     reward_funcs: list
     reward_weights: list
-    accuracy_reward: object     # what T-GRPO, the length bonus and all_correct/all_wrong read (rewards.reward_of_kind)
+    accuracy_reward: object     # what the shapers and all_correct/all_wrong read (--accuracy_reward)
     G_shuffled: int             # T-GRPO's completions per prompt on the shuffled video
-    length_window: tuple        # (lo, hi) completion lengths that earn the length bonus
     eos_token_ids: list         # ids that end a completion
     suppress: list              # ids never sampled (vision tokens, untrained embedding rows)
     batches: object             # (epoch, batch_index, batch) from the resume position on
@@ -407,7 +409,7 @@ def setup(cfg):
     np.random.seed(cfg.seed + rank)
     reward_names = [n.strip() for n in cfg.rewards.split(",")]
     reward_weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_names)
-    accuracy_name = rewards.reward_of_kind(reward_names, "accuracy") or "accuracy"  # T-GRPO, length bonus, all_correct
+    accuracy_name = rewards.accuracy_reward_name(reward_names, cfg.accuracy_reward)  # the shapers, all_correct
     B_max = cfg.prompts_per_device
 
     model_dir, tokenizer, examples, dataset = setup_data(cfg, rank)
@@ -438,8 +440,7 @@ def setup(cfg):
                reward_funcs=[rewards.REWARD_FUNCS[n] for n in reward_names], reward_weights=reward_weights,
                accuracy_reward=rewards.REWARD_FUNCS[accuracy_name],
                G_shuffled=cfg.shuffled_generations or cfg.num_generations // 2,
-               length_window=tuple(int(n) for n in cfg.length_window.split(",")), eos_token_ids=eos_token_ids, suppress=suppress,
-               batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger,
+               eos_token_ids=eos_token_ids, suppress=suppress, batches=batches, skips=data.SkipSummary(stream=sys.stderr, prefix=f"[rank {rank}] "), logger=logger,
                start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
@@ -566,9 +567,7 @@ def dynamic_sampling(run, batch, sampled, scores, room=None):
     sampled = Sampled(padded(take(1, "completion_ids"), run.tokenizer.pad_token_id), padded(take(1, "mask"), 0) * keep[:, None],
                       torch.cat(take(1, "lengths")), torch.cat(take(1, "truncated")), sum(take(1, "completions"), []),
                       None if sampled.shuffled is None else sum(take(1, "shuffled", run.G_shuffled), []))
-    scores = rewards.Scores(torch.cat([rounds[r][2].per_reward[:, b * G:(b + 1) * G] for r, b in groups], dim=1),  # (R, B*G)
-                    torch.cat(take(2, "reward")), torch.cat(take(2, "accuracy")),
-                    {k: torch.cat([rounds[r][2].bonuses[k][b * G:(b + 1) * G] for r, b in groups]) for k in scores.bonuses})
+    scores = rewards.pick_groups([sc for _, _, sc in rounds], groups, G)  # (R, B*G), (B*G,) ...
     items = [data.uncollate(b) for b, _, _ in rounds]
     batch = data.collate([items[r][b] for r, b in groups], run.tokenizer.pad_token_id)
     batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -630,7 +629,6 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
                  ref_logps, mask, real, rollout_time):
     """This rank's metrics of the step, by name (docs/training.md, Metrics); the loop averages them over ranks."""
     G = run.cfg.num_generations
-    columns = dict(problem_type=batch["problem_type"], options=batch["options"])
     return {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.view(-1, G).std(1).mean().item(),
             **{f"rewards/{n}": r.mean().item() for n, r in zip(run.reward_names, per_reward)},
             **loss_stats, "completion_length": lengths.mean().item(),  # kl, clip_ratio; entropy, entropy_threshold
@@ -640,20 +638,21 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
             "seed/kl": (0.0 if run.cfg.beta == 0 else float("nan") if logps is None or not real.any() else
                         sequence_mean_kl(logps.detach()[real], ref_logps[real], mask[real])),  # real rows only
             **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
-                completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **columns),
+                completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **batch["columns"]),
             **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names (docs/training.md)
 
 
 # what grpo_step returns: this rank's metrics (by name) and what each is weighted by across ranks, the rollout for
 # samples.jsonl (texts, per-reward scores (R, B*G), advantages (B*G,)), its completion token count, the grad norm, why
-# the update was skipped (None, "loss", "gradient", "signal": no informative group on any rank), the batch trained on,
-# and (epoch, batch index, failed, tried) of the batches --dynamic_sampling added
-StepResult = collections.namedtuple("StepResult", "metrics weights completions per_reward advantages tokens grad_norm skipped batch drawn")
+# the update was skipped (None, "loss", "gradient", "signal": no informative group on any rank) and the batch trained on.
+# The data position is the loop's: grpo_step returns it beside (the batches --dynamic_sampling drew), not in here.
+StepResult = collections.namedtuple("StepResult", "metrics weights completions per_reward advantages tokens grad_norm skipped batch")
 
 
 def grpo_step(run, batch, room=None):
     """One GRPO step on this rank's batch: rollout, rewards, advantages, log-probs, loss and update(s), metrics. room:
-    --dynamic_sampling in an epoch-based run, the batches left in its last epoch (no draw goes past them)."""
+    --dynamic_sampling in an epoch-based run, the batches left in its last epoch (no draw goes past them). Returns
+    (StepResult, (epoch, batch index, failed, tried) of the batches --dynamic_sampling drew, or None)."""
     cfg, G = run.cfg, run.cfg.num_generations
     # rollout: G completions per prompt, with the policy's current weights; rewards, each scored once
     t_rollout = time.time()
@@ -686,7 +685,7 @@ def grpo_step(run, batch, room=None):
     # what a metric is averaged over across ranks: the real tokens (token means), the real rows (seed/kl), else ranks
     weights = dict.fromkeys(("kl", "clip_ratio", "entropy"), mask.sum().item()) | {"seed/kl": real.sum().item()}
     return StepResult({**metrics, **dynamic}, weights, completions, scores.per_reward, advantages, lengths.sum().item(),
-                      grad_norm, skipped, batch, drawn)
+                      grad_norm, skipped, batch), drawn
 
 
 def batches_consumed(run, position):
@@ -713,9 +712,9 @@ def train(cfg):
     for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
         epoch, batch_index, batch, failed, tried = data.next_batch(run)
-        out = grpo_step(run, batch, total_steps - (epoch * run.steps_per_epoch + batch_index + 1) if until_data else None)
-        if out.drawn:  # --dynamic_sampling took further batches: the data position and load counts include them
-            epoch, batch_index, failed, tried = out.drawn[0], out.drawn[1], failed + out.drawn[2], tried + out.drawn[3]
+        out, drawn = grpo_step(run, batch, total_steps - (epoch * run.steps_per_epoch + batch_index + 1) if until_data else None)
+        if drawn:  # --dynamic_sampling took further batches: the data position and load counts include them
+            epoch, batch_index, failed, tried = drawn[0], drawn[1], failed + drawn[2], tried + drawn[3]
         position = (epoch, batch_index + 1)
         last = step == total_steps or (until_data and batches_consumed(run, position) >= total_steps)
         bad_steps = bad_steps + 1 if out.skipped in ("loss", "gradient") else 0
@@ -729,8 +728,8 @@ def train(cfg):
                                f"returning NaN (rewards: {run.reward_names})")
 
         # metrics: means over all ranks, or over their real tokens or rows (out.weights); counts summed; one row per step
-        means, (tokens, failed, tried, preempt) = runtime.rank_means(
-            out.metrics, out.weights, [out.tokens, failed, tried, float(bool(preempted))], run.device)
+        means, (tokens, failed, tried) = runtime.rank_means(out.metrics, out.weights, [out.tokens, failed, tried], run.device)
+        preempt = runtime.all_ranks(bool(preempted), run.device, op="max")  # any rank signalled: all save and stop
         step_time = time.time() - t0
         row = {"step": step, "epoch": round(epoch + position[1] / run.steps_per_epoch, 4), **means,
                "grad_norm": out.grad_norm, "lr": run.scheduler.get_last_lr()[0], "step_time": step_time,
