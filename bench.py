@@ -1,12 +1,12 @@
 """
-Benchmark of one GRPO step as train.py takes it, phase by phase, against the seed's way of doing the same work.
+Benchmark of one GRPO step as train.py takes it, phase by phase, against Video-R1's first trainer's way of doing the same work.
 
     python bench.py --shape tiny                              # CPU: tiny random Qwen2-VL, both ways, the speedup per phase
     python bench.py --shape tiny --sweep                      # how the step cost grows with frames and with G (ours)
     python bench.py --shape tiny --threads 1                  # a busy CPU: 2 OpenMP threads beside another process ran ~5x slower
     python bench.py --shape 2b --device cuda                  # Qwen2-VL-2B-Instruct's architecture, random weights, bf16
     python bench.py --shape 7b --device cuda --only ours      # 7B: the optimizer phase is skipped where it cannot fit
-    python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, the seed's sizes
+    python bench.py --shape 2b --layers 2 --only ours         # CPU: a 2-layer slice of 2B's widths, Video-R1's first trainer's sizes
     python bench.py --shape 2.5-7b --device cuda --only ours  # Qwen2.5-VL-7B-Instruct's architecture (also 2.5-3b)
     python bench.py --shape qwen3-vl-8b --memory 4            # Qwen3-VL-2B/4B/8B-Instruct's (qwen3-vl-2b|4b|8b)
     python bench.py --shape 7b --memory 4                     # GiB per GPU of a train.py run on 4 GPUs, full and LoRA
@@ -25,8 +25,8 @@ Qwen2_5_VLForConditionalGeneration from Qwen2.5-VL-3B/7B-Instruct's (the video a
 clip at 128*32*32 pixels is 320x448, the same grid; each frame pair timed as at 2 fps from a 24-fps clip); the tokenizer is tiny.py's (only token ids
 matter: the special ids it gives are set in the model config and lie inside the real vocabulary). `--layers N` keeps
 the first N decoder layers and N vision blocks at full width: where a whole 2B model is too slow (a CPU), per-layer
-costs and the balance of attention against matrix products stay those of the real shape. The video is the
-seed's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
+costs and the balance of attention against matrix products stay those of the real shape. The video is
+Video-R1's first trainer's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
 grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
 
 A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens).
@@ -34,16 +34,16 @@ Ours is train.py's own step functions on a train.Run of this process (step_run: 
 PlainEngine in DeepSpeed's place, a one-process gloo group for the step's all-reduces); bench.py has no copy of it.
   rollout          ours: train.rollout -> sample_completions (video encoded and prompt prefilled once, KV cache
                    repeated G times; top_k 50, as train.py's and generate's default)
-                   seed: G separate HF `generate` calls, each encoding the video and prefilling the prompt again
+                   first: G separate HF `generate` calls, each encoding the video and prefilling the prompt again
   ref_logps        ours: train.reference_logps -> completion_logps_shared_prompt (vision tower and prompt once per prompt, the G
                    completions on its repeated KV cache, logits only at the completion positions)
-                   seed: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
+                   first: video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
                    every position row by row, then the completion slice (`baseline_logps`)
   policy_fwd_bwd   the log-prob pass with grad, train.grpo_loss (beta 0.04), backward. Ours: train.policy_update
                    less its engine's step -> completion_logps
                    (each prompt packed with its G completions into one row, packed_attention); with --policy_pass
                    per_completion, the pass as it was before packing (`per_completion_logps`), to isolate that gain.
-                   Seed: baseline_logps.
+                   First: baseline_logps.
   optimizer        clip the gradient norm at 20, torch AdamW step, zero the gradients (ours: the engine's step
                    inside train.policy_update, timed apart)
 With --temporal_contrast a third way, "tgrpo", is ours with T-GRPO's rollout (train.py --temporal_contrast): the B
@@ -57,7 +57,7 @@ Where this departs from a real training step, and why:
  1. EOS ids are suppressed (never sampled), so every completion has exactly --completion_tokens tokens and runs compare.
  2. The reference pass runs on the policy's weights (in eval mode, no grad): the same FLOPs as a separate reference
     model, without a second copy of the weights in memory.
- 3. The seed's reference pass got no video (a bug, see train.py's docstring); its baseline here gets the video, so
+ 3. Video-R1's first trainer's reference pass got no video (a bug, see train.py's docstring); its baseline here gets the video, so
     both ways do equal work. Its log-probs equal ours (test_bench.py checks it).
  4. The optimizer is plain torch AdamW on the model's own parameters (bf16 states on GPU). The real 7B run uses
     DeepSpeed ZeRO-3 over 4 GPUs (fp32 master weights and Adam states, sharded); one GPU cannot hold that. With
@@ -70,7 +70,7 @@ for the log-prob passes tokens/s (all B*G*(prompt + completion) positions), achi
 FLOPs are those the step needs, counted the same for both ways: 2*N per token forward, 6*N forward + backward, with N
 split into the vision tower (once per video patch, its merger once per merged token), the decoder body (every
 position) and the LM head (completion positions only); attention scores and the recompute of gradient checkpointing
-are left out, as in 6N. So the seed's redundant work shows as lower MFU, and our log-prob passes, which run the
+are left out, as in 6N. So Video-R1's first trainer's redundant work shows as lower MFU, and our log-prob passes, which run the
 prompt once rather than G times, as an effective rate above what the hardware does. Peak memory: torch.cuda.max_memory_allocated
 per phase on CUDA; on CPU the process's max RSS so far (ours runs first, so the baseline's figure is a max of both).
 Then (--decode on, the default) the rollout's decode alone, by measure_decode: prefill seconds, and milliseconds
@@ -113,7 +113,7 @@ from model import (checkpoint_activations, completion_logps, completion_logps_sh
 class Args:
     shape: str = field(default="tiny", metadata={"group": "the step's shape", "help": "tiny, 2b, 7b, 2.5-3b, 2.5-7b, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b or qwen3.5-2b (Qwen2-VL-2B/7B-, Qwen2.5-VL-3B/7B-, Qwen3-VL-2B/4B/8B-Instruct's architecture; Qwen3.5-2B's assumed one: QWEN3_5; random weights)"})
     tiny_model: str = field(default="qwen2-vl", metadata={"group": "the step's shape", "help": "--shape tiny: the family of the tiny model, qwen2-vl, qwen2.5-vl or qwen3-vl (as train.py --tiny_model)"})
-    frames: int = field(default=16, metadata={"group": "the step's shape", "help": "video frames (the seed: 16); 2 frames make one temporal patch"})
+    frames: int = field(default=16, metadata={"group": "the step's shape", "help": "video frames (Video-R1's first trainer: 16); 2 frames make one temporal patch"})
     num_generations: int = field(default=8, metadata={"group": "the step's shape", "help": "G: completions per prompt"})
     completion_tokens: int = field(default=512, metadata={"group": "the step's shape", "help": "tokens per completion, exactly (EOS is suppressed)"})
     prompts: int = field(default=1, metadata={"group": "the step's shape", "help": "B: prompts (videos) per step"})
@@ -455,7 +455,7 @@ def check_memory(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the inputs: B prompts with a random video at the seed's size
+# the inputs: B prompts with a random video at Video-R1's first trainer's size
 
 def video_settings(model_type):
     """data.VideoSettings of the family: Qwen3-VL's 16-px patches, mean/std 0.5 and frame timestamps, else the defaults."""
@@ -474,7 +474,7 @@ def image_prompt_tokens(tokenizer, model_type="qwen2_vl", image_max_pixels=0):
 
 
 def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=320, shuffled=False, model_type="qwen2_vl"):
-    """B random uint8 videos of `frames` frames, smart-resized as the seed's DVD clips, patched and prompted as in data.py;
+    """B random uint8 videos of `frames` frames, smart-resized as Video-R1's first trainer's DVD clips, patched and prompted as in data.py;
     shuffled=True adds T-GRPO's copy with the frames in random order (as data.VideoPromptDataset(shuffled_frames=True))."""
     s = video_settings(model_type)
     pixels = 128 * s.factor ** 2
@@ -499,12 +499,12 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the seed's way (the baseline): new code only here; "ours" is train.py's own functions
+# Video-R1's first trainer's way (the baseline): new code only here; "ours" is train.py's own functions
 
 @torch.no_grad()
 def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token_ids, suppress_token_ids, pad_token_id):
-    """The seed's rollout: G separate `generate` calls, each encoding the video and prefilling the prompt again
-    (sampling with generate's default top_k=50, as the seed's GenerationConfig). Returns (B*G, C) ordered prompt by
+    """Video-R1's first trainer's rollout: G separate `generate` calls, each encoding the video and prefilling the prompt again
+    (sampling with generate's default top_k=50, as Video-R1's first trainer's GenerationConfig). Returns (B*G, C) ordered prompt by
     prompt, as sample_completions. Timed only (its positions are transformers' own; nothing trains on its tokens)."""
     P = batch["input_ids"].size(1)
     runs = [model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -517,12 +517,12 @@ def baseline_rollout(model, batch, *, num_generations, max_new_tokens, eos_token
 
 
 def baseline_logps(model, batch, completion_ids, *, num_generations):
-    """The seed's log-probs: the video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
+    """Video-R1's first trainer's log-probs: the video repeated G times, full-vocabulary logits over the whole sequence, log-softmax at
     every position one row at a time, then the completion slice. (B*G, C) -> (B*G, C); grad flows if enabled."""
     G, C = num_generations, completion_ids.size(1)
     videos = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)           # (B*G, P+C)
-    # positions by the family's rule (the seed's transformers 4.49 had Qwen2.5-VL's release rule; 5.23 differs)
+    # positions by the family's rule (Video-R1's first trainer's transformers 4.49 had Qwen2.5-VL's release rule; 5.23 differs)
     positions, next_pos = prompt_positions(model, batch)                                             # (3, B, P), (B,)
     completion_pos = (next_pos[:, None] + torch.arange(C, device=next_pos.device))[None].expand(3, -1, -1)  # (3, B, C)
     out = model(input_ids=input_ids, position_ids=torch.cat([positions, completion_pos], 2).repeat_interleave(G, 1),
@@ -671,7 +671,7 @@ def ours_step(run, batch, policy_pass="packed"):
 
 
 def baseline_step(run, batch):
-    """The same step the seed's way (the comparison, not a copy: its rollout and log-prob passes are baseline_rollout
+    """The same step Video-R1's first trainer's way (the comparison, not a copy: its rollout and log-prob passes are baseline_rollout
     and baseline_logps), on the same Run: train.grpo_loss, backward, then the engine's update. {phase: (seconds, GiB)}"""
     model, device, G, C = run.policy, run.device, run.cfg.num_generations, run.cfg.max_completion_length
     B, result = len(batch["solution"]), {}
@@ -859,7 +859,7 @@ def memory_table(args):
     """--memory: the per-GPU estimate, full and LoRA, from the shapes on the meta device (nothing allocated)."""
     model = build_model(args.shape, tiny.build_tiny_tokenizer(), torch.device("meta"), torch.bfloat16, "sdpa", args.layers)
     P_video = build_batch(tiny.build_tiny_tokenizer(), frames=args.frames, prompts=1, device="cpu", seed=0,
-                          model_type=model.config.model_type)["input_ids"].size(1)  # the seed's 280x392 frames (Qwen3-VL: 320x448)
+                          model_type=model.config.model_type)["input_ids"].size(1)  # Video-R1's first trainer's 280x392 frames (Qwen3-VL: 320x448)
     P_image = image_prompt_tokens(tiny.build_tiny_tokenizer(), model.config.model_type, args.image_max_pixels)
     P = max(P_video, P_image)  # a run's rows are videos or images: the longer prompt decides the peak
     kw = dict(world=args.memory, B=args.prompts, G=args.num_generations, P=P, C=args.completion_tokens)

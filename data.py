@@ -49,14 +49,14 @@ from vision import smart_resize  # noqa: F401 (data.smart_resize: callers and te
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The seed's own copy of qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py): frames come in pairs;
+# Video-R1's first trainer's own copy of qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py): frames come in pairs;
 # "VIDEO_MIN_PIXELS = 128 * 28 * 28 / VIDEO_MAX_PIXELS = 128 * 28 * 28" (upstream qwen-vl-utils has 768 * 28 * 28)
 FRAME_FACTOR = 2
 VIDEO_MAX_PIXELS = 128 * 28 * 28
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # its default VIDEO_MAX_PIXELS env var: a 128K-token budget
 PROMPT_TEMPLATE = ("{problem}  Output the thinking process in <think> </think> and final answer (number) "
                    "in <answer> </answer> tags.")
-# one template per rewards.PROBLEM_TYPES entry, shared by train and eval; numerical is the seed's exact text
+# one template per rewards.PROBLEM_TYPES entry, shared by train and eval; numerical is Video-R1's first trainer's exact text
 PROMPT_TEMPLATES = {
     "numerical": PROMPT_TEMPLATE,
     "multiple choice": ("{problem}\nOptions:\n{options}\nOutput the thinking process in <think> </think> and final "
@@ -230,7 +230,7 @@ def _answer_type_error(row):
 # ----------------------------------------------------------------------------- video
 
 def frame_size(height, width, nframes, min_pixels=128 * 28 * 28, max_pixels=0, factor=28, video_max_pixels=0):
-    """The (h, w) the seed's reader (fetch_video) resizes nframes frames of height x width to. The seed passed no pixel
+    """The (h, w) Video-R1's reader (fetch_video) resizes nframes frames of height x width to. Video-R1's first trainer passed no pixel
     bounds with a video, so its cap was max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min_pixels * 1.05))
     = 105,369 pixels at min_pixels 128*28*28 (a 640x480 clip: 280x364). max_pixels 0 = that rule; a positive
     max_pixels can only lower the cap, as an explicit `max_pixels` does in fetch_video. factor: patch * merge (Qwen3-VL:
@@ -336,7 +336,7 @@ class VideoSettings:
     min_frames: int = 4
     max_frames: int = 16
     min_pixels: int = 0  # 0: 128 merged patches of the model (128*28*28 Qwen2/2.5-VL, 128*32*32 Qwen3-VL)
-    max_pixels: int = 0  # 0: the seed reader's cap (frame_size)
+    max_pixels: int = 0  # 0: Video-R1's reader's cap (frame_size)
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
@@ -349,7 +349,7 @@ class VideoSettings:
     image_bounds: tuple = (0, 0)  # the image processor's own (min, max) pixels (preprocessor_config.json); 0: none
     video_time: str = "true"  # seconds per temporal patch: "true" 2 / sample fps; "video-r1" 1.0 (VIDEO_TIMES)
 
-    def __post_init__(self):  # the seed's 128*28*28 is 128 merged patches; a family with 32-px ones gets 128*32*32
+    def __post_init__(self):  # Video-R1's first trainer's 128*28*28 is 128 merged patches; a family with 32-px ones gets 128*32*32
         self.min_pixels = self.min_pixels or 128 * self.factor ** 2
         self.image_min_pixels = self.image_min_pixels or vision.IMAGE_MIN_PATCHES * self.factor ** 2
         self.image_max_pixels = self.image_max_pixels or vision.IMAGE_MAX_PATCHES * self.factor ** 2
@@ -410,7 +410,7 @@ def video_settings_from_pretrained(model_dir, **overrides):
 # ----------------------------------------------------------------------------- prompts
 
 def format_question(problem, problem_type="numerical", options=None, template=None, prompt_template="default"):
-    """The question text for one row: its type's template (or `template`: eval's seed protocol asks with the seed eval
+    """The question text for one row: its type's template (or `template`: eval's video-r1-first protocol asks with Video-R1's first trainer eval
     script's words); multiple choice lists the options, one a line. prompt_template "video-r1" / "video-r1-eval":
     Video-R1's question built as its code builds it (options verbatim, each followed by a newline)."""
     if prompt_template in VIDEO_R1_TEMPLATES:
@@ -525,7 +525,7 @@ class VideoPromptDataset(torch.utils.data.Dataset):
     def __init__(self, examples, tokenizer, settings, max_prompt_length=None, template=None,
                  shuffled_frames=False, shuffle_seed=0, prompt_template="default"):
         self.examples, self.tokenizer, self.s, self.max_prompt_length = examples, tokenizer, settings, max_prompt_length
-        self.template = template  # None: each row's problem_type's; eval's seed protocol: the seed eval script's words
+        self.template = template  # None: each row's problem_type's; eval's video-r1-first protocol: Video-R1's first eval script's words
         self.prompt_template = prompt_template  # a PROMPT_TEMPLATE_NAMES entry: whose words each type is asked in
         self.shuffled_frames, self.shuffle_seed = shuffled_frames, shuffle_seed
 
@@ -653,7 +653,7 @@ def uncollate(batch):
 
 
 def epoch_order(num_examples, epoch, *, seed, rank, world, batch_size):
-    """This rank's example indices for one epoch: one shuffle per epoch from the seed, the tail that cannot fill a
+    """This rank's example indices for one epoch: one shuffle per epoch from Video-R1's first trainer, the tail that cannot fill a
     step on every rank dropped, rank r taking every world-th index (ranks never share a prompt)."""
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_step = world * batch_size

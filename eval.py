@@ -6,7 +6,7 @@ training rewards them; several --model flags print one table with a column per m
     python eval.py --model Qwen/Qwen2-VL-7B-Instruct --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --tiny                            # offline CPU demo: tiny model on the synthetic test split
     python eval.py --tiny --tiny_model qwen3.5       # the same with train.py --tiny --tiny_model qwen3.5's tiny model
-    python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol seed   # the seed's way
+    python eval.py --model Qwen/Qwen2-VL-7B-Instruct --data data/dvd/test_dvd.jsonl --protocol video-r1-first   # Video-R1's first trainer's way
     python eval.py --tiny --data data/synthetic/test_mc.jsonl   # the same on the multiple-choice split
     torchrun --nproc_per_node 4 eval.py --model runs/video-r1-dvd/final --data data/dvd/test_dvd.jsonl
     python eval.py --model runs/video-r1-260k/final --data Evaluation/ --protocol video-r1   # Video-R1's benchmark suite
@@ -16,8 +16,8 @@ What is shared with train.py, so that "correct in eval" means "accuracy reward 1
 the prompt template of each problem_type, video decoding and settings (data.VideoPromptDataset / collate), the sampler
 (sample_completions, here greedy with one completion per prompt), EOS/suppressed tokens, and the scorers
 (rewards.accuracy_reward, rewards.format_reward, rewards.extract_answer, rewards.thinking_text).
---protocol seed instead decodes and scores as the seed's eval script did, so a number can be set beside its table:
-its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser (SEED_PROMPT_TEMPLATE, seed_number).
+--protocol video-r1-first instead decodes and scores as Video-R1's first eval script did, so a number can be set beside its table:
+its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser (VIDEO_R1_FIRST_PROMPT_TEMPLATE, video_r1_first_number).
 --protocol video-r1 decodes and scores as Video-R1's later eval script (src/eval_bench.py): its prompt, temperature 0.1,
 top_p 0.001, 1,024 new tokens, its answer fallback and reward_fn, one output file per benchmark in its layout
 (evaluate_video_r1; docs/video-r1-recipe.md).
@@ -27,7 +27,7 @@ Output, one JSON file per model (fractions in [0, 1]; the printed table shows pe
      "mean_completion_length", "mean_thinking_length", "n", "skipped",
      "results": [{"index", "video", "problem", "problem_type", "solution", "output", "answer", "correct", "format",
                   "completion_length", "thinking_length"}, ...]}
-  answer            --protocol train: the text of the last <answer>; seed: the int the seed's parser read, or null
+  answer            --protocol train: the text of the last <answer>; video-r1-first: the int its eval script's parser read, or null
   accuracy_by_type  {problem_type: accuracy} over the rows of each type present ("numerical", "multiple choice",
                     "free-form"; rows without a problem_type are numerical)
   index             the row's number in the data file (its line for JSONL, its record for a JSON list), 1-based;
@@ -89,14 +89,14 @@ class Config:
     min_frames: int = field(default=VideoSettings.min_frames, metadata={"group": "video", "help": "fewest frames per video"})
     max_frames: int = field(default=VideoSettings.max_frames, metadata={"group": "video", "help": "most frames per video"})
     min_pixels: int = field(default=VideoSettings.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
-    max_pixels: int = field(default=VideoSettings.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: the seed's reader's rule (data.frame_size)"})
+    max_pixels: int = field(default=VideoSettings.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (data.frame_size)"})
     video_max_pixels: int = field(default=VideoSettings.video_max_pixels, metadata={"group": "video", "help": "the reader's VIDEO_MAX_PIXELS; 0: 128 merged patches; Video-R1's 32-frame evaluation: 200704 (256*28*28, docs/video-r1-recipe.md)"})
     video_time: str = field(default=VideoSettings.video_time, metadata={"group": "video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps, as Video-R1's eval script) or video-r1 (1.0, as its trainer)"})
     image_min_pixels: int = field(default=VideoSettings.image_min_pixels, metadata={"group": "video", "help": "image rows: lower bound on image area; 0: 4 merged patches"})
     image_max_pixels: int = field(default=VideoSettings.image_max_pixels, metadata={"group": "video", "help": "image rows: upper bound on image area; 0: 256 merged patches"})
     max_prompt_length: int = field(default=4096, metadata={"group": "video", "help": "longer prompts are skipped, never truncated"})
     compile_rollout: str = field(default="auto", metadata={"group": "generation and scoring", "help": "auto|on|off: decode with a torch.compile'd step on a static KV cache (auto: on for CUDA); same tokens"})
-    protocol: str = field(default="train", metadata={"group": "generation and scoring", "help": "train: training's prompt and reward, greedy; seed: the seed's eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
+    protocol: str = field(default="train", metadata={"group": "generation and scoring", "help": "train: training's prompt and reward, greedy; video-r1-first: Video-R1's first eval script (its prompt, 256 new tokens, the checkpoint's repetition_penalty, its number parser); video-r1: Video-R1's eval_bench.py (docs/video-r1-recipe.md); docs/evaluation.md"})
     prompt_template: str = field(default="default", metadata={"group": "generation and scoring", "help": "--protocol train: the question's words, data.PROMPT_TEMPLATE_NAMES (video-r1: its trainer's); --protocol video-r1 always asks in its eval script's"})
 
 
@@ -107,23 +107,23 @@ TINY = dict(model=[tiny.TRAIN_PRESET["model_name_or_path"]],
             **{k: tiny.TRAIN_PRESET[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels") if k in tiny.TRAIN_PRESET})
 
 
-# --protocol seed, from the seed's src/eval/test_qwen2vl_video_counting.py: its QUESTION_TEMPLATE (below; training's
+# --protocol video-r1-first, from Video-R1's first trainer's src/eval/test_qwen2vl_video_counting.py: its QUESTION_TEMPLATE (below; training's
 # has two spaces and no "First"), `model.generate(**inputs, use_cache=True, max_new_tokens=256, do_sample=False)` on
 # left-padded batches (the checkpoint's generation_config.json stays in force: its repetition_penalty), and
 # `re.search(r'<answer>\s*(\d+)\s*</answer>', ...)` on the output and on the solution, compared as ints
-SEED_PROMPT_TEMPLATE = ("{problem} First output the thinking process in <think> </think> and final answer (number) "
+VIDEO_R1_FIRST_PROMPT_TEMPLATE = ("{problem} First output the thinking process in <think> </think> and final answer (number) "
                         "in <answer> </answer> tags.")
-SEED = dict(max_new_tokens=256)
+VIDEO_R1_FIRST = dict(max_new_tokens=256)
 # --protocol video-r1, from Video-R1's src/eval_bench.py: SamplingParams(temperature=0.1, top_p=0.001, max_tokens=1024)
 # and LLM(max_model_len=16384); its videos take its vendored qwen-vl-utils' defaults, which are this project's (fps 2,
 # 4-16 frames, 128*28*28 pixels under the reader's cap: data.frame_size)
 VIDEO_R1 = dict(max_new_tokens=1024, max_prompt_length=16384)
 VIDEO_R1_SAMPLING = dict(temperature=0.1, top_p=0.001)
-PROTOCOLS = ("train", "seed", "video-r1")
+PROTOCOLS = ("train", "video-r1-first", "video-r1")
 
 
-def seed_number(text):
-    r"""The seed eval script's parser: the int in the first <answer>\s*(\d+)\s*</answer> match, else None."""
+def video_r1_first_number(text):
+    r"""Video-R1's first trainer eval script's parser: the int in the first <answer>\s*(\d+)\s*</answer> match, else None."""
     match = re.search(r"<answer>\s*(\d+)\s*</answer>", text) if isinstance(text, str) else None
     return int(match.group(1)) if match else None
 
@@ -133,8 +133,8 @@ def parse_config(argv=None):
     args, _ = parser.parse_known_args(argv)
     if args.tiny:  # the preset changes defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in TINY.items() if k != "model"})
-    if args.protocol == "seed":  # the seed's token budget, even with --tiny
-        parser.set_defaults(**SEED)
+    if args.protocol == "video-r1-first":  # Video-R1's first trainer's token budget, even with --tiny
+        parser.set_defaults(**VIDEO_R1_FIRST)
     elif args.protocol == "video-r1":  # its token budget; --tiny: the synthetic 260k-layout test split
         parser.set_defaults(**VIDEO_R1, **({"data": os.path.join(os.path.dirname(TINY["data"]), "test_260k.json")} if args.tiny else {}))
     elif args.protocol not in PROTOCOLS:
@@ -194,12 +194,12 @@ def key(record):
 
 def score(output, solution, completion_length, tokenizer, protocol="train", columns=None):
     """One completion's fields: correct/format are exactly the training rewards being 1.0 (accuracy given the row's
-    columns by name, as training's compute_rewards gives them: problem_type, options); with protocol "seed", answer and correct are the seed eval script's (its number parser on both
+    columns by name, as training's compute_rewards gives them: problem_type, options); with protocol "video-r1-first", answer and correct are Video-R1's first eval script's (its number parser on both
     sides, an int compare)."""
     thought = rewards.thinking_text(output)
-    if protocol == "seed":
-        answer = seed_number(output)
-        correct = answer is not None and answer == seed_number(solution)
+    if protocol == "video-r1-first":
+        answer = video_r1_first_number(output)
+        correct = answer is not None and answer == video_r1_first_number(solution)
     else:
         answer = rewards.extract_answer(output)
         correct = rewards.compute_rewards([rewards.accuracy_reward], [1.0], [output], [solution], 1,
@@ -350,8 +350,8 @@ def open_partial(path, header):
 def partial_header(cfg, model_dir):
     """What a partial file must have been written with for a run to continue it: the model (its path and its weights'
     fingerprint), the data and every setting that changes an output."""
-    # the seed's script left the checkpoint's generation_config.json in force; training's rollout never reads it
-    penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "seed" else 1.0
+    # Video-R1's first trainer's script left the checkpoint's generation_config.json in force; training's rollout never reads it
+    penalty = generation_repetition_penalty(model_dir) if cfg.protocol == "video-r1-first" else 1.0
     return {"model": os.path.abspath(model_dir), "data": os.path.abspath(cfg.data), "video_root": cfg.video_root,
             "protocol": cfg.protocol, "repetition_penalty": penalty, "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_length": cfg.max_prompt_length,
@@ -396,7 +396,7 @@ def evaluate(cfg, model_name, rows, output, *, rank=0, world=1, device=torch.dev
             # EOS and suppressed tokens exactly as train.setup() builds them (model.special_token_ids)
             eos_token_ids, suppress = special_token_ids(tokenizer, model.config.text_config.vocab_size)
             dataset = data.VideoPromptDataset(mine, tokenizer, settings, max_prompt_length=cfg.max_prompt_length,  # every column
-                                              template=SEED_PROMPT_TEMPLATE if cfg.protocol == "seed" else None,
+                                              template=VIDEO_R1_FIRST_PROMPT_TEMPLATE if cfg.protocol == "video-r1-first" else None,
                                               prompt_template=cfg.prompt_template if cfg.protocol == "train" else "default")
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                                  collate_fn=functools.partial(data.collate, pad_token_id=tokenizer.pad_token_id))

@@ -18,7 +18,7 @@ absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # folders
 # rouge-score has no wheel), jiwer (a CPU test's cross-check).
 WHEELS=(
     decord==0.6.0 av==18.1.0                                          # data.py: read the videos, write the tiny ones
-    math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2   # rewards.seed_accuracy
+    math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2   # rewards.video_r1_first_accuracy
     hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5  # deepspeed's
 )
 DEEPSPEED=deepspeed==0.19.8  # no wheel on PyPI: built here as pure Python, its C++/CUDA ops compiled when first used

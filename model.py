@@ -34,8 +34,8 @@ class ModelError(ValueError):
 def selective_log_softmax(logits, index, temperature=1.0, entropy=False):
     """log softmax(logits / temperature)[index], in fp32 (fp64 stays fp64) one row at a time. With grad it keeps
     only the logits themselves for the backward (their dtype, bf16 in training) and one logsumexp per position:
-    autograd through the fp32 rows would keep an fp32 copy of all of them, 2x the bf16 logits (4,096 x 151,936 at the
-    seed's G=8 x 512 tokens: 2.3 GiB more per GPU). (N, T, V), (N, T) -> (N, T)
+    autograd through the fp32 rows would keep an fp32 copy of all of them, 2x the bf16 logits (4,096 x 151,936 at Video-R1's
+    G=8 x 512 tokens: 2.3 GiB more per GPU). (N, T, V), (N, T) -> (N, T)
     entropy=True: also each position's entropy -sum p log p of the same distribution (N, T), no grad, from the same
     row while it is in memory (--top_entropy_quantile)."""
     out = SelectiveLogSoftmax.apply(logits, index, temperature, entropy)
@@ -266,7 +266,7 @@ def apply_repetition_penalty(logits, seen_ids, penalty):
 
 def generation_repetition_penalty(model_dir):
     """The repetition_penalty of model_dir/generation_config.json (1.05 in the Qwen2-VL / 2.5-VL Instruct files), else 1.0:
-    what a plain `model.generate(...)` applies, as the seed's eval script called it."""
+    what a plain `model.generate(...)` applies, as Video-R1's first eval script called it."""
     import json
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
@@ -309,9 +309,9 @@ def sample_completions(model, batch, *, num_generations, max_new_tokens, tempera
     prompt, then the KV cache is repeated G times. Returns completion ids (B*G, C), C <= max_new_tokens,
     ordered prompt by prompt; after a row's first EOS come pad tokens. Call with the model in eval mode so
     gradient checkpointing does not switch the cache off. num_generations may be a count per prompt (a list of B):
-    then sum(counts) rows. repetition_penalty != 1 (eval's seed protocol only; the rollout keeps 1.0, as the seed's
+    then sum(counts) rows. repetition_penalty != 1 (eval's video-r1-first protocol only; the rollout keeps 1.0, as Video-R1's first trainer's
     trainer did) penalises ids of the padded prompt and the completion so far. top_k, top_p: filter_logits after the
-    temperature (train passes the seed's top_k 50; the log-prob passes score the unfiltered distribution).
+    temperature (train passes Video-R1's first trainer's top_k 50; the log-prob passes score the unfiltered distribution).
     decode: "eager" (the reference: one full model forward per token on a growing DynamicCache, eager_decoder), "static"
     (decode.py's decode_step on a preallocated static_cache) or "compiled" (that step under torch.compile, CUDA graphs on
     GPU): the same tokens.

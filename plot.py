@@ -6,10 +6,10 @@ Training curves of a run, from RUN_DIR/metrics.jsonl (written by train.py) into 
     python plot.py runs/a runs/b --output a_vs_b.png
     python -c "import plot; plot.plot_run('runs/tiny')"     # what train.py calls at the end of a run
 
-The first row is the seed's figure (accuracy reward, format reward, completion length, thinking length); then the
+The first row is Video-R1's first trainer's figure (accuracy reward, format reward, completion length, thinking length); then the
 2B collapse (empty thinking ratio), answer variety within groups (answer entropy), KL, reward std and total reward.
 The reward panels draw the run's own accuracy-type and format-type rewards (the first of its --rewards whose name
-holds "accuracy" / "format": rewards/seed_accuracy in a seed-recipe run); the seed's metrics (seed/...) are drawn
+holds "accuracy" / "format": rewards/video_r1_first_accuracy in a run of its first recipe); Video-R1's first trainer's metrics (video_r1_first/...) are drawn
 dashed over their panels where the run logged them.
 The png goes to --output, by default into the first run's folder.
 
@@ -30,14 +30,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import rewards  # noqa: E402
 
-# (metric, title, the seed's metric drawn dashed where a run logged it). The two reward panels draw each run's own
-# accuracy-type and format-type reward, whatever its name (reward_key): rewards/seed_accuracy in a seed-recipe run.
-PANELS = [("rewards/accuracy", "accuracy reward", "seed/rewards/accuracy_reward"),
-          ("rewards/format", "format reward", "seed/rewards/format_reward"),
+# (metric, title, Video-R1's first trainer's metric drawn dashed where a run logged it). The two reward panels draw each run's own
+# accuracy-type and format-type reward, whatever its name (reward_key): rewards/video_r1_first_accuracy in a run of its first recipe.
+PANELS = [("rewards/accuracy", "accuracy reward", "video_r1_first/rewards/accuracy_reward"),
+          ("rewards/format", "format reward", "video_r1_first/rewards/format_reward"),
           ("completion_length", "completion length (tokens)", None), ("thinking_length", "thinking length (tokens)", None),
           ("empty_thinking_ratio", "empty thinking ratio", None), ("answer_entropy", "answer entropy in a group (nats)", None),
-          ("kl", "KL to reference", "seed/kl"), ("reward_std", "reward std within groups", "seed/reward_std"),
-          ("reward", "total reward", "seed/reward")]
+          ("kl", "KL to reference", "video_r1_first/kl"), ("reward_std", "reward std within groups", "video_r1_first/reward_std"),
+          ("reward", "total reward", "video_r1_first/reward")]
 KINDS = {"rewards/accuracy": "accuracy", "rewards/format": "format"}
 
 
@@ -103,10 +103,10 @@ def points(rows, key):
 
 def draw(run_dirs, smoothing=0.8):
     """The figure plot_runs saves: per panel and run, its metric raw (thin) and smoothed (thick, labelled with the
-    run), and the seed's metric smoothed, dashed (labelled "RUN seed/"), where the run logged it."""
+    run), and Video-R1's first trainer's metric smoothed, dashed (labelled "RUN video_r1_first/"), where the run logged it."""
     runs = [(os.path.normpath(d), read_metrics(os.path.join(d, "metrics.jsonl"))) for d in run_dirs]
     fig, axes = plt.subplots(3, 3, figsize=(14, 10))
-    for ax, (panel, title, seed_key) in zip(axes.flat, PANELS):
+    for ax, (panel, title, first_key) in zip(axes.flat, PANELS):
         ax.set_title(title)
         drawn = False
         for k, (name, rows) in enumerate(runs):
@@ -117,18 +117,18 @@ def draw(run_dirs, smoothing=0.8):
                 ax.plot(steps, ema(values, smoothing), lw=2.0, color=color,
                         label=name if key == panel else f"{name} {key}")
                 drawn = True
-            if seed_key and points(rows, seed_key):
-                steps, values = zip(*points(rows, seed_key))
-                ax.plot(steps, ema(values, smoothing), lw=1.2, ls="--", color=color, label=f"{name} seed/")
+            if first_key and points(rows, first_key):
+                steps, values = zip(*points(rows, first_key))
+                ax.plot(steps, ema(values, smoothing), lw=1.2, ls="--", color=color, label=f"{name} video_r1_first/")
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, f"n/a\n(no {panel} in metrics.jsonl)", ha="center", va="center", transform=ax.transAxes)
             continue
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(runs) > 1 or seed_key:
+        if len(runs) > 1 or first_key:
             ax.legend(fontsize="small")
-    fig.suptitle(" vs ".join(name for name, _ in runs) + f"  (thick: EMA {smoothing}, thin: raw, dashed: the seed's rule)")
+    fig.suptitle(" vs ".join(name for name, _ in runs) + f"  (thick: EMA {smoothing}, thin: raw, dashed: Video-R1's first trainer's rule)")
     fig.tight_layout()
     return fig
 

@@ -42,10 +42,10 @@ accuracy 1.0 iff the completion's answer equals the truth.
              scorer in lmms-eval takes eleven, with <=); a non-number answer scores 0.0.
 
 video_r1_accuracy: Video-R1's later trainer's rule exactly (src/r1-v/src/open_r1/grpo.py; see its docstring);
-         its format rule is seed_format's, so its recipe is --rewards video_r1_accuracy,seed_format.
+         its format rule is video_r1_format's, so its recipe is --rewards video_r1_accuracy,video_r1_format.
 video_r1_eval_reward: its eval script's reward_fn (src/eval_bench.py), for eval.py --protocol video-r1.
 
-seed_accuracy, seed_format: the seed's two rules, exactly (see their docstrings); they let through what the rules
+video_r1_first_accuracy, video_r1_format: Video-R1's first trainer's two rules, exactly (see their docstrings); they let through what the rules
          above refuse (a bare "3", an empty answer, a second answer block) and refuse "3.0" for "3".
 
 Anything that is not a string (e.g. None) scores 0.0 and never raises.
@@ -259,7 +259,7 @@ def call_reward(fn, completions, solutions, **columns):
     return fn(completions, solutions, **columns)
 
 
-# ----------------------------------------------------------------------------- metrics of the seed's findings
+# ----------------------------------------------------------------------------- metrics of Video-R1's first trainer's findings
 
 def answer_key(completion, problem_type="numerical", options=None):
     """What counts as "the same answer" within a group, parsed as accuracy does: the option letter (multiple
@@ -298,7 +298,7 @@ def thinking_stats(completions, count_tokens):
 
 
 def findings_metrics(completions, group_size, count_tokens, problem_type=None, options=None, **other_columns):
-    """The per-step measures of the seed's findings, for B*G completions ordered prompt by prompt: thinking_length,
+    """The per-step measures of Video-R1's first trainer's findings, for B*G completions ordered prompt by prompt: thinking_length,
     empty_thinking_ratio (thinking_stats), answer_entropy and answer_mode_share (answer_diversity of answer_key).
     problem_type and options are per prompt (B,), as in a batch's columns (the others are not read); count_tokens(text) -> int."""
     n_prompts = len(completions) // group_size
@@ -311,10 +311,10 @@ def findings_metrics(completions, group_size, count_tokens, problem_type=None, o
             "answer_mode_share": mode_share}
 
 
-# ----------------------------------------------------------------------------- the seed's rules, exactly
+# ----------------------------------------------------------------------------- Video-R1's first trainer's rules, exactly
 
-def seed_accuracy(completions, solutions, **kwargs):
-    """The seed's accuracy_reward (src/r1-v/src/open_r1/grpo.py), rule for rule: math_verify's parse of the whole
+def video_r1_first_accuracy(completions, solutions, **kwargs):
+    """Video-R1's first trainer's accuracy_reward (src/r1-v/src/open_r1/grpo.py), rule for rule: math_verify's parse of the whole
     completion verified against parse(solution); failing that, the stripped text of the FIRST <answer>(.*?)</answer>
     (no DOTALL: one line) equals the solution's the same way, as strings; a side with no tag is compared whole.
     So a bare "3" scores 1.0 and "<answer>3.0</answer>" against "3" scores 0.0 unless math_verify sees them equal.
@@ -323,7 +323,7 @@ def seed_accuracy(completions, solutions, **kwargs):
     out = []
     for content, sol in zip(completions, solutions):
         reward = 0.0
-        with contextlib.suppress(Exception):  # the seed swallows every error of either rule; so do we, to score as it did
+        with contextlib.suppress(Exception):  # Video-R1's first trainer swallows every error of either rule; so do we, to score as it did
             if float(verify(parse(content), parse(sol))) > 0:
                 reward = 1.0
         if reward == 0.0:
@@ -337,28 +337,28 @@ def seed_accuracy(completions, solutions, **kwargs):
     return out
 
 
-def seed_format(completions, solutions=None, **kwargs):
-    """The seed's format_reward: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL), no strip:
+def video_r1_format(completions, solutions=None, **kwargs):
+    """Video-R1's first trainer's format_reward: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL), no strip:
     a leading space or a trailing newline fails; an empty answer or a second think/answer pair passes."""
     return [1.0 if isinstance(c, str) and re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", c, re.DOTALL)
             else 0.0 for c in completions]
 
 
-def seed_metrics(completions, solutions, group_size):
-    """The seed's reward metrics, under its names with a seed/ prefix, scored by its two rules whatever --rewards trains
-    on, so a run's curves lie over a seed run's: seed/rewards/accuracy_reward, seed/rewards/format_reward, seed/reward
-    (their sum, the seed's weights) and seed/reward_std (mean over groups of the G rewards' unbiased std).
+def video_r1_first_metrics(completions, solutions, group_size):
+    """Video-R1's first trainer's reward metrics, under its names with a video_r1_first/ prefix, scored by its two rules whatever --rewards trains
+    on, so a run's curves lie over one of Video-R1's first trainer's: video_r1_first/rewards/accuracy_reward, video_r1_first/rewards/format_reward, video_r1_first/reward
+    (their sum, Video-R1's first trainer's weights) and video_r1_first/reward_std (mean over groups of the G rewards' unbiased std).
     solutions: one per prompt; completion i belongs to prompt i // group_size."""
     import statistics
-    acc = seed_accuracy(completions, [s for s in solutions for _ in range(group_size)])
-    fmt = seed_format(completions)
+    acc = video_r1_first_accuracy(completions, [s for s in solutions for _ in range(group_size)])
+    fmt = video_r1_format(completions)
     total = [a + f for a, f in zip(acc, fmt)]
     stds = [statistics.stdev(total[i:i + group_size]) for i in range(0, len(total), group_size)]
-    return {"seed/reward": sum(total) / len(total), "seed/reward_std": sum(stds) / len(stds),
-            "seed/rewards/accuracy_reward": sum(acc) / len(acc), "seed/rewards/format_reward": sum(fmt) / len(fmt)}
+    return {"video_r1_first/reward": sum(total) / len(total), "video_r1_first/reward_std": sum(stds) / len(stds),
+            "video_r1_first/rewards/accuracy_reward": sum(acc) / len(acc), "video_r1_first/rewards/format_reward": sum(fmt) / len(fmt)}
 # ----------------------------------------------------------------------------------------------------------------
-# bonuses of the seed's newer trainer (T-GRPO, length control) and the learning-signal metrics: pure tensor functions
-# on accuracies (B*G,) ordered group by group; "correct" is accuracy > 0.1, as the seed tests it.
+# bonuses of Video-R1's later trainer (T-GRPO, length control) and the learning-signal metrics: pure tensor functions
+# on accuracies (B*G,) ordered group by group; "correct" is accuracy > 0.1, as Video-R1's first trainer tests it.
 
 def temporal_bonus(accuracy, shuffled_accuracy, has_video, group_size, shuffled_group_size, *, alpha=0.3, mu=0.8):
     """T-GRPO, decided per prompt: p = mean accuracy of its G normal completions, p~ = of its G~ completions on the
@@ -373,7 +373,7 @@ def temporal_bonus(accuracy, shuffled_accuracy, has_video, group_size, shuffled_
 
 
 def length_bonus(accuracy, lengths, group_size, *, window=(320, 512), bonus=0.2):
-    """The seed's length control: in a group with more than one correct completion, each correct one whose length
+    """Video-R1's first trainer's length control: in a group with more than one correct completion, each correct one whose length
     (tokens, EOS included) lies in [window[0], window[1]] gets +bonus. accuracy, lengths (B*G,) -> (B*G,)"""
     correct = (accuracy > 0.1).view(-1, group_size)                            # (B, G)
     in_window = ((lengths >= window[0]) & (lengths <= window[1])).view(-1, group_size)  # (B, G)
@@ -474,7 +474,7 @@ def score(run, batch, completions, shuffled, lengths):
     inputs = dict(accuracy=accuracy, lengths=lengths, group_size=G, shuffled_group_size=run.G_shuffled,
                   shuffled_accuracy=None if shuffled is None else score_accuracy(shuffled, run.G_shuffled),  # (B*G~,)
                   has_video=torch.tensor([kind == "video" for kind in batch["data_type"]]))  # (B,): T-GRPO only on videos
-    # bonuses go to the total reward; rewards/<name> stay the raw scores, as the seed logs
+    # bonuses go to the total reward; rewards/<name> stay the raw scores, as Video-R1's first trainer logs
     reward, bonuses = apply_shapers({n: s for n, s in SHAPERS.items() if getattr(cfg, s.flag)}, reward, inputs, cfg)
     return Scores(per_reward, reward, accuracy, bonuses)
 
@@ -488,7 +488,7 @@ def score_metrics(scores, G):
 def reward_of_kind(names, kind):
     """The first of a run's reward names that contains `kind` ("accuracy", "format"), else None. Without
     --accuracy_reward the run's accuracy reward is reward_of_kind(names, "accuracy") or "accuracy" (accuracy_reward_name):
-    --rewards seed_accuracy,seed_format reads seed_accuracy, a user's my_accuracy reads that."""
+    --rewards video_r1_first_accuracy,video_r1_format reads video_r1_first_accuracy, a user's my_accuracy reads that."""
     return next((n for n in names if kind in n), None)
 
 
@@ -610,7 +610,7 @@ def video_r1_eval_reward(output, solution, problem_type):
 REWARD_FUNCS = {
     "accuracy": accuracy_reward,
     "format": format_reward,
-    "seed_accuracy": seed_accuracy,  # --rewards seed_accuracy,seed_format: the seed's reward signal
-    "seed_format": seed_format,
-    "video_r1_accuracy": video_r1_accuracy,  # --rewards video_r1_accuracy,seed_format: Video-R1's later reward signal
+    "video_r1_first_accuracy": video_r1_first_accuracy,  # --rewards video_r1_first_accuracy,video_r1_format: Video-R1's first trainer's reward signal
+    "video_r1_format": video_r1_format,
+    "video_r1_accuracy": video_r1_accuracy,  # --rewards video_r1_accuracy,video_r1_format: Video-R1's later reward signal
 }

@@ -1,6 +1,6 @@
 """
 Tests of bench.py, offline on CPU: the CLI smoke run (every phase of both ways timed, one JSON line), the
-seed's log-prob pass and the pre-packing ablation against train.py's on the same completions (so the ways compare
+Video-R1's first trainer's log-prob pass and the pre-packing ablation against train.py's on the same completions (so the ways compare
 equal work), the fixed completion length of both rollouts, the decode measurement on every family, and the 2B/7B and
 Qwen2.5-VL 3B/7B shapes against their published sizes. No test asserts a speed (a busy machine makes any timing
 anything): the keys, the paths taken and the token counts; the speeds are bench.py's to report.
@@ -73,10 +73,10 @@ def test_baseline_and_per_completion_logps_equal_ours(tiny_setup):
     completion_ids = torch.randint(20, len(tokenizer), (2 * G, C))  # (B*G, C), ordinary tokens (the special ones are 0-13)
     with torch.no_grad():
         ours = completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
-        seed = bench.baseline_logps(model, batch, completion_ids, num_generations=G)
+        first = bench.baseline_logps(model, batch, completion_ids, num_generations=G)
         unpacked = bench.per_completion_logps(model, batch, completion_ids, num_generations=G, temperature=1.0)
-    assert ours.shape == seed.shape == unpacked.shape == (2 * G, C)
-    torch.testing.assert_close(seed, ours, rtol=1e-5, atol=1e-5)
+    assert ours.shape == first.shape == unpacked.shape == (2 * G, C)
+    torch.testing.assert_close(first, ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unpacked, ours, rtol=1e-5, atol=1e-5)
 
 
@@ -86,9 +86,9 @@ def test_both_rollouts_give_exactly_the_asked_length(tiny_setup):
     never = vision + eos  # as bench.main: EOS is never sampled, so lengths are fixed
     ours = sample_completions(model, batch, num_generations=G, max_new_tokens=C, temperature=1.0, eos_token_ids=eos,
                                     suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)
-    seed = bench.baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
+    first = bench.baseline_rollout(model, batch, num_generations=G, max_new_tokens=C, eos_token_ids=eos,
                                   suppress_token_ids=never, pad_token_id=tokenizer.pad_token_id)
-    for ids in (ours, seed):
+    for ids in (ours, first):
         assert ids.shape == (2 * G, C)
         assert not torch.isin(ids, torch.tensor(never)).any()
 

@@ -310,8 +310,8 @@ def test_read_video_real_matches_qwen_vl_utils(name, monkeypatch):
     assert np.array_equal(ours, theirs.astype(np.uint8)) and np.array_equal(theirs, theirs.round())
 
 
-def _seed_frame_size(h, w, nframes, min_pixels=PIX, total_pixels=int(128000 * 28 * 28 * 0.9)):
-    """The seed's vendored fetch_video with no pixel bounds in the video's dict, written out from its source:
+def _video_r1_frame_size(h, w, nframes, min_pixels=PIX, total_pixels=int(128000 * 28 * 28 * 0.9)):
+    """Video-R1's first trainer's vendored fetch_video with no pixel bounds in the video's dict, written out from its source:
     VIDEO_MAX_PIXELS = 128*28*28, max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(min * 1.05))."""
     cap = max(min(128 * 28 * 28, total_pixels / nframes * 2), int(min_pixels * 1.05))
     rh, rw = max(28, round(h / 28) * 28), max(28, round(w / 28) * 28)
@@ -331,8 +331,8 @@ SIZES = [(480, 640), (600, 800), (768, 1024), (1080, 1440), (288, 352), (480, 72
 
 @pytest.mark.parametrize("hw", SIZES)
 @pytest.mark.parametrize("nframes", [4, 10, 16])
-def test_frame_size_follows_the_seed_reader(hw, nframes):
-    assert data.frame_size(*hw, nframes) == _seed_frame_size(*hw, nframes)
+def test_frame_size_follows_video_r1s_reader(hw, nframes):
+    assert data.frame_size(*hw, nframes) == _video_r1_frame_size(*hw, nframes)
     # an explicit cap can only lower the reader's
     h, w = data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
     assert h * w <= max(56 * 56 * 4, PIX) and (h, w) == data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
@@ -340,14 +340,14 @@ def test_frame_size_follows_the_seed_reader(hw, nframes):
 
 
 def test_frame_size_total_pixels_budget(monkeypatch):
-    # a small total budget (the seed's VIDEO_MAX_PIXELS env var) lowers the per-frame cap, as fetch_video does
+    # a small total budget (Video-R1's first trainer's VIDEO_MAX_PIXELS env var) lowers the per-frame cap, as fetch_video does
     monkeypatch.setattr(data, "VIDEO_TOTAL_PIXELS", 400_000)
     for nframes in (4, 16):
-        assert data.frame_size(480, 640, nframes, min_pixels=3136) == _seed_frame_size(480, 640, nframes, 3136, 400_000)
+        assert data.frame_size(480, 640, nframes, min_pixels=3136) == _video_r1_frame_size(480, 640, nframes, 3136, 400_000)
     assert data.frame_size(480, 640, 16, min_pixels=3136) == (168, 252)  # cap 50,000 pixels: 480/2.48 -> 168, 640/2.48 -> 252
 
 
-def test_read_video_640x480_gives_the_seed_frames(tmp_path):
+def test_read_video_640x480_gives_video_r1s_frames(tmp_path):
     """The issue's case, decoded: 5 s of 640x480 at 5 fps -> 10 frames of 280x364, 650 video tokens (not 252x364)."""
     av = pytest.importorskip("av")
     path = tmp_path / "vga.mp4"
@@ -437,7 +437,7 @@ def test_video_settings_from_pretrained(tmp_path):
     assert s.patch_size == 16 and s.image_mean == (0.5, 0.5, 0.5) and s.image_std == (0.25,) * 3
     # image bounds in the file are not used; the default lower bound is 128 merged patches of 16 * 2 px (Qwen3-VL's)
     assert s.max_frames == 8 and s.min_pixels == 128 * 32 * 32 and s.max_pixels == 0
-    assert data.VideoSettings().min_pixels == PIX  # 128 merged patches of 14 * 2 px: the seed's 128*28*28
+    assert data.VideoSettings().min_pixels == PIX  # 128 merged patches of 14 * 2 px: Video-R1's first trainer's 128*28*28
     with pytest.raises(TypeError, match="nframes"):
         data.video_settings_from_pretrained(tmp_path, nframes=3)
 
@@ -460,7 +460,7 @@ def test_build_prompt_text(tokenizer):
 
 
 def test_prompt_per_problem_type(tokenizer):
-    # numerical stays the seed's exact text; every type asks for the tags; multiple choice lists lettered options
+    # numerical stays Video-R1's first trainer's exact text; every type asks for the tags; multiple choice lists lettered options
     assert data.PROMPT_TEMPLATE == ("{problem}  Output the thinking process in <think> </think> and final answer "
                                     "(number) in <answer> </answer> tags.")
     assert data.format_question("How many?") == data.PROMPT_TEMPLATE.format(problem="How many?")

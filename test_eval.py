@@ -16,6 +16,7 @@ import data
 import eval as ev
 import plot
 import rewards
+import tiny
 import train
 from model import completion_mask, decode_completions
 
@@ -218,11 +219,11 @@ def test_plot_writes_png(tmp_path):
 
 
 def test_plot_overlays_runs(tmp_path):
-    # a default run, a seed-recipe run (--rewards seed_accuracy,seed_format) and one without seed/ metrics: each run
-    # draws its own accuracy and format rewards, the seed/ ones dashed where it logged them
-    runs = {"7b": ("accuracy,format", ["rewards/accuracy", "rewards/format", "seed/rewards/accuracy_reward"]),
-            "seed": ("seed_accuracy,seed_format", ["rewards/seed_accuracy", "rewards/seed_format",
-                                                   "seed/rewards/accuracy_reward", "seed/rewards/format_reward"]),
+    # a default run, a run of Video-R1's first recipe (--rewards video_r1_first_accuracy,video_r1_format) and one without video_r1_first/ metrics: each run
+    # draws its own accuracy and format rewards, the video_r1_first/ ones dashed where it logged them
+    runs = {"7b": ("accuracy,format", ["rewards/accuracy", "rewards/format", "video_r1_first/rewards/accuracy_reward"]),
+            "first": ("video_r1_first_accuracy,video_r1_format", ["rewards/video_r1_first_accuracy", "rewards/video_r1_format",
+                                                   "video_r1_first/rewards/accuracy_reward", "video_r1_first/rewards/format_reward"]),
             "2b": ("accuracy", ["rewards/accuracy"])}
     for name, (reward_names, keys) in runs.items():
         (tmp_path / name).mkdir()
@@ -235,10 +236,10 @@ def test_plot_overlays_runs(tmp_path):
     accuracy_ax, format_ax, _, thinking_ax = fig.axes[:4]
     labels = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]  # noqa: E731
     a, s, b = (os.path.normpath(d) for d in dirs)
-    assert labels(accuracy_ax) == [a, f"{a} seed/", f"{s} rewards/seed_accuracy", f"{s} seed/", b]
-    assert labels(format_ax) == [a, f"{s} rewards/seed_format", f"{s} seed/"]
+    assert labels(accuracy_ax) == [a, f"{a} video_r1_first/", f"{s} rewards/video_r1_first_accuracy", f"{s} video_r1_first/", b]
+    assert labels(format_ax) == [a, f"{s} rewards/video_r1_format", f"{s} video_r1_first/"]
     assert labels(thinking_ax) == [a, s, b]
-    assert len(accuracy_ax.get_lines()) == 8 and len(thinking_ax.get_lines()) == 6  # raw + EMA per run, EMA per seed/
+    assert len(accuracy_ax.get_lines()) == 8 and len(thinking_ax.get_lines()) == 6  # raw + EMA per run, EMA per video_r1_first/
     assert [t.get_text() for t in accuracy_ax.get_legend().get_texts()] == labels(accuracy_ax)
     assert [line.get_linestyle() for line in accuracy_ax.get_lines()].count("--") == 2
     import matplotlib.pyplot as plt
@@ -286,10 +287,10 @@ def test_cli_tiny_smoke(setup, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --protocol seed: the seed's eval script
+# --protocol video-r1-first: Video-R1's first eval script
 
-# (output, solution, the seed's parsed answer, seed correct, ours correct)
-SEED_PARSER_CASES = [
+# (output, solution, Video-R1's first trainer's parsed answer, seed correct, ours correct)
+VIDEO_R1_FIRST_PARSER_CASES = [
     ("<think>a</think><answer>3</answer>", "<answer>3</answer>", 3, True, True),
     ("<answer> 3 </answer>", "<answer>3</answer>", 3, True, True),
     ("<answer>\n3\n</answer>", "<answer>3</answer>", 3, True, True),
@@ -299,73 +300,73 @@ SEED_PARSER_CASES = [
     ("<answer>3</answer><answer>2</answer>", "<answer>3</answer>", 3, True, False),
     ("<answer>x</answer> <answer>3</answer>", "<answer>3</answer>", 3, True, True),  # first *match*, not first block
     ("<answer>3 apples</answer>", "<answer>3</answer>", None, False, False),
-    ("<answer>-3</answer>", "<answer>-3</answer>", None, False, True),       # no sign: the seed never scores it
+    ("<answer>-3</answer>", "<answer>-3</answer>", None, False, True),       # no sign: Video-R1's first trainer never scores it
     ("3", "<answer>3</answer>", None, False, False),
     ("<answer>3</answer>", "3", 3, False, True),                             # an untagged solution parses to None
 ]
 
 
-@pytest.mark.parametrize("output,solution,answer,seed_ok,ours_ok", SEED_PARSER_CASES)
-def test_seed_protocol_parser(setup, output, solution, answer, seed_ok, ours_ok):
+@pytest.mark.parametrize("output,solution,answer,seed_ok,ours_ok", VIDEO_R1_FIRST_PARSER_CASES)
+def test_video_r1_first_protocol_parser(setup, output, solution, answer, seed_ok, ours_ok):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(setup["model"])
-    assert ev.seed_number(output) == answer
-    seed, ours = ev.score(output, solution, 1, tok, "seed"), ev.score(output, solution, 1, tok)
+    assert ev.video_r1_first_number(output) == answer
+    seed, ours = ev.score(output, solution, 1, tok, "video-r1-first"), ev.score(output, solution, 1, tok)
     assert (seed["answer"], seed["correct"]) == (answer, seed_ok)
     assert ours["correct"] == ours_ok and seed["format"] == ours["format"]
 
 
-def test_seed_protocol_prompt_byte_for_byte(setup):
+def test_video_r1_first_protocol_prompt_byte_for_byte(setup):
     from transformers import AutoTokenizer
-    # the seed's src/eval/test_qwen2vl_video_counting.py, character for character
+    # Video-R1's first trainer's src/eval/test_qwen2vl_video_counting.py, character for character
     seed_template = ("{Question} First output the thinking process in <think> </think> and final answer (number) "
                      "in <answer> </answer> tags.")
     problem = "How many red metal cubes are there?"
-    assert ev.SEED_PROMPT_TEMPLATE.format(problem=problem).encode() == seed_template.format(Question=problem).encode()
+    assert ev.VIDEO_R1_FIRST_PROMPT_TEMPLATE.format(problem=problem).encode() == seed_template.format(Question=problem).encode()
     assert data.PROMPT_TEMPLATE.format(problem=problem) != seed_template.format(Question=problem)
     tok = AutoTokenizer.from_pretrained(setup["model"])
-    text = data.build_prompt_text(tok, problem, template=ev.SEED_PROMPT_TEMPLATE)
+    text = data.build_prompt_text(tok, problem, template=ev.VIDEO_R1_FIRST_PROMPT_TEMPLATE)
     assert seed_template.format(Question=problem) in text and data.build_prompt_text(tok, problem) != text
 
 
-def test_seed_protocol_flags():
-    seed = ev.parse_config(["--model", "m", "--data", "d.jsonl", "--protocol", "seed"])
-    assert seed.protocol == "seed" and seed.max_new_tokens == 256
-    assert ev.parse_config(["--tiny", "--protocol", "seed"]).max_new_tokens == 256
-    assert ev.parse_config(["--model", "m", "--data", "d", "--protocol", "seed", "--max_new_tokens", "9"]).max_new_tokens == 9
+def test_video_r1_first_protocol_flags():
+    seed = ev.parse_config(["--model", "m", "--data", "d.jsonl", "--protocol", "video-r1-first"])
+    assert seed.protocol == "video-r1-first" and seed.max_new_tokens == 256
+    assert ev.parse_config(["--tiny", "--protocol", "video-r1-first"]).max_new_tokens == 256
+    assert ev.parse_config(["--model", "m", "--data", "d", "--protocol", "video-r1-first", "--max_new_tokens", "9"]).max_new_tokens == 9
     assert ev.parse_config(["--model", "m", "--data", "d"]).protocol == "train"
     with pytest.raises(SystemExit):
         ev.parse_config(["--model", "m", "--data", "d", "--protocol", "paper"])
 
 
-def test_seed_protocol_run_names_it_and_uses_the_checkpoints_penalty(setup, tmp_path):
+def test_video_r1_first_protocol_run_names_it_and_uses_the_checkpoints_penalty(setup, tmp_path):
     import shutil
     model_dir = tmp_path / "penalised"
     shutil.copytree(setup["model"], model_dir)
     config = json.loads((model_dir / "generation_config.json").read_text())
     (model_dir / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.05}))
-    cfg = make_cfg(setup, protocol="seed", limit=2)
+    cfg = make_cfg(setup, protocol="video-r1-first", limit=2)
     cfg.model = [str(model_dir)]
     rows = ev.load_rows(cfg.data)[:2]
     saved = ev.evaluate(cfg, str(model_dir), rows, str(tmp_path / "seed.json"))
-    assert saved["protocol"] == "seed" and saved["repetition_penalty"] == 1.05 and saved["n"] == 2
+    assert saved["protocol"] == "video-r1-first" and saved["repetition_penalty"] == 1.05 and saved["n"] == 2
     for r in saved["results"]:
-        assert r["answer"] == ev.seed_number(r["output"])
-        assert r["correct"] == (r["answer"] is not None and r["answer"] == ev.seed_number(r["solution"]))
-    assert "seed (penalty 1.05)" in ev.format_table([saved])
+        assert r["answer"] == ev.video_r1_first_number(r["output"])
+        assert r["correct"] == (r["answer"] is not None and r["answer"] == ev.video_r1_first_number(r["solution"]))
+    assert "video-r1-first (penalty 1.05)" in ev.format_table([saved])
     header = json.loads((tmp_path / "seed.partial.jsonl").read_text().splitlines()[0])["header"]
-    assert header["protocol"] == "seed" and header["repetition_penalty"] == 1.05
+    assert header["protocol"] == "video-r1-first" and header["repetition_penalty"] == 1.05
 
 
-def test_cli_tiny_seed_protocol(setup, tmp_path):
+def test_cli_tiny_video_r1_first_protocol(setup, tmp_path):
     (tmp_path / "data").mkdir()
     os.symlink(setup["model"], tmp_path / "data" / "tiny-qwen2-vl")
     os.symlink(Path(setup["data"]).parent, tmp_path / "data" / "synthetic")
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--tiny", "--protocol", "seed", "--max_new_tokens", "8",
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--tiny", "--protocol", "video-r1-first", "--max_new_tokens", "8",
                            "--limit", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "results" / "data_tiny-qwen2-vl-test.json").read_text())
-    assert saved["protocol"] == "seed" and saved["n"] == 2 and "seed (penalty" in proc.stdout
+    assert saved["protocol"] == "video-r1-first" and saved["n"] == 2 and "video-r1-first (penalty" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_cuda_graphs_replay_and_stay_bounded(tiny_setup):
 
 
 def test_one_step_2b_shaped():
-    # bench: one GRPO step at 2B's widths (2 layers), ours against the seed's, and the decode columns
+    # bench: one GRPO step at 2B's widths (2 layers), ours against Video-R1's first trainer's, and the decode columns
     cmd = [sys.executable, "bench.py", "--shape", "2b", "--layers", "2", "--device", "cuda", "--frames", "4",
            "--num_generations", "2", "--completion_tokens", "16", "--repeats", "1"]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=900,
@@ -173,7 +173,7 @@ def test_one_step_2b_shaped():
 
 def test_policy_pass_peak_memory_against_the_estimate():
     # bench.check_memory's comparison on the GPU, where the allocator counts exactly: the policy pass of 2B's widths
-    # (2 layers, the full vocabulary) at the seed's sizes (16 frames, G = 8, 512 tokens), bf16, gradient checkpointing,
+    # (2 layers, the full vocabulary) at Video-R1's first trainer's sizes (16 frames, G = 8, 512 tokens), bf16, gradient checkpointing,
     # gradients allocated by a first pass; its peak above the level before it against bench.policy_pass_peak (measured
     # on CPU: 2.75 GiB against 2.99 estimated)
     import bench

@@ -535,13 +535,13 @@ def test_a_rank_that_fails_to_draw_makes_all_raise_and_metrics_weigh_real_tokens
         assert math.isnan(r["empty"]["kl"])  # no real token on any rank: not a number, never 0
 
 
-def test_sequence_mean_kl_is_the_seeds_logged_kl():
+def test_sequence_mean_kl_is_the_first_trainers_logged_kl():
     torch.manual_seed(2)
     logps, ref = -torch.rand(4, 6) * 3, -torch.rand(4, 6) * 3
-    ref[0, 0] = logps[0, 0] + 6.0  # k3 = e^6 - 7 > 100: the seed clamped it
+    ref[0, 0] = logps[0, 0] + 6.0  # k3 = e^6 - 7 > 100: Video-R1's first trainer clamped it
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
     per_seq = []
-    for i in range(4):  # the seed's formula, a loop: clamp, mean over the row's tokens, then over rows
+    for i in range(4):  # Video-R1's first trainer's formula, a loop: clamp, mean over the row's tokens, then over rows
         ks = [min(100.0, math.exp(ref[i, t] - logps[i, t]) - (ref[i, t] - logps[i, t]) - 1) for t in range(6) if mask[i, t]]
         per_seq.append(float(sum(ks)) / len(ks))
     assert train.sequence_mean_kl(logps, ref, mask) == pytest.approx(sum(per_seq) / 4, rel=1e-5)
@@ -552,10 +552,10 @@ def test_sequence_mean_kl_is_the_seeds_logged_kl():
 def test_seed_metrics():
     import rewards
     good, bare = "<think>a</think><answer>3</answer>", "3"
-    m = rewards.seed_metrics([good, bare, good, good], ["<answer>3</answer>", "<answer>5</answer>"], 2)
+    m = rewards.video_r1_first_metrics([good, bare, good, good], ["<answer>3</answer>", "<answer>5</answer>"], 2)
     # group 1: 2.0 and 1.0 (a bare "3" is right but unformatted); group 2: 1.0 and 1.0 (format only)
-    assert m == {"seed/reward": 1.25, "seed/reward_std": pytest.approx(0.5 ** 0.5 / 2),
-                 "seed/rewards/accuracy_reward": 0.5, "seed/rewards/format_reward": 0.75}
+    assert m == {"video_r1_first/reward": 1.25, "video_r1_first/reward_std": pytest.approx(0.5 ** 0.5 / 2),
+                 "video_r1_first/rewards/accuracy_reward": 0.5, "video_r1_first/rewards/format_reward": 0.75}
 def naive_gspo_loss(logps, old_logps, ref_logps, adv, mask, beta, eps_low, eps_high, loss_type, max_len, kl_clamp=0.0):
     """GSPO from its definition, one completion at a time: s_i = exp(mean over its tokens of (logp - old)), clipped
     as a whole; the k3 KL per token as in GRPO (its log-ratio clamped when kl_clamp > 0)."""
@@ -805,7 +805,7 @@ def release_rule(model):
 
 
 def slow_logps(model, batch, completion_ids, G):
-    """The seed's way: the video (or image) repeated G times, full logits, positions left to transformers (by the release
+    """The first trainer's way: the video (or image) repeated G times, full logits, positions left to transformers (by the release
     rule); transformers runs its vision tower on the images and on the videos apart."""
     input_ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)
@@ -1029,7 +1029,7 @@ def test_apply_repetition_penalty_matches_transformers():
 
 
 def test_greedy_with_penalty_matches_generate_on_the_padded_batch(tiny_setup, tmp_path):
-    # the seed's eval: one left-padded batch, model.generate(..., do_sample=False) with the checkpoint's
+    # Video-R1's first trainer's eval: one left-padded batch, model.generate(..., do_sample=False) with the checkpoint's
     # generation_config in force (its repetition_penalty sees the padding too)
     tokenizer, model, batch, eos, suppress = tiny_setup
     model = copy.deepcopy(model)
@@ -1276,10 +1276,10 @@ def test_deepspeed_two_ranks_zero3(tiny_data):
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     for key in ("loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "completion_length",
                 "clip_ratio", "frac_zero_std_groups", "grad_norm", "lr", "step_time", "rollout_time", "tokens_per_sec",
-                "seed/completion_length", "seed/reward", "seed/reward_std", "seed/rewards/accuracy_reward",
-                "seed/rewards/format_reward", "seed/kl"):
+                "video_r1_first/completion_length", "video_r1_first/reward", "video_r1_first/reward_std", "video_r1_first/rewards/accuracy_reward",
+                "video_r1_first/rewards/format_reward", "video_r1_first/kl"):
         assert key in rows[0], key
-    assert rows[0]["seed/completion_length"] == rows[0]["completion_length"] and math.isfinite(rows[0]["seed/kl"])
+    assert rows[0]["video_r1_first/completion_length"] == rows[0]["completion_length"] and math.isfinite(rows[0]["video_r1_first/kl"])
     config = json.load(open(out / "run_config.json"))
     assert config["world_size"] == 2
     from transformers import Qwen2VLForConditionalGeneration
@@ -1553,7 +1553,7 @@ def test_tiny_run_on_all_five_video_r1_types_with_its_reward_and_prompt(tiny_dat
     run([sys.executable, "train.py", "--tiny", "--model_name_or_path", model_dir, "--data", split,
          "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0", "--num_workers", "0", "--num_generations", "2",
          "--prompts_per_device", "5", "--max_completion_length", "8", "--log_samples_steps", "1",
-         "--rewards", "video_r1_accuracy,seed_format", "--prompt_template", "video-r1", "--temporal_contrast", "--length_reward"])
+         "--rewards", "video_r1_accuracy,video_r1_format", "--prompt_template", "video-r1", "--temporal_contrast", "--length_reward"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rewards/video_r1_accuracy"] <= 1 for r in rows)
     assert all(r["skipped_examples"] == 0 and "temporal_rewards" in r and "length_rewards" in r for r in rows)

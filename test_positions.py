@@ -89,7 +89,7 @@ def hf_positions(hf_model, types, mask, grids, seconds=None):
 
 # (family, grids of the two rows, second_per_grid_t per video, does transformers 5.23 differ)
 CASES = {
-    # the seed's settings on CATER_new_003595.mp4: 16 frames of 280x392, sampled at 1.28 fps (Qwen2.5-VL-7B: 2 tokens/s)
+    # Video-R1's first trainer's settings on CATER_new_003595.mp4: 16 frames of 280x392, sampled at 1.28 fps (Qwen2.5-VL-7B: 2 tokens/s)
     "qwen2.5-vl defaults": ("qwen2_5_vl", [(8, 20, 28), (8, 16, 30)], [1.5677083, 2.7534769], True),
     # --fps 4 --max_frames 32 on a 241-frame 30-fps clip: 32 frames at 3.98 fps, second_per_grid_t 0.502 (fractional)
     "qwen2.5-vl fps 4": ("qwen2_5_vl", [(16, 16, 22), (16, 8, 8)], [2 / (32 / 241 * 30)] * 2, True),
@@ -97,7 +97,7 @@ CASES = {
     "qwen2.5-vl interval 1.5": ("qwen2_5_vl", [(6, 8, 8), (4, 8, 12)], [0.75, 0.75], True),
     # --max_frames 32 at 12,544 pixels a frame: grid_t 16 > max(h, w) / 2 = 4
     "qwen2-vl many small frames": ("qwen2_vl", [(16, 8, 8), (12, 8, 12)], None, True),
-    # the seed's settings: grid_t 8 <= max(h, w) / 2, both rules agree
+    # Video-R1's first trainer's settings: grid_t 8 <= max(h, w) / 2, both rules agree
     "qwen2-vl defaults": ("qwen2_vl", [(8, 20, 28), (8, 16, 30)], None, False),
 }
 
@@ -212,7 +212,7 @@ def qwen_folder(name, tmp_path):
 
 @pytest.mark.parametrize("video, text_start", [("CATER_new_003595.mp4", 37), ("video1.mp4", 54)])
 def test_show_puts_text_after_the_video_by_the_release_rule(video, text_start, tmp_path):
-    # data.py --show with the genuine Qwen2.5-VL-7B files at the seed's settings (transformers 5.23: 29 and 30)
+    # data.py --show with the genuine Qwen2.5-VL-7B files at Video-R1's first trainer's settings (transformers 5.23: 29 and 30)
     path = SHARED / "data" / video
     if not path.is_file():
         pytest.skip(f"{path} absent")

@@ -28,7 +28,7 @@ import model as model_lib
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 QWEN3 = ["Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct"]
 VIDEOS = ["video1.mp4", "CATER_new_003595.mp4"]
-PIXELS = 128 * 32 * 32  # per frame: the analogue of the seed's 128*28*28 (128 merged patches)
+PIXELS = 128 * 32 * 32  # per frame: the analogue of Video-R1's first trainer's 128*28*28 (128 merged patches)
 
 
 def qwen_folder(name, tmp_path):
@@ -198,7 +198,7 @@ def test_tiny_qwen3_with_the_real_tokenizer_trains_and_evaluates_on_real_videos(
     assert "step 1/1 | reward" in proc.stdout, proc.stdout[-2000:]
     final = tmp_path / "run" / "final"
     assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_vl"
-    for protocol in ("train", "seed"):
+    for protocol in ("train", "video-r1-first"):
         summary, = eval_lib.main(["--model", str(final), "--data", str(rows), "--max_new_tokens", "6", "--num_workers", "0",
                                   "--protocol", protocol, "--output", str(tmp_path / f"{protocol}.json"), *video])
         assert summary["n"] == 2 and not summary["skipped"], summary
@@ -238,7 +238,7 @@ def test_bench_shapes_are_the_genuine_configs(name):
     thin = bench.build_model(shape, tokenizer, torch.device("meta"), torch.bfloat16, "sdpa", layers=2)
     lora = bench.memory_per_gpu(thin, world=4, lora_rank=16, B=1, G=8, P=1000, C=24)["trainable parameters"]
     assert lora == sum(p.numel() for p in add_lora(thin, rank=16, alpha=32.0, target_modules="").parameters() if p.requires_grad)
-    # the bench's video: the seed's clip at 128*32*32 pixels, 16-px patches, a timestamp per frame pair
+    # the bench's video: Video-R1's first trainer's clip at 128*32*32 pixels, 16-px patches, a timestamp per frame pair
     batch = bench.build_batch(tokenizer, frames=16, prompts=1, device="cpu", seed=0, model_type="qwen3_vl")
     assert batch["video_grid_thw"][0].tolist() == [8, 20, 28] and batch["pixel_values_videos"].shape == (8 * 20 * 28, 1536)
     assert tokenizer.decode(batch["input_ids"][0]).count(" seconds>") == 8
@@ -256,7 +256,7 @@ def test_eval_refuses_a_folder_of_another_family_in_one_line(tmp_path, capsys):
 
 
 def test_default_frame_cap_is_128_merged_patches_at_factor_32():
-    # max_pixels 0 (the seed reader's rule): the cap 128*28*28 becomes 128*32*32 for Qwen3-VL, so a 640x360 clip of 16
+    # max_pixels 0 (Video-R1's reader's rule): the cap 128*28*28 becomes 128*32*32 for Qwen3-VL, so a 640x360 clip of 16
     # frames is bounded as transformers' resize bounds it with 128*32*32 per frame; its time stamps are HF's formula
     h, w = data.frame_size(360, 640, 16, min_pixels=64 * 32 * 32, max_pixels=0, factor=32)
     assert (h, w) == hf_code("smart_resize")(num_frames=16, height=360, width=640, temporal_factor=2, factor=32,

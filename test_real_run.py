@@ -1,5 +1,5 @@
 """
-What a real run (Qwen2-VL-7B, 4 GPUs) meets that a tiny CPU run would not show by itself: sampling as the seed sampled
+What a real run (Qwen2-VL-7B, 4 GPUs) meets that a tiny CPU run would not show by itself: sampling as Video-R1's first trainer sampled
 (top-k 50), the untrained embedding rows past the tokenizer, pre-emption under the launcher, checkpoint disk use,
 the flash-attn guards, the gathered reference pass, the first ratio of num_iterations > 1, and the causal attention
 calls of unpadded batches. Offline on CPU with the tiny model; the trainer runs in subprocesses.

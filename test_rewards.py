@@ -204,10 +204,10 @@ def test_long_inputs_are_fast(completion, solution, fmt, acc):
     assert time.perf_counter() - t0 < 0.5
 
 
-# ----------------------------------------------------------------------------- the seed's rules
+# ----------------------------------------------------------------------------- Video-R1's first trainer's rules
 
-# (completion, solution, seed_accuracy, ours): where the two rule sets disagree, both ways, and where they agree
-SEED_ACCURACY_CASES = [
+# (completion, solution, video_r1_first_accuracy, ours): where the two rule sets disagree, both ways, and where they agree
+VIDEO_R1_FIRST_ACCURACY_CASES = [
     ("3", "<answer>3</answer>", 1.0, 0.0, "bare-number-seed-only"),
     ("The answer is 3.", "3", 1.0, 0.0, "untagged-solution-math-verify-fires"),
     ("<think>a</think>\n<answer>\\boxed{3}</answer>", "3", 1.0, 0.0, "boxed-math-verify"),
@@ -223,15 +223,15 @@ SEED_ACCURACY_CASES = [
 
 
 @pytest.mark.parametrize("completion,solution,seed,ours",
-                         [c[:4] for c in SEED_ACCURACY_CASES], ids=[c[4] for c in SEED_ACCURACY_CASES])
+                         [c[:4] for c in VIDEO_R1_FIRST_ACCURACY_CASES], ids=[c[4] for c in VIDEO_R1_FIRST_ACCURACY_CASES])
 def test_seed_accuracy(completion, solution, seed, ours):
-    from rewards import seed_accuracy
+    from rewards import video_r1_first_accuracy
     pytest.importorskip("math_verify")
-    assert seed_accuracy([completion], [solution], problem_type="numerical", options=None) == [seed]
+    assert video_r1_first_accuracy([completion], [solution], problem_type="numerical", options=None) == [seed]
     assert accuracy_reward([completion], [solution]) == [ours]
 
 
-SEED_FORMAT_CASES = [
+VIDEO_R1_FORMAT_CASES = [
     (" <think>a</think><answer>3</answer>", 0.0, 1.0, "leading-space"),
     ("<think>a</think><answer>3</answer>\n", 0.0, 1.0, "trailing-newline"),
     ("<think>a</think><answer></answer>", 1.0, 0.0, "empty-answer"),
@@ -241,17 +241,17 @@ SEED_FORMAT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion,seed,ours", [c[:3] for c in SEED_FORMAT_CASES], ids=[c[3] for c in SEED_FORMAT_CASES])
+@pytest.mark.parametrize("completion,seed,ours", [c[:3] for c in VIDEO_R1_FORMAT_CASES], ids=[c[3] for c in VIDEO_R1_FORMAT_CASES])
 def test_seed_format(completion, seed, ours):
-    from rewards import seed_format
-    assert seed_format([completion], ["3"], problem_type="numerical") == [seed]
+    from rewards import video_r1_format
+    assert video_r1_format([completion], ["3"], problem_type="numerical") == [seed]
     assert format_reward([completion]) == [ours]
 
 
 def test_seed_rules_registered():
-    assert {"seed_accuracy", "seed_format"} <= set(REWARD_FUNCS)
+    assert {"video_r1_first_accuracy", "video_r1_format"} <= set(REWARD_FUNCS)
 # ----------------------------------------------------------------------------------------------------------------
-# the seed's newer bonuses (T-GRPO, length control) and the learning-signal metrics, against naive transcriptions
+# Video-R1's first trainer's newer bonuses (T-GRPO, length control) and the learning-signal metrics, against naive transcriptions
 # of its code, one group at a time, on hand-made groups
 
 import torch  # noqa: E402
@@ -474,7 +474,7 @@ def test_call_reward_passes_only_what_a_reward_takes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the seed's measures: thinking length, empty thoughts, answer variety within a group
+# Video-R1's first trainer's measures: thinking length, empty thoughts, answer variety within a group
 
 def test_answer_key_parses_as_accuracy_does():
     assert [answer_key(_ans(a)) for a in ("3", "3.0", "03", "+3", "-0", "Two  Cars", "")] == \
@@ -635,7 +635,7 @@ def test_video_r1_format_is_seed_format():
         return 1.0 if re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", c, re.DOTALL) else 0.0
     cases = [c for c, _, _ in FORMAT_CASES if isinstance(c, str)] + [" <think>a</think><answer>1</answer>",
                                                                       "<think>a</think><answer>1</answer>\n"]
-    assert rewards.seed_format(cases) == [theirs(c) for c in cases]
+    assert rewards.video_r1_format(cases) == [theirs(c) for c in cases]
 
 
 # (output, solution, problem_type, expected eval_bench reward_fn, id)

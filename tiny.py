@@ -165,7 +165,7 @@ def build_tiny_model(tokenizer, seed=0, init_std=0.02, family="qwen2_vl", vocab_
 
 
 # Qwen2-VL's image processor settings (patch layout and CLIP normalisation); the pixel bounds of the videos
-# come from the trainer's config, as in the seed.
+# come from the trainer's config, as in Video-R1's first trainer.
 PREPROCESSOR_CONFIG = {
     "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],

@@ -1,7 +1,7 @@
 """
 GRPO on a video vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5), the Video-R1 recipe, written out by hand.
 
-    deepspeed --num_gpus 4 train.py                 # the seed's run: Qwen2-VL-7B-Instruct on DVD-counting
+    deepspeed --num_gpus 4 train.py                 # Video-R1's first trainer's run: Qwen2-VL-7B-Instruct on DVD-counting
     python train.py --tiny                          # offline CPU demo: tiny Qwen2-VL, synthetic videos
     python train.py --tiny --data data/synthetic/train_mc.jsonl   # the same on the multiple-choice split
     python train.py --tiny --tiny_model qwen2.5-vl  # the same on a tiny Qwen2.5-VL; --lora_rank 8: LoRA (peft)
@@ -22,10 +22,10 @@ test: docs/video-r1.md. In short: one batched rollout per prompt (prefilled once
 once per pass, a reference that sees the video, the release rule's M-RoPE positions in every pass, fp32 log-softmax at
 completion positions only, prompts skipped rather than truncated, each completion scored by its own row's type, and
 T-GRPO, the length bonus and all_correct/all_wrong reading the run's accuracy reward (--accuracy_reward).
-The seed's recipe, where it differs from the defaults: --rewards seed_accuracy,seed_format. Its frame sizes are the
+Video-R1's first trainer's recipe, where it differs from the defaults: --rewards video_r1_first_accuracy,video_r1_format. Its frame sizes are the
 default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
-eval.py --protocol seed. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
-video_r1_accuracy,seed_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
+eval.py --protocol video-r1-first. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
+video_r1_accuracy,video_r1_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
 """
 import collections
 import contextlib
@@ -63,25 +63,25 @@ class Config:
     video_root: str = field(default="", metadata={"group": "data and video", "help": "folder that relative video paths start from ('': the data file's folder)"})
     tiny: bool = field(default=False, metadata={"group": "model", "help": "offline demo: tiny random model + synthetic videos, CPU-sized settings"})
     tiny_model: str = field(default="qwen2-vl", metadata={"group": "model", "help": "--tiny's model family: qwen2-vl, qwen2.5-vl, qwen3-vl or qwen3.5 (made in data/tiny-<name>)"})
-    # video (the seed's settings)
+    # video (Video-R1's first trainer's settings)
     fps: float = field(default=2.0, metadata={"group": "data and video", "help": "frames sampled per second of video"})
     min_frames: int = field(default=4, metadata={"group": "data and video", "help": "fewest frames per video"})
     max_frames: int = field(default=16, metadata={"group": "data and video", "help": "most frames per video"})
-    min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, the seed's; 128*32*32 for Qwen3-VL)"})
-    max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: the seed's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
+    min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, Video-R1's first trainer's; 128*32*32 for Qwen3-VL)"})
+    max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
     video_max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "the reader's VIDEO_MAX_PIXELS in that rule; 0: 128 merged patches (128*28*28, Video-R1's training); its 32-frame evaluation: 200704 (256*28*28)"})
     video_time: str = field(default="true", metadata={"group": "data and video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps) or video-r1 (1.0, as Video-R1's later trainer trained; data.VIDEO_TIMES)"})
     image_min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "image rows: lower bound on image area; 0: 4 merged patches (Video-R1's 4*28*28)"})
     image_max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "image rows: upper bound on image area; 0: 256 merged patches (Video-R1's 256*28*28)"})
     max_prompt_length: int = field(default=4096, metadata={"group": "data and video", "help": "longer prompts (video tokens included) are skipped, never truncated"})
     num_workers: int = field(default=2, metadata={"group": "data and video", "help": "DataLoader workers decoding videos"})
-    prompt_template: str = field(default="default", metadata={"group": "data and video", "help": "default (per type; numerical: the seed's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
+    prompt_template: str = field(default="default", metadata={"group": "data and video", "help": "default (per type; numerical: Video-R1's first trainer's words) or video-r1 (Video-R1's later trainer's, byte for byte): data.PROMPT_TEMPLATE_NAMES"})
     # GRPO
     num_generations: int = field(default=8, metadata={"group": "rollout and rewards", "help": "G: completions sampled per prompt"})
     prompts_per_device: int = field(default=1, metadata={"group": "rollout and rewards", "help": "prompts per rank per step (each gets G completions)"})
     max_completion_length: int = field(default=512, metadata={"group": "rollout and rewards", "help": "most new tokens per completion"})
     temperature: float = field(default=1.0, metadata={"group": "rollout and rewards", "help": "sampling temperature"})
-    top_k: int = field(default=50, metadata={"group": "rollout and rewards", "help": "sample from the k most likely tokens (the seed's 50; 0: off)"})
+    top_k: int = field(default=50, metadata={"group": "rollout and rewards", "help": "sample from the k most likely tokens (Video-R1's first trainer's 50; 0: off)"})
     top_p: float = field(default=1.0, metadata={"group": "rollout and rewards", "help": "sample from the smallest set of tokens with probability >= p (1.0: off)"})
     compile_rollout: str = field(default="auto", metadata={"group": "rollout and rewards", "help": "auto|on|off: decode on a static KV cache with a torch.compile'd step (CUDA graphs); auto: on for CUDA"})
     rewards: str = field(default="accuracy,format", metadata={"group": "rollout and rewards", "help": "comma-separated names from rewards.REWARD_FUNCS"})
@@ -95,8 +95,8 @@ class Config:
     num_iterations: int = field(default=1, metadata={"group": "optimisation", "help": "mu: optimizer updates per rollout"})
     mask_truncated_completions: bool = field(default=False, metadata={"group": "loss", "help": "drop completions that never emitted EOS from the loss"})
     importance_sampling_level: str = field(default="token", metadata={"group": "loss", "help": "token (GRPO) or sequence (GSPO: one ratio per completion, exp of its mean token log-ratio; the GSPO paper clips it at --epsilon_low 3e-4 --epsilon_high 4e-4)"})
-    kl_clamp: float = field(default=0.0, metadata={"group": "loss", "help": "clamp the per-token log-ratio (ref - policy) to [-c, c] before the k3 KL (the seed's newer trainer: 10); 0 = off"})
-    # the seed's newer trainer (Video-R1-260k): T-GRPO and the length reward, both scored with the accuracy reward
+    kl_clamp: float = field(default=0.0, metadata={"group": "loss", "help": "clamp the per-token log-ratio (ref - policy) to [-c, c] before the k3 KL (Video-R1's later trainer: 10); 0 = off"})
+    # Video-R1's later trainer (Video-R1-260k): T-GRPO and the length reward, both scored with the accuracy reward
     temporal_contrast: bool = field(default=False, metadata={"group": "rollout and rewards", "help": "T-GRPO: also sample completions on the video with frames shuffled; +alpha to correct ones if p >= mu * p_shuffled"})
     temporal_alpha: float = field(default=0.3, metadata={"group": "rollout and rewards", "help": "T-GRPO: the bonus added to a correct completion's reward"})
     temporal_mu: float = field(default=0.8, metadata={"group": "rollout and rewards", "help": "T-GRPO: the bonus is given when p >= mu * p_shuffled (mean accuracies, per prompt)"})
@@ -234,7 +234,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     grouped = rewards.view(-1, group_size)                          # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)          # (B, G)
     if scale == "group":
-        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased std, as the seed
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased std, as Video-R1's first trainer
     elif scale != "none":
         raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale!r}")
     return centered.view(-1)                                        # (B*G,)
@@ -242,7 +242,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 def per_token_kl(logps, ref_logps, clamp=0.0):
     """k3 estimator of KL(policy || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0. (N, T) -> (N, T)
-    clamp > 0 clips ref - logp to [-clamp, clamp] first (the seed's newer trainer: 10), so exp cannot overflow."""
+    clamp > 0 clips ref - logp to [-clamp, clamp] first (Video-R1's later trainer: 10), so exp cannot overflow."""
     delta = ref_logps - logps
     if clamp > 0:
         delta = delta.clamp(-clamp, clamp)
@@ -250,7 +250,7 @@ def per_token_kl(logps, ref_logps, clamp=0.0):
 
 
 def sequence_mean_kl(logps, ref_logps, mask):
-    """The seed's logged `kl`: k3 clamped to [-100, 100] as its loss did, averaged over each completion's tokens, then
+    """Video-R1's first trainer's logged `kl`: k3 clamped to [-100, 100] as its loss did, averaged over each completion's tokens, then
     over completions (ours, `kl`, is one token mean). (N, T) -> float"""
     kl = per_token_kl(logps, ref_logps).clamp(-100, 100) * mask                 # (N, T)
     return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean().item()
@@ -634,12 +634,12 @@ def step_metrics(run, batch, completions, *, reward, per_reward, extra, lengths,
             **loss_stats, "completion_length": lengths.mean().item(),  # kl, clip_ratio; entropy, entropy_threshold
             "truncated_ratio": truncated.float().mean().item(),
             "frac_zero_std_groups": (reward.view(-1, G).std(1) == 0).float().mean().item(), **extra,
-            "rollout_time": rollout_time, "seed/completion_length": lengths.mean().item(),
-            "seed/kl": (0.0 if run.cfg.beta == 0 else float("nan") if logps is None or not real.any() else
+            "rollout_time": rollout_time, "video_r1_first/completion_length": lengths.mean().item(),
+            "video_r1_first/kl": (0.0 if run.cfg.beta == 0 else float("nan") if logps is None or not real.any() else
                         sequence_mean_kl(logps.detach()[real], ref_logps[real], mask[real])),  # real rows only
             **rewards.findings_metrics(  # thinking length, empty thoughts, answer variety
                 completions, G, lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"]), **batch["columns"]),
-            **rewards.seed_metrics(completions, batch["solution"], G)}  # the seed's names (docs/training.md)
+            **rewards.video_r1_first_metrics(completions, batch["solution"], G)}  # Video-R1's first trainer's names (docs/training.md)
 
 
 # what grpo_step returns: this rank's metrics (by name) and what each is weighted by across ranks, the rollout for
@@ -682,8 +682,8 @@ def grpo_step(run, batch, room=None):
                            extra=rewards.score_metrics(scores, G), lengths=lengths, truncated=truncated, loss=loss,
                            loss_stats=loss_stats, logps=logps, ref_logps=ref_logps, mask=mask, real=real,
                            rollout_time=rollout_time)
-    # what a metric is averaged over across ranks: the real tokens (token means), the real rows (seed/kl), else ranks
-    weights = dict.fromkeys(("kl", "clip_ratio", "entropy"), mask.sum().item()) | {"seed/kl": real.sum().item()}
+    # what a metric is averaged over across ranks: the real tokens (token means), the real rows (video_r1_first/kl), else ranks
+    weights = dict.fromkeys(("kl", "clip_ratio", "entropy"), mask.sum().item()) | {"video_r1_first/kl": real.sum().item()}
     return StepResult({**metrics, **dynamic}, weights, completions, scores.per_reward, advantages, lengths.sum().item(),
                       grad_norm, skipped, batch), drawn
 
