@@ -22,10 +22,9 @@ test: docs/video-r1.md. In short: one batched rollout per prompt (prefilled once
 once per pass, a reference that sees the video, the release rule's M-RoPE positions in every pass, fp32 log-softmax at
 completion positions only, prompts skipped rather than truncated, each completion scored by its own row's type, and
 T-GRPO, the length bonus and all_correct/all_wrong reading the run's accuracy reward (--accuracy_reward).
-Video-R1's first trainer's recipe, where it differs from the defaults: --rewards video_r1_first_accuracy,video_r1_format. Its frame sizes are the
-default (data.frame_size). Its rollout decoded at repetition penalty 1.0, as here; its eval script did not:
-eval.py --protocol video-r1-first. Video-R1's later recipe (Video-R1-260k): --prompt_template video-r1 --rewards
-video_r1_accuracy,video_r1_format and the flags in docs/video-r1-recipe.md; its eval script: eval.py --protocol video-r1.
+Video-R1's first recipe: --rewards video_r1_first_accuracy,video_r1_format (its frames are the default), evaluated with
+eval.py --protocol video-r1-first. Its later recipe (Video-R1-260k, images and videos): --prompt_template video-r1
+--rewards video_r1_accuracy,video_r1_format and the flags in docs/video-r1-recipe.md; eval.py --protocol video-r1.
 """
 import collections
 import contextlib
