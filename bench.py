@@ -631,8 +631,8 @@ def step_run(model, optimizer, tokenizer, batch, *, G, C, eos, never, compile_ro
     engine = PlainEngine(model, optimizer, batch["input_ids"].device)
     return train.Run(cfg=cfg, rank=0, world=1, device=engine.device, tokenizer=tokenizer, engine=engine, ref_engine=engine,
                      scheduler=None, model_dir=None, reward_names=[], reward_funcs=[], reward_weights=[],
-                     accuracy_reward=None, G_shuffled=G // 2, length_window=None, eos_token_ids=eos, suppress=never,
-                     batches=None, logger=None, start_step=0, total_steps=0, steps_per_epoch=0)
+                     accuracy_reward=None, G_shuffled=G // 2, eos_token_ids=eos, suppress=never,
+                     batches=None, skips=None, logger=None, start_step=0, total_steps=0, steps_per_epoch=0)
 
 
 @contextlib.contextmanager
