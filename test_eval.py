@@ -289,14 +289,14 @@ def test_cli_tiny_smoke(setup, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # --protocol video-r1-first: Video-R1's first eval script
 
-# (output, solution, Video-R1's first trainer's parsed answer, seed correct, ours correct)
+# (output, solution, Video-R1's first trainer's parsed answer, first correct, ours correct)
 VIDEO_R1_FIRST_PARSER_CASES = [
     ("<think>a</think><answer>3</answer>", "<answer>3</answer>", 3, True, True),
     ("<answer> 3 </answer>", "<answer>3</answer>", 3, True, True),
     ("<answer>\n3\n</answer>", "<answer>3</answer>", 3, True, True),
     ("<answer>03</answer>", "<answer>3</answer>", 3, True, True),
     ("<answer>3.0</answer>", "<answer>3</answer>", None, False, True),        # not digits only
-    ("<answer>2</answer><answer>3</answer>", "<answer>3</answer>", 2, False, True),  # seed: first; ours: last
+    ("<answer>2</answer><answer>3</answer>", "<answer>3</answer>", 2, False, True),  # first: first; ours: last
     ("<answer>3</answer><answer>2</answer>", "<answer>3</answer>", 3, True, False),
     ("<answer>x</answer> <answer>3</answer>", "<answer>3</answer>", 3, True, True),  # first *match*, not first block
     ("<answer>3 apples</answer>", "<answer>3</answer>", None, False, False),
@@ -306,32 +306,32 @@ VIDEO_R1_FIRST_PARSER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("output,solution,answer,seed_ok,ours_ok", VIDEO_R1_FIRST_PARSER_CASES)
-def test_video_r1_first_protocol_parser(setup, output, solution, answer, seed_ok, ours_ok):
+@pytest.mark.parametrize("output,solution,answer,first_ok,ours_ok", VIDEO_R1_FIRST_PARSER_CASES)
+def test_video_r1_first_protocol_parser(setup, output, solution, answer, first_ok, ours_ok):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(setup["model"])
     assert ev.video_r1_first_number(output) == answer
-    seed, ours = ev.score(output, solution, 1, tok, "video-r1-first"), ev.score(output, solution, 1, tok)
-    assert (seed["answer"], seed["correct"]) == (answer, seed_ok)
-    assert ours["correct"] == ours_ok and seed["format"] == ours["format"]
+    first, ours = ev.score(output, solution, 1, tok, "video-r1-first"), ev.score(output, solution, 1, tok)
+    assert (first["answer"], first["correct"]) == (answer, first_ok)
+    assert ours["correct"] == ours_ok and first["format"] == ours["format"]
 
 
 def test_video_r1_first_protocol_prompt_byte_for_byte(setup):
     from transformers import AutoTokenizer
     # Video-R1's first trainer's src/eval/test_qwen2vl_video_counting.py, character for character
-    seed_template = ("{Question} First output the thinking process in <think> </think> and final answer (number) "
+    first_template = ("{Question} First output the thinking process in <think> </think> and final answer (number) "
                      "in <answer> </answer> tags.")
     problem = "How many red metal cubes are there?"
-    assert ev.VIDEO_R1_FIRST_PROMPT_TEMPLATE.format(problem=problem).encode() == seed_template.format(Question=problem).encode()
-    assert data.PROMPT_TEMPLATE.format(problem=problem) != seed_template.format(Question=problem)
+    assert ev.VIDEO_R1_FIRST_PROMPT_TEMPLATE.format(problem=problem).encode() == first_template.format(Question=problem).encode()
+    assert data.PROMPT_TEMPLATE.format(problem=problem) != first_template.format(Question=problem)
     tok = AutoTokenizer.from_pretrained(setup["model"])
     text = data.build_prompt_text(tok, problem, template=ev.VIDEO_R1_FIRST_PROMPT_TEMPLATE)
-    assert seed_template.format(Question=problem) in text and data.build_prompt_text(tok, problem) != text
+    assert first_template.format(Question=problem) in text and data.build_prompt_text(tok, problem) != text
 
 
 def test_video_r1_first_protocol_flags():
-    seed = ev.parse_config(["--model", "m", "--data", "d.jsonl", "--protocol", "video-r1-first"])
-    assert seed.protocol == "video-r1-first" and seed.max_new_tokens == 256
+    first = ev.parse_config(["--model", "m", "--data", "d.jsonl", "--protocol", "video-r1-first"])
+    assert first.protocol == "video-r1-first" and first.max_new_tokens == 256
     assert ev.parse_config(["--tiny", "--protocol", "video-r1-first"]).max_new_tokens == 256
     assert ev.parse_config(["--model", "m", "--data", "d", "--protocol", "video-r1-first", "--max_new_tokens", "9"]).max_new_tokens == 9
     assert ev.parse_config(["--model", "m", "--data", "d"]).protocol == "train"
@@ -348,13 +348,13 @@ def test_video_r1_first_protocol_run_names_it_and_uses_the_checkpoints_penalty(s
     cfg = make_cfg(setup, protocol="video-r1-first", limit=2)
     cfg.model = [str(model_dir)]
     rows = ev.load_rows(cfg.data)[:2]
-    saved = ev.evaluate(cfg, str(model_dir), rows, str(tmp_path / "seed.json"))
+    saved = ev.evaluate(cfg, str(model_dir), rows, str(tmp_path / "first.json"))
     assert saved["protocol"] == "video-r1-first" and saved["repetition_penalty"] == 1.05 and saved["n"] == 2
     for r in saved["results"]:
         assert r["answer"] == ev.video_r1_first_number(r["output"])
         assert r["correct"] == (r["answer"] is not None and r["answer"] == ev.video_r1_first_number(r["solution"]))
     assert "video-r1-first (penalty 1.05)" in ev.format_table([saved])
-    header = json.loads((tmp_path / "seed.partial.jsonl").read_text().splitlines()[0])["header"]
+    header = json.loads((tmp_path / "first.partial.jsonl").read_text().splitlines()[0])["header"]
     assert header["protocol"] == "video-r1-first" and header["repetition_penalty"] == 1.05
 
 

@@ -549,7 +549,7 @@ def test_sequence_mean_kl_is_the_first_trainers_logged_kl():
     assert abs(train.sequence_mean_kl(logps, ref, mask) - token_mean.item()) > 1  # not our token mean
 
 
-def test_seed_metrics():
+def test_video_r1_first_metrics():
     import rewards
     good, bare = "<think>a</think><answer>3</answer>", "3"
     m = rewards.video_r1_first_metrics([good, bare, good, good], ["<answer>3</answer>", "<answer>5</answer>"], 2)
@@ -1511,7 +1511,7 @@ train.main(sys.argv[1:])
 SEED_METRICS = ("thinking_length", "empty_thinking_ratio", "answer_entropy", "answer_mode_share")
 
 
-def test_tiny_multiple_choice_run_logs_seed_metrics_and_evals(tmp_path, capsys, warm_tiny_model):
+def test_tiny_multiple_choice_run_logs_video_r1_first_metrics_and_evals(tmp_path, capsys, warm_tiny_model):
     import eval as ev
     model_dir = warm_tiny_model(tmp_path / "model")  # warm-started: it writes thoughts and answers
     data.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)

@@ -47,7 +47,7 @@ def test_filter_logits_matches_transformers_warpers(top_k, top_p):
     torch.testing.assert_close(ours, expected)
 
 
-def test_rollout_top_k_one_is_greedy_and_config_defaults_are_the_seeds(tiny_setup):  # noqa: F811
+def test_rollout_top_k_one_is_greedy_and_config_defaults_are_video_r1s(tiny_setup):  # noqa: F811
     tokenizer, net, batch, eos, suppress = tiny_setup
     kwargs = dict(num_generations=2, max_new_tokens=8, temperature=1.0, eos_token_ids=eos, suppress_token_ids=suppress,
                   pad_token_id=tokenizer.pad_token_id)

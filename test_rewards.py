@@ -208,12 +208,12 @@ def test_long_inputs_are_fast(completion, solution, fmt, acc):
 
 # (completion, solution, video_r1_first_accuracy, ours): where the two rule sets disagree, both ways, and where they agree
 VIDEO_R1_FIRST_ACCURACY_CASES = [
-    ("3", "<answer>3</answer>", 1.0, 0.0, "bare-number-seed-only"),
+    ("3", "<answer>3</answer>", 1.0, 0.0, "bare-number-first-only"),
     ("The answer is 3.", "3", 1.0, 0.0, "untagged-solution-math-verify-fires"),
     ("<think>a</think>\n<answer>\\boxed{3}</answer>", "3", 1.0, 0.0, "boxed-math-verify"),
     ("<think>a</think><answer>3.0</answer>", "<answer>3</answer>", 0.0, 1.0, "3.0-is-not-3-as-strings"),
     ("<think>a</think><answer>3.0</answer>", "3", 0.0, 1.0, "3.0-untagged-solution"),
-    ("<think>a</think><answer>2</answer><answer>3</answer>", "<answer>3</answer>", 0.0, 1.0, "seed-takes-first-block"),
+    ("<think>a</think><answer>2</answer><answer>3</answer>", "<answer>3</answer>", 0.0, 1.0, "first-takes-first-block"),
     ("<think>a</think><answer>3</answer><answer>2</answer>", "<answer>3</answer>", 1.0, 0.0, "ours-takes-last-block"),
     ("<think>a</think><answer>3\n</answer>", "<answer>3</answer>", 0.0, 1.0, "no-dotall-answer-over-two-lines"),
     ("<think>a</think><answer>three</answer>", "<answer>Three</answer>", 0.0, 1.0, "case-sensitive-strings"),
@@ -222,12 +222,12 @@ VIDEO_R1_FIRST_ACCURACY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion,solution,seed,ours",
+@pytest.mark.parametrize("completion,solution,first,ours",
                          [c[:4] for c in VIDEO_R1_FIRST_ACCURACY_CASES], ids=[c[4] for c in VIDEO_R1_FIRST_ACCURACY_CASES])
-def test_seed_accuracy(completion, solution, seed, ours):
+def test_video_r1_first_accuracy(completion, solution, first, ours):
     from rewards import video_r1_first_accuracy
     pytest.importorskip("math_verify")
-    assert video_r1_first_accuracy([completion], [solution], problem_type="numerical", options=None) == [seed]
+    assert video_r1_first_accuracy([completion], [solution], problem_type="numerical", options=None) == [first]
     assert accuracy_reward([completion], [solution]) == [ours]
 
 
@@ -241,14 +241,14 @@ VIDEO_R1_FORMAT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion,seed,ours", [c[:3] for c in VIDEO_R1_FORMAT_CASES], ids=[c[3] for c in VIDEO_R1_FORMAT_CASES])
-def test_seed_format(completion, seed, ours):
+@pytest.mark.parametrize("completion,first,ours", [c[:3] for c in VIDEO_R1_FORMAT_CASES], ids=[c[3] for c in VIDEO_R1_FORMAT_CASES])
+def test_video_r1_format(completion, first, ours):
     from rewards import video_r1_format
-    assert video_r1_format([completion], ["3"], problem_type="numerical") == [seed]
+    assert video_r1_format([completion], ["3"], problem_type="numerical") == [first]
     assert format_reward([completion]) == [ours]
 
 
-def test_seed_rules_registered():
+def test_video_r1_first_rules_registered():
     assert {"video_r1_first_accuracy", "video_r1_format"} <= set(REWARD_FUNCS)
 # ----------------------------------------------------------------------------------------------------------------
 # Video-R1's first trainer's newer bonuses (T-GRPO, length control) and the learning-signal metrics, against naive transcriptions
@@ -629,7 +629,7 @@ def test_video_r1_accuracy_scores_each_completion_by_its_own_type():
         rewards.video_r1_accuracy(comps, sols, problem_type=types[:1])
 
 
-def test_video_r1_format_is_seed_format():
+def test_video_r1s_later_format_is_its_first_format():
     """grpo.py's format_reward: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", content, re.DOTALL)."""
     def theirs(c):
         return 1.0 if re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", c, re.DOTALL) else 0.0
