@@ -27,7 +27,7 @@ matter: the special ids it gives are set in the model config and lie inside the 
 the first N decoder layers and N vision blocks at full width: where a whole 2B model is too slow (a CPU), per-layer
 costs and the balance of attention against matrix products stay those of the real shape. The video is
 Video-R1's first trainer's: 16 random frames of a 320x240 clip, smart-resized at min_pixels = max_pixels = 128*28*28 to 280x392, so
-grid (8, 20, 28) and 1120 video tokens, patched by data.video_to_patches.
+grid (8, 20, 28) and 1120 video tokens, patched by vision.video_to_patches.
 
 A step, phase by phase (each way times the same work: B prompts x G completions of exactly --completion_tokens).
 Ours is train.py's own step functions on a train.Run of this process (step_run: train.py's defaults at this shape, a
@@ -103,6 +103,7 @@ import model as model_lib
 import runtime
 import tiny
 import train
+import vision
 from decode import decode_shape, decode_state
 from model import (checkpoint_activations, completion_logps, completion_logps_shared_prompt, has_linear_attention, hf_model,
                    lora_targets, position_inputs, prefill, prompt_positions, rollout_decode, sample_completions,
@@ -478,7 +479,7 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
     shuffled=True adds T-GRPO's copy with the frames in random order (as data.VideoPromptDataset(shuffled_frames=True))."""
     s = video_settings(model_type)
     pixels = 128 * s.factor ** 2
-    h, w = data.smart_resize(height, width, s.factor, min_pixels=pixels, max_pixels=pixels)  # 240x320 -> 280x392 (Qwen3-VL: 320x448)
+    h, w = vision.smart_resize(height, width, s.factor, min_pixels=pixels, max_pixels=pixels)  # 240x320 -> 280x392 (Qwen3-VL: 320x448)
     rng = np.random.default_rng(seed)
     text = data.build_prompt_text(tokenizer, "How many red objects are in the video?")
     # Qwen3-VL's prompt times each frame pair: 2 fps from a 24-fps clip
@@ -486,7 +487,7 @@ def build_batch(tokenizer, *, frames, prompts, device, seed, height=240, width=3
     items = []
     for i in range(prompts):
         video = rng.integers(0, 256, size=(frames, h, w, 3), dtype=np.uint8)   # (T, H, W, 3)
-        patch = lambda v: data.video_to_patches(v, s.patch_size, s.temporal_patch_size, s.merge_size, s.image_mean, s.image_std)
+        patch = lambda v: vision.video_to_patches(v, s.patch_size, s.temporal_patch_size, s.merge_size, s.image_mean, s.image_std)
         pixel_values, grid = patch(video)                                      # (t*h*w patches, 1176 or 1536), (1, 3)
         input_ids, types = data.encode_prompt(tokenizer, text, grid, timestamps=timestamps)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,

@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 import data
+import datatools
 import rewards
 import runtime
 import tiny
@@ -89,7 +90,7 @@ class Config:
     min_frames: int = field(default=VideoSettings.min_frames, metadata={"group": "video", "help": "fewest frames per video"})
     max_frames: int = field(default=VideoSettings.max_frames, metadata={"group": "video", "help": "most frames per video"})
     min_pixels: int = field(default=VideoSettings.min_pixels, metadata={"group": "video", "help": "lower bound on frame area after resizing (0: 128 merged patches of the model)"})
-    max_pixels: int = field(default=VideoSettings.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (data.frame_size)"})
+    max_pixels: int = field(default=VideoSettings.max_pixels, metadata={"group": "video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (vision.frame_size)"})
     video_max_pixels: int = field(default=VideoSettings.video_max_pixels, metadata={"group": "video", "help": "the reader's VIDEO_MAX_PIXELS; 0: 128 merged patches; Video-R1's 32-frame evaluation: 200704 (256*28*28, docs/video-r1-recipe.md)"})
     video_time: str = field(default=VideoSettings.video_time, metadata={"group": "video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps, as Video-R1's eval script) or video-r1 (1.0, as its trainer)"})
     image_min_pixels: int = field(default=VideoSettings.image_min_pixels, metadata={"group": "video", "help": "image rows: lower bound on image area; 0: 4 merged patches"})
@@ -116,7 +117,7 @@ VIDEO_R1_FIRST_PROMPT_TEMPLATE = ("{problem} First output the thinking process i
 VIDEO_R1_FIRST = dict(max_new_tokens=256)
 # --protocol video-r1, from Video-R1's src/eval_bench.py: SamplingParams(temperature=0.1, top_p=0.001, max_tokens=1024)
 # and LLM(max_model_len=16384); its videos take its vendored qwen-vl-utils' defaults, which are this project's (fps 2,
-# 4-16 frames, 128*28*28 pixels under the reader's cap: data.frame_size)
+# 4-16 frames, 128*28*28 pixels under the reader's cap: vision.frame_size)
 VIDEO_R1 = dict(max_new_tokens=1024, max_prompt_length=16384)
 VIDEO_R1_SAMPLING = dict(temperature=0.1, top_p=0.001)
 PROTOCOLS = ("train", "video-r1-first", "video-r1")
@@ -485,7 +486,7 @@ def make_tiny_inputs(cfg, rank=0, world=1):
         synthetic = os.path.dirname(TINY["data"])
         if any(not os.path.exists(d) and os.path.dirname(os.path.normpath(d)) == synthetic
                for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])):
-            data.make_synthetic_dataset(synthetic)
+            datatools.make_synthetic_dataset(synthetic)
     if cfg.tiny and world > 1:
         torch.distributed.barrier()
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import datatools
 import vision
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -24,7 +25,7 @@ PIX = 128 * 28 * 28
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    train, test = data.make_synthetic_dataset(out, n_train=6, n_test=3, seed=0)
+    train, test = datatools.make_synthetic_dataset(out, n_train=6, n_test=3, seed=0)
     return out, train, test
 
 
@@ -94,7 +95,7 @@ def test_many_bad_rows_print_a_bounded_summary_with_right_counts(tmp_path, capsy
     assert "skipped 100 rows: field 'solution' missing or not a string (the first 3 above)" in err
     # data.py --check's report: the same summary of its bad rows
     report = {"rows": 602, "clips": [], "bad": [{"index": s["index"], "video": s["video"], "reason": s["reason"]} for s in skipped]}
-    out = data.format_report(str(path), report).splitlines()
+    out = datatools.format_report(str(path), report).splitlines()
     assert len(out) == 3 * 3 + 3 + 1 and out[-1] == f"{path}: 602 rows, 0 good, 600 bad"
     assert "bad 300 rows: video file not found: <video> (the first 3 above)" in out
     # more reasons than `kinds`: the rest count together, still bounded
@@ -173,20 +174,20 @@ def test_load_examples_video_r1_layout_and_answer_types(tmp_path, capsys):
 # ----------------------------------------------------------------------------- smart_resize
 
 def test_smart_resize_known_values():
-    assert data.smart_resize(240, 320, 28, PIX, PIX) == (280, 392)  # scaled up: 252*308 < min
-    assert data.smart_resize(360, 640, 28, PIX, PIX) == (224, 420)  # scaled down: 364*644 > max
-    assert data.smart_resize(112, 112, 28, PIX, PIX) == (336, 336)
-    assert data.smart_resize(1080, 1920, 28, 56 * 56, 16384 * 28 * 28) == (1092, 1932)  # only rounded
-    assert data.smart_resize(1080, 1920, 28, 56 * 56, 1280 * 28 * 28) == (728, 1316)
-    assert data.smart_resize(10, 10, 28, 1, 10 ** 9) == (28, 28)  # never below one factor
+    assert vision.smart_resize(240, 320, 28, PIX, PIX) == (280, 392)  # scaled up: 252*308 < min
+    assert vision.smart_resize(360, 640, 28, PIX, PIX) == (224, 420)  # scaled down: 364*644 > max
+    assert vision.smart_resize(112, 112, 28, PIX, PIX) == (336, 336)
+    assert vision.smart_resize(1080, 1920, 28, 56 * 56, 16384 * 28 * 28) == (1092, 1932)  # only rounded
+    assert vision.smart_resize(1080, 1920, 28, 56 * 56, 1280 * 28 * 28) == (728, 1316)
+    assert vision.smart_resize(10, 10, 28, 1, 10 ** 9) == (28, 28)  # never below one factor
     with pytest.raises(ValueError, match="aspect ratio"):
-        data.smart_resize(10, 2010)
+        vision.smart_resize(10, 2010)
 
 
 def test_smart_resize_invariants():
     for h in range(30, 1200, 37):
         for w in range(30, 1200, 53):
-            rh, rw = data.smart_resize(h, w, 28, PIX, PIX)
+            rh, rw = vision.smart_resize(h, w, 28, PIX, PIX)
             assert rh % 28 == 0 and rw % 28 == 0 and rh >= 28 and rw >= 28
             if round(h / 28) * round(w / 28) * 784 > PIX:  # the downscale branch lands within the bound
                 assert rh * rw <= PIX
@@ -197,20 +198,20 @@ def test_smart_resize_invariants():
 def test_read_video_synthetic(synthetic):
     out, _, _ = synthetic
     clip = out / "videos" / "train_00000.mp4"  # 16 frames at 8 fps, 112x112
-    frames, sample_fps = data.read_video(clip)
+    frames, sample_fps = vision.read_video(clip)
     assert frames.dtype == np.uint8 and frames.shape == (4, 336, 336, 3)  # 2 s * 2 fps; upscaled to >= min pixels
     assert sample_fps == pytest.approx(2.0)
-    frames, sample_fps = data.read_video(clip, fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
+    frames, sample_fps = vision.read_video(clip, fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
     assert frames.shape == (16, 112, 112, 3) and sample_fps == pytest.approx(8.0)
-    frames, sample_fps = data.read_video(clip, fps=8, max_frames=7)  # max floored to an even count
+    frames, sample_fps = vision.read_video(clip, fps=8, max_frames=7)  # max floored to an even count
     assert frames.shape[0] == 6 and sample_fps == pytest.approx(6 / 16 * 8)
-    frames, _ = data.read_video(clip, fps=1, min_frames=5)  # min ceiled to an even count
+    frames, _ = vision.read_video(clip, fps=1, min_frames=5)  # min ceiled to an even count
     assert frames.shape[0] == 6
     for fps in (0.5, 1, 2, 3, 5, 8, 30):
-        t = data.read_video(clip, fps=fps, min_frames=4, max_frames=12, min_pixels=28 * 28, max_pixels=28 * 28)[0]
+        t = vision.read_video(clip, fps=fps, min_frames=4, max_frames=12, min_pixels=28 * 28, max_pixels=28 * 28)[0]
         assert t.shape[0] % 2 == 0 and 4 <= t.shape[0] <= 12
     # at its own size (a 112x112 target) PIL leaves the pixels alone: the output is decord's decoded frames
-    frames, _ = data.read_video(clip, fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
+    frames, _ = vision.read_video(clip, fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
     assert np.array_equal(frames, decord.VideoReader(str(clip)).get_batch(list(range(16))).asnumpy())
 
 
@@ -219,9 +220,9 @@ def test_read_video_bad_files_raise_video_error(tmp_path, content, capfd):
     path = tmp_path / "bad_clip.mp4"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(data.VideoError, match="bad_clip.mp4") as error:
-        data.read_video(path)
-    assert issubclass(data.VideoError, ValueError)
+    with pytest.raises(vision.VideoError, match="bad_clip.mp4") as error:
+        vision.read_video(path)
+    assert issubclass(vision.VideoError, ValueError)
     # the decoder's own lines (ffmpeg's "moov atom not found", decord's C++ source path) are in the one error line,
     # not on the process's stderr between the step lines
     assert capfd.readouterr().err == ""
@@ -236,7 +237,7 @@ def test_check_a_file_without_rows_is_one_error_line(tmp_path, capsys):
         (tmp_path / name).write_text(text)
         args = argparse.Namespace(check=str(tmp_path / name), video_root=None, model_name_or_path=None,
                                   **{f.name: f.default for f in fields(data.VideoSettings) if f.name in data.SETTING_FLAGS})
-        assert data.check_main(args) == 2
+        assert datatools.check_main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --check {tmp_path / name}: ") and len(err.splitlines()) == 1, err
 
@@ -279,7 +280,7 @@ REAL = [("CATER_new_003595.mp4", (16, 280, 392, 3), 16 / 301 * 24.0),
 def test_read_video_real_matches_reference(name, shape, sample_fps):
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not present")
-    frames, fps = data.read_video(SHARED / name)
+    frames, fps = vision.read_video(SHARED / name)
     ref, ref_fps, idx, raw = _reference_read_video(SHARED / name)
     assert frames.shape == shape and frames.dtype == np.uint8
     assert len(idx) == 16 and idx[0] == 0
@@ -290,7 +291,7 @@ def test_read_video_real_matches_reference(name, shape, sample_fps):
     assert fps == pytest.approx(ref_fps, rel=1e-9)
     if sample_fps is not None:
         assert fps == pytest.approx(sample_fps)
-    pv, thw = data.video_to_patches(frames)
+    pv, thw = vision.video_to_patches(frames)
     assert thw.tolist() == [[8, shape[1] // 14, shape[2] // 14]] and pv.shape == (8 * shape[1] * shape[2] // 196, 1176)
 
 
@@ -304,7 +305,7 @@ def test_read_video_real_matches_qwen_vl_utils(name, monkeypatch):
     ele = {"video": str(SHARED / name), "fps": 2.0, "min_frames": 4, "max_frames": 16,
            "min_pixels": PIX, "max_pixels": PIX}
     video, qfps = qvu.fetch_video(ele, return_video_sample_fps=True)  # (T, 3, H, W) float of uint8 values
-    ours, fps = data.read_video(SHARED / name)
+    ours, fps = vision.read_video(SHARED / name)
     theirs = video.permute(0, 2, 3, 1).numpy()
     assert ours.shape == theirs.shape and fps == pytest.approx(qfps)
     assert np.array_equal(ours, theirs.astype(np.uint8)) and np.array_equal(theirs, theirs.round())
@@ -332,19 +333,19 @@ SIZES = [(480, 640), (600, 800), (768, 1024), (1080, 1440), (288, 352), (480, 72
 @pytest.mark.parametrize("hw", SIZES)
 @pytest.mark.parametrize("nframes", [4, 10, 16])
 def test_frame_size_follows_video_r1s_reader(hw, nframes):
-    assert data.frame_size(*hw, nframes) == _video_r1_frame_size(*hw, nframes)
+    assert vision.frame_size(*hw, nframes) == _video_r1_frame_size(*hw, nframes)
     # an explicit cap can only lower the reader's
-    h, w = data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
-    assert h * w <= max(56 * 56 * 4, PIX) and (h, w) == data.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
-    assert data.frame_size(*hw, nframes, max_pixels=10**9) == data.frame_size(*hw, nframes)
+    h, w = vision.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
+    assert h * w <= max(56 * 56 * 4, PIX) and (h, w) == vision.frame_size(*hw, nframes, max_pixels=56 * 56 * 4)
+    assert vision.frame_size(*hw, nframes, max_pixels=10**9) == vision.frame_size(*hw, nframes)
 
 
 def test_frame_size_total_pixels_budget(monkeypatch):
     # a small total budget (Video-R1's first trainer's VIDEO_MAX_PIXELS env var) lowers the per-frame cap, as fetch_video does
-    monkeypatch.setattr(data, "VIDEO_TOTAL_PIXELS", 400_000)
+    monkeypatch.setattr(vision, "VIDEO_TOTAL_PIXELS", 400_000)
     for nframes in (4, 16):
-        assert data.frame_size(480, 640, nframes, min_pixels=3136) == _video_r1_frame_size(480, 640, nframes, 3136, 400_000)
-    assert data.frame_size(480, 640, 16, min_pixels=3136) == (168, 252)  # cap 50,000 pixels: 480/2.48 -> 168, 640/2.48 -> 252
+        assert vision.frame_size(480, 640, nframes, min_pixels=3136) == _video_r1_frame_size(480, 640, nframes, 3136, 400_000)
+    assert vision.frame_size(480, 640, 16, min_pixels=3136) == (168, 252)  # cap 50,000 pixels: 480/2.48 -> 168, 640/2.48 -> 252
 
 
 def test_read_video_640x480_gives_video_r1s_frames(tmp_path):
@@ -360,15 +361,15 @@ def test_read_video_640x480_gives_video_r1s_frames(tmp_path):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    frames, _ = data.read_video(path)
+    frames, _ = vision.read_video(path)
     assert frames.shape == (10, 280, 364, 3)
-    _, thw = data.video_to_patches(frames)
+    _, thw = vision.video_to_patches(frames)
     assert thw.tolist() == [[5, 20, 26]] and int(thw.prod()) // 4 == 650
 
 
 # ----------------------------------------------------------------------------- video_to_patches
 
-def _reference_patches(frames, ps=14, tps=2, m=2, mean=data.CLIP_MEAN, std=data.CLIP_STD):
+def _reference_patches(frames, ps=14, tps=2, m=2, mean=vision.CLIP_MEAN, std=vision.CLIP_STD):
     """Slow and explicit: for each (t, merged block, 2x2 cell) build the row as (channel, time, y, x)."""
     f = np.asarray(frames).astype(np.float32)  # (T, H, W, 3)
     mean255 = np.float32(np.array(mean, dtype=np.float32) * np.float32(255))
@@ -395,7 +396,7 @@ def _reference_patches(frames, ps=14, tps=2, m=2, mean=data.CLIP_MEAN, std=data.
 @pytest.mark.parametrize("T,H,W", [(4, 56, 84), (3, 28, 56), (2, 84, 28)])
 def test_video_to_patches_matches_slow_reference(T, H, W):
     frames = np.random.default_rng(T * H + W).integers(0, 256, size=(T, H, W, 3), dtype=np.uint8)
-    pv, thw = data.video_to_patches(frames)
+    pv, thw = vision.video_to_patches(frames)
     ref, grid = _reference_patches(frames)
     assert pv.dtype == torch.float32 and thw.dtype == torch.long
     assert thw.tolist() == [grid] and pv.shape == (grid[0] * grid[1] * grid[2], 1176)
@@ -404,12 +405,12 @@ def test_video_to_patches_matches_slow_reference(T, H, W):
 
 def test_video_to_patches_other_layout_and_bad_size():
     frames = np.random.default_rng(0).integers(0, 256, size=(2, 32, 64, 3), dtype=np.uint8)
-    pv, thw = data.video_to_patches(frames, patch_size=8, temporal_patch_size=1, merge_size=4, mean=(0.5,) * 3,
+    pv, thw = vision.video_to_patches(frames, patch_size=8, temporal_patch_size=1, merge_size=4, mean=(0.5,) * 3,
                                     std=(0.5,) * 3)
     ref, grid = _reference_patches(frames, ps=8, tps=1, m=4, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert thw.tolist() == [grid] and np.array_equal(pv.numpy(), ref)
     with pytest.raises(AssertionError, match="video_to_patches"):
-        data.video_to_patches(np.zeros((2, 30, 56, 3), np.uint8))
+        vision.video_to_patches(np.zeros((2, 30, 56, 3), np.uint8))
 
 
 def test_video_to_patches_matches_transformers():
@@ -420,7 +421,7 @@ def test_video_to_patches_matches_transformers():
     proc = Qwen2VLVideoProcessor()
     out = proc(videos=[torch.from_numpy(frames).permute(0, 3, 1, 2)], do_resize=False, do_sample_frames=False,
                return_tensors="pt")
-    pv, thw = data.video_to_patches(frames)
+    pv, thw = vision.video_to_patches(frames)
     assert torch.equal(out["video_grid_thw"], thw)
     assert torch.allclose(out["pixel_values_videos"], pv, atol=1e-6)
 
@@ -518,7 +519,7 @@ def test_dataset_and_collate(synthetic, tokenizer, tmp_path):
                        torch.cat([items[0]["pixel_values_videos"], items[2]["pixel_values_videos"]]))
     assert batch["video_grid_thw"].tolist() == [[2, 4, 4]] * 2
     # Qwen2.5-VL's temporal positions: seconds per temporal patch, temporal_patch_size / sample fps (its processor's)
-    fps = [data.read_video(examples[i]["video"], settings.fps, settings.min_frames, settings.max_frames,
+    fps = [vision.read_video(examples[i]["video"], settings.fps, settings.min_frames, settings.max_frames,
                            settings.min_pixels, settings.max_pixels)[1] for i in (0, 2)]
     assert batch["second_per_grid_ts"].shape == (2,)
     assert batch["second_per_grid_ts"].tolist() == pytest.approx([settings.temporal_patch_size / f for f in fps])
@@ -601,11 +602,11 @@ def test_overlong_prompt_is_skipped_not_truncated(synthetic, tokenizer):
 def test_synthetic_dataset_is_deterministic_and_readable(synthetic, tmp_path, capsys):
     out, train, test = synthetic
     assert train == out / "train.jsonl" and test == out / "test.jsonl"
-    again = data.make_synthetic_dataset(tmp_path / "again", n_train=6, n_test=3, seed=0)
+    again = datatools.make_synthetic_dataset(tmp_path / "again", n_train=6, n_test=3, seed=0)
     assert again[0].read_bytes() == train.read_bytes() and again[1].read_bytes() == test.read_bytes()
     assert (tmp_path / "again" / "videos" / "train_00003.mp4").read_bytes() == \
         (out / "videos" / "train_00003.mp4").read_bytes()
-    other = data.make_synthetic_dataset(tmp_path / "other", n_train=6, n_test=3, seed=1)
+    other = datatools.make_synthetic_dataset(tmp_path / "other", n_train=6, n_test=3, seed=1)
     assert other[0].read_bytes() != train.read_bytes()
     capsys.readouterr()
     rows = data.load_examples(train) + data.load_examples(test)
@@ -614,7 +615,7 @@ def test_synthetic_dataset_is_deterministic_and_readable(synthetic, tmp_path, ca
     raw = [json.loads(line) for line in train.read_text().splitlines()]
     assert raw[0]["video_filename"] == "./videos/train_00000.mp4"
     for row in rows:
-        frames, _ = data.read_video(row["video"], fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
+        frames, _ = vision.read_video(row["video"], fps=8, max_frames=16, min_pixels=112 * 112, max_pixels=112 * 112)
         assert frames.shape == (16, 112, 112, 3)
         assert row["problem"].startswith("How many ") and row["problem"].endswith("?")
         n = int(row["solution"].removeprefix("<answer>").removesuffix("</answer>"))
@@ -624,12 +625,12 @@ def test_synthetic_dataset_is_deterministic_and_readable(synthetic, tmp_path, ca
 def test_synthetic_clips_decode_the_same_whichever_process_made_them(tmp_path):
     # the clips are H.264 lossless: two fresh copies made by two processes decode to the same pixels, so the tiny demo
     # trains the same from every clone (at crf 18, 10 of 40 clips decoded differently from one process to the next)
-    make = "import sys, data; data.make_synthetic_dataset(sys.argv[1], n_train=20, n_test=4)"
+    make = "import sys, datatools; datatools.make_synthetic_dataset(sys.argv[1], n_train=20, n_test=4)"
     here = os.path.dirname(os.path.abspath(__file__))
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", make, str(tmp_path / name)], cwd=here, check=True, capture_output=True)
     for path in sorted((tmp_path / "a" / "videos").glob("*.mp4")):
-        frames = [data.read_video(str(root / "videos" / path.name), fps=8, max_frames=16, min_pixels=112 * 112,
+        frames = [vision.read_video(str(root / "videos" / path.name), fps=8, max_frames=16, min_pixels=112 * 112,
                                   max_pixels=112 * 112)[0] for root in (tmp_path / "a", tmp_path / "b")]
         assert np.array_equal(*frames), path.name
 
@@ -647,7 +648,7 @@ def test_frame_permutation_is_seeded_and_never_the_identity():
 def test_shuffled_frames_are_patched_after_shuffling(synthetic, tokenizer):
     _, train, _ = synthetic
     settings = data.VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56)  # 4 frames of 56x56: 2 temporal patches
-    read = lambda ex: data.read_video(ex["video"], settings.fps, settings.min_frames, settings.max_frames,
+    read = lambda ex: vision.read_video(ex["video"], settings.fps, settings.min_frames, settings.max_frames,
                                       settings.min_pixels, settings.max_pixels)[0]
     # clips with motion: a lossless clip of static shapes has identical frames, which no order can change
     examples = [ex for ex in data.load_examples(train) if not (read(ex) == read(ex)[:1]).all()][:2]
@@ -661,7 +662,7 @@ def test_shuffled_frames_are_patched_after_shuffling(synthetic, tokenizer):
         perm = data.frame_permutation(len(frames), 3 * 1_000_003 + i)
         normal, shuffled = item["pixel_values_videos"], item["pixel_values_videos_shuffled"]
         assert torch.equal(normal, plain[i]["pixel_values_videos"])
-        assert torch.equal(shuffled, data.video_to_patches(frames[perm.numpy()])[0])
+        assert torch.equal(shuffled, vision.video_to_patches(frames[perm.numpy()])[0])
         assert shuffled.shape == normal.shape and not torch.equal(shuffled, normal)
         # a patch spans 2 frames: unless the permutation moves whole pairs, the shuffled video's patches are new
         # rows, not a reordering of the normal ones (so permuting patch rows could not produce them)
@@ -709,9 +710,9 @@ def test_check_reports_bad_rows_and_statistics_without_training(synthetic, tmp_p
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([*cmd, "--check", str(train)], cwd=here, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    frames = [data.read_video(ex["video"], max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112)[0]
+    frames = [vision.read_video(ex["video"], max_frames=4, min_pixels=112 * 112, max_pixels=112 * 112)[0]
               for ex in data.load_examples(train, verbose=False)]
-    tokens = [int(data.video_to_patches(f)[1].prod()) // 4 for f in frames]
+    tokens = [int(vision.video_to_patches(f)[1].prod()) // 4 for f in frames]
     assert f"{train}: 6 rows, 6 good, 0 bad" in proc.stdout
     assert f"video tokens per clip: min {min(tokens)} mean {sum(tokens) / 6:.1f} max {max(tokens)}" in proc.stdout
     assert f"frame size (HxW): {frames[0].shape[1]}x{frames[0].shape[2]}: 6" in proc.stdout
@@ -798,11 +799,11 @@ def test_synthetic_260k_split_has_all_five_types(synthetic, tokenizer):
     prompt = tokenizer.decode(item["input_ids"])
     assert examples[1]["problem"] + "Options:\n" + "".join(o + "\n" for o in examples[1]["options"]) in prompt
     assert prompt.rstrip().endswith(VIDEO_R1_SUFFIX["multiple choice"] + "<|im_end|>\n<|im_start|>assistant")
-    report = data.check_dataset(out / "test_260k.json", settings=data.VideoSettings(max_frames=4, min_pixels=56 * 56,
+    report = datatools.check_dataset(out / "test_260k.json", settings=data.VideoSettings(max_frames=4, min_pixels=56 * 56,
                                                                                      max_pixels=56 * 56), progress=False)
     assert report["rows"] == 6 and report["bad"] == [] and len(report["clips"]) == 3
     assert [i["grid"] for i in report["images"]] == [(1, 8, 8)] * 3  # 112x112 first frames, inside [4, 256] merged patches
-    assert "6 rows, 6 good (3 videos, 3 images), 0 bad" in data.format_report("t", report)
+    assert "6 rows, 6 good (3 videos, 3 images), 0 bad" in datatools.format_report("t", report)
 
 
 # ----------------------------------------------------------------------------- image rows (Video-R1's fetch_image)
@@ -859,7 +860,7 @@ def test_read_image_rgba_goes_over_white_and_bad_images_are_errors(tmp_path):
 
 def test_image_rows_load_patch_and_prompt(tmp_path, tokenizer):
     # a 260k-layout file of one image row, one video row, one bad image and one of an unknown data_type
-    out = data.make_synthetic_dataset(tmp_path / "s", n_train=1, n_test=1)[0].parent
+    out = datatools.make_synthetic_dataset(tmp_path / "s", n_train=1, n_test=1)[0].parent
     Image.fromarray(np.full((60, 90, 3), 7, dtype=np.uint8)).save(out / "a.jpg")
     (out / "bad.png").write_bytes(b"junk")
     rows = [{"path": "./a.jpg", "data_type": "image", "problem": "What is it?", "solution": "<answer>1</answer>"},
@@ -878,7 +879,7 @@ def test_image_rows_load_patch_and_prompt(tmp_path, tokenizer):
     assert image["image_grid_thw"].tolist() == [[1, 4, 6]] and image["image_size"] == [56, 84]  # 60x90 -> 56x84
     assert "pixel_values_videos_shuffled" not in image  # T-GRPO shuffles no image
     frames = np.asarray(Image.open(out / "a.jpg").convert("RGB").resize((84, 56)))
-    torch.testing.assert_close(image["pixel_values"], data.video_to_patches(np.stack([frames, frames]))[0])  # t repeated
+    torch.testing.assert_close(image["pixel_values"], vision.video_to_patches(np.stack([frames, frames]))[0])  # t repeated
     prompt = tokenizer.decode(image["input_ids"])
     assert prompt.count("<|image_pad|>") == 6 and "<|video_pad|>" not in prompt
     assert prompt.index("<|vision_start|>") < prompt.index("What is it?")  # the image before the question
@@ -915,9 +916,9 @@ def test_video_time_video_r1_is_one_second_per_temporal_patch(synthetic, tokeniz
 
 def test_video_max_pixels_raises_the_readers_constant():
     # Video-R1's 32-frame evaluation: VIDEO_MAX_PIXELS edited to 256*28*28 in its reader; --max_pixels can only lower
-    assert data.frame_size(480, 640, 32) == (280, 364)  # the training cap: 128*28*28 * 1.05
-    assert data.frame_size(480, 640, 32, max_pixels=256 * 28 * 28) == (280, 364)
-    h, w = data.frame_size(480, 640, 32, video_max_pixels=256 * 28 * 28)
+    assert vision.frame_size(480, 640, 32) == (280, 364)  # the training cap: 128*28*28 * 1.05
+    assert vision.frame_size(480, 640, 32, max_pixels=256 * 28 * 28) == (280, 364)
+    h, w = vision.frame_size(480, 640, 32, video_max_pixels=256 * 28 * 28)
     assert (h, w) == (364, 504) and h * w <= 256 * 28 * 28  # 640x480 / sqrt(307200 / 200704), floored to 28
     assert data.VideoSettings(image_min_pixels=0).image_max_pixels == 256 * 28 * 28
     assert data.VideoSettings(patch_size=16).image_min_pixels == 4 * 32 * 32  # Qwen3-VL: its own merged patches

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import data
+import datatools
 import eval as ev
 import plot
 import rewards
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent
 def setup(tmp_path_factory, warm_tiny_model):
     root = tmp_path_factory.mktemp("eval")
     model_dir = warm_tiny_model(root / "tiny-qwen2-vl")
-    _, test_path = data.make_synthetic_dataset(root / "synthetic", n_train=2, n_test=6, seed=0)
+    _, test_path = datatools.make_synthetic_dataset(root / "synthetic", n_train=2, n_test=6, seed=0)
     return {"root": root, "model": model_dir, "data": str(test_path)}
 
 
@@ -482,10 +483,10 @@ def test_show_takes_the_problem_type_options_and_template(setup, capsys):
     args = argparse.Namespace(show=video, model_name_or_path=setup["model"], question="What shape?", save_pixels=None,
                               problem_type="multiple choice", options=["A. circle", "B. square"], prompt_template="video-r1",
                               fps=2.0, min_frames=4, max_frames=4, min_pixels=0, max_pixels=0)
-    assert data.show_main(args) == 0
+    assert datatools.show_main(args) == 0
     shown = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert data.format_question("What shape?", "multiple choice", ["A. circle", "B. square"], prompt_template="video-r1") in shown["prompt"]
-    assert data.show_main(argparse.Namespace(**{**vars(args), "options": None})) == 2  # multiple choice needs options
+    assert datatools.show_main(argparse.Namespace(**{**vars(args), "options": None})) == 2  # multiple choice needs options
 
 
 # ----------------------------------------------------------------------------------------------------------------

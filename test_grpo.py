@@ -22,6 +22,7 @@ import torch
 
 import checkpoint
 import data
+import datatools
 import runtime
 import tiny
 import train
@@ -1170,7 +1171,7 @@ def run(cmd, timeout=240):
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     tiny.save_tiny_model(str(root / "model"), warm_start=False)  # the random model: the toy reward starts from scratch
-    train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=16, n_test=2)
+    train_path, _ = datatools.make_synthetic_dataset(str(root / "synthetic"), n_train=16, n_test=2)
     return root, str(root / "model"), str(train_path)
 
 
@@ -1514,7 +1515,7 @@ SEED_METRICS = ("thinking_length", "empty_thinking_ratio", "answer_entropy", "an
 def test_tiny_multiple_choice_run_logs_video_r1_first_metrics_and_evals(tmp_path, capsys, warm_tiny_model):
     import eval as ev
     model_dir = warm_tiny_model(tmp_path / "model")  # warm-started: it writes thoughts and answers
-    data.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)
+    datatools.make_synthetic_dataset(str(tmp_path / "synthetic"), n_train=8, n_test=4)
     out, steps = tmp_path / "mc", 3
     proc = run([sys.executable, "-c", MC_SCRIPT, "--tiny", "--model_name_or_path", model_dir,
                 "--data", str(tmp_path / "synthetic" / "train_mc.jsonl"), "--output_dir", str(out),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import data
+import datatools
 import tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,7 @@ train.main(sys.argv[1:])
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
     tiny.save_tiny_model(str(root / "model"), warm_start=False)
-    train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=8, n_test=1)
+    train_path, _ = datatools.make_synthetic_dataset(str(root / "synthetic"), n_train=8, n_test=1)
     (root / "run.py").write_text(WRAPPER.format(here=HERE))
     return root, str(root / "model"), str(train_path)
 

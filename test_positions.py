@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import datatools
 import model as model_lib
 import tiny
 import vision
@@ -217,7 +218,7 @@ def test_show_puts_text_after_the_video_by_the_release_rule(video, text_start, t
     if not path.is_file():
         pytest.skip(f"{path} absent")
     folder = qwen_folder("Qwen2.5-VL-7B-Instruct", tmp_path / "qwen2.5-vl-7b")
-    shown, _ = data.show_video(path, folder, "How many objects are in the video?", data.video_settings_from_pretrained(folder))
+    shown, _ = datatools.show_video(path, folder, "How many objects are in the video?", data.video_settings_from_pretrained(folder))
     ids, positions = shown["input_ids"], shown["position_ids"]
     last_video = max(i for i, t in enumerate(ids) if t == 151656)                     # <|video_pad|>
     assert [axis[last_video + 1] for axis in positions] == [text_start] * 3
@@ -237,7 +238,7 @@ def test_show_image_is_the_official_image_processor_and_chat_template(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "photo.png"  # RGBA, 300x170 (HxW): over white, resized to 308x168 (4 * 28 * 28 <= area <= 256 * 28 * 28)
     Image.fromarray(rng.integers(0, 256, (300, 170, 4), dtype=np.uint8), "RGBA").save(path)
-    shown, pixels = data.show_video(path, folder, "What is it?", data.video_settings_from_pretrained(folder),
+    shown, pixels = datatools.show_video(path, folder, "What is it?", data.video_settings_from_pretrained(folder),
                                     data_type="image")
     reader = vision.read_image(path, 4 * 28 * 28, 256 * 28 * 28)
     # the processor (AutoProcessor needs torchvision for its video half): its image processor, its chat template
@@ -294,7 +295,7 @@ def test_qwen3_vl_timestamps_are_the_processors(num_frames, fps, tmp_path):
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
     path = tmp_path / f"{num_frames}x{fps}.mp4"
     write_clip(path, num_frames, fps)
-    _, _, info = data.read_video(path, with_meta=True, factor=32, min_pixels=128 * 32 * 32)
+    _, _, info = vision.read_video(path, with_meta=True, factor=32, min_pixels=128 * 32 * 32)
     assert info["video_fps"] == fps and info["frame_indices"][-1] == num_frames - 1
     ours = [f"{s:.1f}" for s in data.video_timestamps(info["frame_indices"], info["video_fps"])]
     # the processor's own method (it reads nothing of self) and its "<{t:.1f} seconds>"

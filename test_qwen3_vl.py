@@ -23,7 +23,9 @@ import pytest
 import torch
 
 import data
+import datatools
 import model as model_lib
+import vision
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 QWEN3 = ["Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct"]
@@ -86,7 +88,7 @@ def test_show_equals_the_official_processor(name, video, tmp_path):
     from transformers import AutoTokenizer
     settings = data.video_settings_from_pretrained(folder, min_pixels=PIXELS, max_pixels=PIXELS)
     assert (settings.patch_size, settings.factor, settings.image_mean, settings.frame_timestamps) == (16, 32, (0.5,) * 3, True)
-    shown, pixel_values = data.show_video(str(SHARED / "data" / video), folder, "How many cubes are there?", settings)
+    shown, pixel_values = datatools.show_video(str(SHARED / "data" / video), folder, "How many cubes are there?", settings)
 
     reader = decord.VideoReader(str(SHARED / "data" / video))
     total, video_fps, (height, width) = len(reader), reader.get_avg_fps(), reader[0].shape[:2]
@@ -116,7 +118,7 @@ def test_show_equals_the_official_processor(name, video, tmp_path):
     assert shown["position_ids"] == positions[:, 0].tolist()
 
     # the patch rows: transformers' patchify of the normalised frames (mean = std = 0.5) is our layout
-    frames, _ = data.read_video(str(SHARED / "data" / video), 2.0, 4, 16, PIXELS, PIXELS, factor=32)
+    frames, _ = vision.read_video(str(SHARED / "data" / video), 2.0, 4, 16, PIXELS, PIXELS, factor=32)
     x = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5  # (T, 3, h, w)
     patches, *grid = hf_code("patchify", "Qwen3VLVideoProcessor")(None, x[None], patch_size=16, merge_size=2, temporal_patch_size=2)
     assert grid == shown["grid_thw"]
@@ -258,9 +260,9 @@ def test_eval_refuses_a_folder_of_another_family_in_one_line(tmp_path, capsys):
 def test_default_frame_cap_is_128_merged_patches_at_factor_32():
     # max_pixels 0 (Video-R1's reader's rule): the cap 128*28*28 becomes 128*32*32 for Qwen3-VL, so a 640x360 clip of 16
     # frames is bounded as transformers' resize bounds it with 128*32*32 per frame; its time stamps are HF's formula
-    h, w = data.frame_size(360, 640, 16, min_pixels=64 * 32 * 32, max_pixels=0, factor=32)
+    h, w = vision.frame_size(360, 640, 16, min_pixels=64 * 32 * 32, max_pixels=0, factor=32)
     assert (h, w) == hf_code("smart_resize")(num_frames=16, height=360, width=640, temporal_factor=2, factor=32,
                                              min_pixels=64 * 32 * 32 * 16, max_pixels=PIXELS * 16) == (256, 480)
-    assert data.frame_size(360, 640, 16) == data.frame_size(360, 640, 16, factor=28)  # Qwen2-VL's rule unchanged
+    assert vision.frame_size(360, 640, 16) == vision.frame_size(360, 640, 16, factor=28)  # Qwen2-VL's rule unchanged
     # an odd frame count repeats the last index to fill the last pair, as Qwen3VLProcessor._calculate_timestamps
     assert data.video_timestamps([0, 10, 20], 10.0) == [0.5, 2.0]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import datatools
 import model
 import train
 from test_grpo import NORMAL_IDS, tiny_setup  # noqa: F401 (a fixture)
@@ -203,7 +203,7 @@ def test_unpadded_batch_logps_equal_the_padded_path(tiny_setup):  # noqa: F811
 def setup(tmp_path_factory, warm_tiny_model):
     root = tmp_path_factory.mktemp("realrun")
     warm_tiny_model(root / "model")  # warm-started: the format reward varies within a group, advantages != 0
-    train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
+    train_path, _ = datatools.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
     return root, str(root / "model"), str(train_path)
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-import data
+import datatools
 import tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +58,7 @@ train.main(sys.argv[1:])
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
     tiny.save_tiny_model(str(root / "model"), warm_start=False)
-    train_path, _ = data.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
+    train_path, _ = datatools.make_synthetic_dataset(str(root / "synthetic"), n_train=12, n_test=1)
     return root, str(root / "model"), str(train_path)
 
 

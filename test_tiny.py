@@ -10,6 +10,7 @@ import torch
 import data
 import rewards
 import tiny
+import vision
 from model import completion_mask, decode_completions, sample_completions, special_token_ids
 
 
@@ -85,7 +86,7 @@ def sample(model, tokenizer, G=8, seed=0):
                                  "How many objects are moving?", "How many objects are there in total?")):
         input_ids, types = data.encode_prompt(tokenizer, data.build_prompt_text(tokenizer, problem), grid)
         frames = torch.randint(0, 256, (4, 112, 112, 3), generator=gen, dtype=torch.uint8).numpy()
-        pixel_values, grid_thw = data.video_to_patches(frames)
+        pixel_values, grid_thw = vision.video_to_patches(frames)
         assert torch.equal(grid_thw, grid)
         items.append({"input_ids": input_ids, "mm_token_type_ids": types, "pixel_values_videos": pixel_values,
                       "video_grid_thw": grid_thw, "problem": problem, "solution": f"<answer>{i + 1}</answer>",

@@ -46,6 +46,7 @@ import torch
 
 import checkpoint
 import data
+import datatools
 import decode
 import model
 import rewards
@@ -67,7 +68,7 @@ class Config:
     min_frames: int = field(default=4, metadata={"group": "data and video", "help": "fewest frames per video"})
     max_frames: int = field(default=16, metadata={"group": "data and video", "help": "most frames per video"})
     min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "lower bound on frame area after resizing; 0: 128 merged patches of the model (128*28*28 = 100,352 for Qwen2/2.5-VL, Video-R1's first trainer's; 128*32*32 for Qwen3-VL)"})
-    max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (105,369 at the default min_pixels; data.frame_size), a value can only lower it"})
+    max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "explicit cap on frame area; 0: Video-R1's reader's rule (105,369 at the default min_pixels; vision.frame_size), a value can only lower it"})
     video_max_pixels: int = field(default=0, metadata={"group": "data and video", "help": "the reader's VIDEO_MAX_PIXELS in that rule; 0: 128 merged patches (128*28*28, Video-R1's training); its 32-frame evaluation: 200704 (256*28*28)"})
     video_time: str = field(default="true", metadata={"group": "data and video", "help": "Qwen2.5-VL's seconds per temporal patch: true (2 / sampled fps) or video-r1 (1.0, as Video-R1's later trainer trained; data.VIDEO_TIMES)"})
     image_min_pixels: int = field(default=0, metadata={"group": "data and video", "help": "image rows: lower bound on image area; 0: 4 merged patches (Video-R1's 4*28*28)"})
@@ -453,7 +454,7 @@ def setup_data(cfg, rank):
             if family:
                 tiny.save_tiny_model(cfg.model_name_or_path, family=family)
             if not os.path.exists(cfg.data):
-                data.make_synthetic_dataset(os.path.dirname(cfg.data))
+                datatools.make_synthetic_dataset(os.path.dirname(cfg.data))
         torch.distributed.barrier()
     model_dir = model.resolve_model_dir(cfg.model_name_or_path)
     model.model_family(model_dir)  # a downloaded hub id of another family: the same one-line error
