@@ -450,8 +450,7 @@ def setup_data(cfg, rank):
     from transformers import AutoTokenizer
     if cfg.tiny:  # the embedded default: made on first use
         if rank == 0:
-            family = model.check_model_path(cfg.model_name_or_path, tiny=True)  # None: a folder given, used as it is
-            if family:
+            if family := model.check_model_path(cfg.model_name_or_path, tiny=True):  # None: a folder given, used as is
                 tiny.save_tiny_model(cfg.model_name_or_path, family=family)
             if not os.path.exists(cfg.data):
                 datatools.make_synthetic_dataset(os.path.dirname(cfg.data))
