@@ -42,17 +42,21 @@ KINDS = {"rewards/accuracy": "accuracy", "rewards/format": "format"}
 
 
 def reward_key(run_dir, rows, key):
-    """The run's metric for a panel: for the two reward panels, rewards/<the first of its rewards whose name holds
-    "accuracy" / "format"> (its run_config.json's --rewards, else the rewards/* keys it logged); else key itself."""
+    """The run's metric for a panel: for the two reward panels, rewards/<the run's accuracy reward (run_config.json's
+    accuracy_reward, when it is one of its --rewards), else the first of its rewards whose name holds "accuracy" /
+    "format"> (its run_config.json's --rewards, else the rewards/* keys it logged); else key itself."""
     if key not in KINDS:
         return key
-    config = os.path.join(run_dir, "run_config.json")
+    config, run_config = os.path.join(run_dir, "run_config.json"), {}
     if os.path.exists(config):
         with open(config, encoding="utf-8") as f:
-            names = [n.strip() for n in json.load(f).get("rewards", "").split(",")]
+            run_config = json.load(f)
+        names = [n.strip() for n in run_config.get("rewards", "").split(",")]
     else:
         names = [k.removeprefix("rewards/") for row in rows for k in row if k.startswith("rewards/")]
     name = rewards.reward_of_kind(names, KINDS[key])
+    if KINDS[key] == "accuracy" and run_config.get("accuracy_reward") in names:  # the run's own (--accuracy_reward)
+        name = run_config["accuracy_reward"]
     return f"rewards/{name}" if name else key
 
 

@@ -619,3 +619,14 @@ def test_data_that_is_not_json_is_one_error_line(setup, tmp_path, capsys, conten
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: --data {path}: ") and len(err.splitlines()) == 1, err
     assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
+
+
+def test_plot_reads_the_runs_accuracy_reward(tmp_path):
+    # --accuracy_reward names the reward the shapers read; plot's accuracy panel draws that one, not the first name
+    # holding "accuracy" (a run without the key, or naming a reward it did not log, keeps the name rule)
+    config = {"rewards": "accuracy,video_r1_accuracy,format", "accuracy_reward": "video_r1_accuracy"}
+    (tmp_path / "run_config.json").write_text(json.dumps(config))
+    assert plot.reward_key(str(tmp_path), [], "rewards/accuracy") == "rewards/video_r1_accuracy"
+    assert plot.reward_key(str(tmp_path), [], "rewards/format") == "rewards/format"
+    (tmp_path / "run_config.json").write_text(json.dumps({**config, "accuracy_reward": "absent"}))
+    assert plot.reward_key(str(tmp_path), [], "rewards/accuracy") == "rewards/accuracy"
