@@ -49,6 +49,7 @@ below the rows already there refuses rather than drop them.
 Batches are fixed slices of the rank's rows and a half-done batch is re-run whole, so a resumed run decodes every
 example in the same padded batch as an uninterrupted one (left padding can move float results by an ulp).
 """
+import contextlib
 import functools
 import glob
 import hashlib
@@ -503,11 +504,9 @@ def check_json_text(path):
     if not lines or text.lstrip().startswith("["):
         return
     for line in lines:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             json.loads(line)
-            return
-        except json.JSONDecodeError:
-            pass
+            return  # some line is JSON: load_examples reports the rest
     raise ValueError(f"--data {path}: neither a JSON list nor JSON Lines (no line of it is JSON); the layouts: docs/data.md")
 
 
