@@ -1315,6 +1315,7 @@ def test_dynamic_sampling_filter_run_length_and_steps_without_signal(tiny_data):
                 "--max_resample", "2", "--output_dir", str(out)])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and [r["epoch"] for r in rows] == [0.75, 1.0]
+    assert json.load(open(out / "run_config.json"))["finished_step"] == 2  # the step it ended at, not the bound 4
     assert [r["dynamic/rollouts"] for r in rows] == [3, 1] and [r["dynamic/groups_filled"] for r in rows] == [2, 2]
     assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 1 / 4, 0.0])
     # no informative group on any rank: no update, logged as such, loss and kl not a number (never 0 over no token)

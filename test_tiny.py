@@ -14,15 +14,6 @@ import vision
 from model import completion_mask, decode_completions, sample_completions, special_token_ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model gains nothing from a second thread, and two run ~50x slower while another process holds a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny.build_tiny_tokenizer()

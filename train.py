@@ -707,7 +707,7 @@ def train(cfg):
     # --dynamic_sampling takes 1 + extra batches a step: an epoch-based run ends when num_train_epochs passes of data are
     # consumed, its schedule counting batches (total_steps is then the batches of the run, an upper bound on its steps)
     until_data = cfg.dynamic_sampling and cfg.max_steps <= 0
-    t_start = time.time()
+    t_start, step = time.time(), run.start_step
     for step in range(run.start_step + 1, total_steps + 1):
         t0 = time.time()
         epoch, batch_index, batch, failed, tried = data.next_batch(run)
@@ -765,7 +765,7 @@ def train(cfg):
     with checkpoint.writing(os.path.join(cfg.output_dir, "final"), rank):
         checkpoint.save_model(engine, run.tokenizer, run.model_dir, os.path.join(cfg.output_dir, "final"), rank, merge_lora=True)
         if rank == 0:  # only a whole final/ finishes the run; from here on --resume_from refuses it
-            checkpoint.mark_finished(cfg.output_dir, total_steps)
+            checkpoint.mark_finished(cfg.output_dir, step)  # an epoch-based --dynamic_sampling run ends early
     run.logger.close()
     if rank == 0:
         import plot
